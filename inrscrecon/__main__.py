@@ -1,0 +1,3 @@
+from inrscrecon.cli import main
+
+raise SystemExit(main())

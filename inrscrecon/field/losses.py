@@ -1,0 +1,125 @@
+"""Loss terms of DESIGN §3 in plain torch: the reference every fused kernel is tested against.
+
+total = RMSE(Ĝ, G) + λ1·L_RC(Ĝ, G) + λ2·KL(P̂ ‖ P)
+
+* RMSE over the whole batch and all genes (paper Eq. 4): one scalar sqrt(mean((Ĝ − G)²)).
+* KL (Eq. 6) per cell between profiles turned into distributions, P = (G + ε)/Σ(G + ε) and
+  P̂ = (Ĝ + ε)/Σ(Ĝ + ε), averaged over the batch. ε (``kl_eps``, log1p units) keeps log finite on zeros.
+* Representation consistency (Eq. 5): batch mean of ‖H(Ĝ) − H(G)‖₂ with a *frozen* extractor H that was
+  pretrained as the encoder of an autoencoder on training profiles. Training H on this term would let it
+  collapse to a constant (loss ≡ 0), so H never receives gradients here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KL_EPS = 1e-2
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms; ``preset`` names the paper's ablation settings."""
+
+    lambda_rc: float = 0.1
+    lambda_kl: float = 1.0
+    kl_eps: float = KL_EPS
+    rc_dim: int = 32
+
+    @classmethod
+    def preset(cls, name: str) -> LossConfig:
+        """``"full"``, ``"no_rc"`` (w/o RC) or ``"rmse"`` (w/o RC & KL)."""
+        presets = {"full": cls(), "no_rc": cls(lambda_rc=0.0), "rmse": cls(lambda_rc=0.0, lambda_kl=0.0)}
+        if name not in presets:
+            raise ValueError(f"unknown loss preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target: [B, M] → scalar sqrt(mean((pred − target)²))."""
+    return torch.sqrt(torch.mean((pred.float() - target.float()) ** 2))
+
+
+def kl_divergence(pred: torch.Tensor, target: torch.Tensor, eps: float = KL_EPS) -> torch.Tensor:
+    """Batch mean of KL(P̂ ‖ P) between per-row distributions; pred, target: [B, M] non-negative."""
+    q = pred.float() + eps
+    p = target.float() + eps
+    log_q = torch.log(q) - torch.log(q.sum(dim=1, keepdim=True))
+    log_p = torch.log(p) - torch.log(p.sum(dim=1, keepdim=True))
+    return (torch.exp(log_q) * (log_q - log_p)).sum(dim=1).mean()
+
+
+def head_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Non-negative gene head: hidden [B, W], weight [M, W], bias [M] → softplus(h Wᵀ + b) [B, M]."""
+    return F.softplus(F.linear(hidden, weight, bias))
+
+
+def head_loss_reference(
+    hidden: torch.Tensor,  # [B, W]
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    target: torch.Tensor,  # [B, M]
+    lambda_kl: float = 1.0,
+    kl_eps: float = KL_EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head + RMSE + λ·KL, materialising the [B, M] prediction. Returns (loss, rmse, kl) scalars (fp32)."""
+    pred = head_forward(hidden, weight, bias)
+    r = rmse(pred, target)
+    k = kl_divergence(pred, target, kl_eps) if lambda_kl != 0 else torch.zeros((), device=pred.device)
+    return r + lambda_kl * k, r, k
+
+
+class ProfileExtractor(nn.Module):
+    """H of Eq. 5: 1-D CNN over the gene axis, then a 2-layer MLP, [B, M] → [B, d]."""
+
+    def __init__(self, n_genes: int, dim: int = 32, channels: int = 8, pooled: int = 32):
+        super().__init__()
+        self.n_genes = n_genes
+        self.conv = nn.Sequential(
+            nn.Conv1d(1, channels, kernel_size=9, stride=2, padding=4),
+            nn.ReLU(),
+            nn.Conv1d(channels, 2 * channels, kernel_size=9, stride=2, padding=4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(pooled),
+        )
+        self.mlp = nn.Sequential(nn.Linear(2 * channels * pooled, 128), nn.ReLU(), nn.Linear(128, dim))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:  # g: [B, M]
+        return self.mlp(self.conv(g[:, None, :].float()).flatten(1))
+
+
+def pretrain_extractor(
+    profiles: torch.Tensor, dim: int = 32, steps: int = 300, batch_size: int = 256, seed: int = 0
+) -> ProfileExtractor:
+    """Fit H as the encoder of an autoencoder (linear decoder, MSE) on training profiles [N, M]; return it frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    enc = ProfileExtractor(profiles.shape[1], dim)
+    dec = nn.Linear(dim, profiles.shape[1])
+    torch.random.set_rng_state(torch_state)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=2e-3)
+    data = profiles.float()
+    for _ in range(steps):
+        idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=gen)
+        g = data[idx]
+        loss = F.mse_loss(dec(enc(g)), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    enc.eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
+def representation_consistency(extractor: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ‖H(pred) − H(target)‖₂ with a frozen H; gradients flow into pred only."""
+    with torch.no_grad():
+        z_true = extractor(target)
+    diff = extractor(pred) - z_true
+    return torch.sqrt((diff * diff).sum(dim=1) + 1e-12).mean()

@@ -1,0 +1,30 @@
+"""Shared fixtures: a small synthetic stack, the real-data folder, and the skip reasons."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("INRSCRECON_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_data(*names: str) -> Path:
+    """Skip (with the reason) unless the shared real-data files are present."""
+    missing = [n for n in names if not (DATA_DIR / n).exists()]
+    if missing:
+        pytest.skip(f"real data not found: {DATA_DIR}/{missing[0]} (set INRSCRECON_DATA or run from a checkout with ../shared/data)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def small_stack():
+    """(sections, truth) of a small 4-section synthetic stack, 400 cells × 60 genes each, at true poses."""
+    from inrscrecon.data.synthetic import SynthConfig, make_sections
+
+    sections, truth = make_sections(SynthConfig(n_sections=4, cells_per_section=400, n_genes=60, seed=3))
+    for k, s in enumerate(sections):
+        s.obsm["spatial_3d"] = truth.xyz(k)
+    return sections, truth
