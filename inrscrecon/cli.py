@@ -24,7 +24,9 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     results = run_demo(args.out, DemoConfig(seed=args.seed, progress=not args.quiet))
     print(format_table(results))
-    print(f"wall time {time.time() - t0:.1f} s; metrics in {Path(args.out) / 'metrics.json'}, figures beside it")
+    print(
+        f"wall time {time.time() - t0:.1f} s; metrics in {Path(args.out) / 'metrics.json'}, figures beside it"
+    )
     return 0
 
 
@@ -34,18 +36,36 @@ def _synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_writable(out / "truth.json")
-    cfg = SynthConfig(n_sections=args.sections, cells_per_section=args.cells, n_genes=args.genes, seed=args.seed,
-                      spacing=args.spacing, grid=args.grid, flip_prob=args.flip_prob)  # fmt: skip
+    cfg = SynthConfig(
+        n_sections=args.sections,
+        cells_per_section=args.cells,
+        n_genes=args.genes,
+        seed=args.seed,
+        spacing=args.spacing,
+        grid=args.grid,
+        flip_prob=args.flip_prob,
+    )
     records = []
     from tqdm.auto import tqdm
 
     for adata, rec in tqdm(iter_sections(cfg), total=cfg.n_sections, desc="synth", unit="section"):
         adata.obsm["spatial_true"] = np.column_stack([rec["xy"], np.full(adata.n_obs, rec["z"])])
         write_h5ad(adata, out / f"{rec['name']}.h5ad")
-        records.append({"name": rec["name"], "rotation": rec["rotation"].tolist(), "translation": rec["translation"].tolist(),
-                        "reflected": rec["reflected"], "z": rec["z"], "n_cells": adata.n_obs})  # fmt: skip
-    truth = {"convention": "common = R @ (S @ observed) + t, S = diag(1,-1) if reflected", "config": vars(cfg),
-             "sections": records}  # fmt: skip
+        records.append(
+            {
+                "name": rec["name"],
+                "rotation": rec["rotation"].tolist(),
+                "translation": rec["translation"].tolist(),
+                "reflected": rec["reflected"],
+                "z": rec["z"],
+                "n_cells": adata.n_obs,
+            }
+        )
+    truth = {
+        "convention": "common = R @ (S @ observed) + t, S = diag(1,-1) if reflected",
+        "config": vars(cfg),
+        "sections": records,
+    }
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     print(f"wrote {len(records)} sections and truth.json to {out}")
     return 0
@@ -62,18 +82,29 @@ def _fit(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     sections = read_sections(args.sections, spatial_key=args.spatial_key)
     genes = select_genes(sections, args.genes)
-    table = build_cell_table(sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key)
+    table = build_cell_table(
+        sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key
+    )
     print(f"{table.n_cells} cells from {len(table.sections())} sections, {len(genes)} genes")
     enc = EncodingConfig(kind=args.encoding, n_bands=args.bands, sigma=args.sigma, seed=args.seed)
     loss = LossConfig(lambda_rc=args.lambda_rc, lambda_kl=args.lambda_kl)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                     backend=args.backend, progress=not args.quiet)  # fmt: skip
+    tc = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        backend=args.backend,
+        progress=not args.quiet,
+    )
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
     result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=args.resume)
     result.model.save(out)
     last = result.history[-1] if result.history else {}
-    print(f"saved {out} (epochs {len(result.history)}, best val RMSE {min(h['val_rmse'] for h in result.history):.4f}, "
-          f"last loss {last.get('loss', float('nan')):.4f})")  # fmt: skip
+    print(
+        f"saved {out} (epochs {len(result.history)}, best val RMSE {min(h['val_rmse'] for h in result.history):.4f}, "
+        f"last loss {last.get('loss', float('nan')):.4f})"
+    )
     return 0
 
 
@@ -90,9 +121,15 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
         import pandas as pd
 
         df = pd.read_csv(path, sep=None, engine="python")
-        cols = ["x", "y", "z"] if {"x", "y", "z"} <= set(df.columns) else list(df.select_dtypes("number").columns[:3])
+        cols = (
+            ["x", "y", "z"]
+            if {"x", "y", "z"} <= set(df.columns)
+            else list(df.select_dtypes("number").columns[:3])
+        )
         if len(cols) < 3:
-            raise InputError(f"{path}: need columns x, y, z (or three numeric columns), found {list(df.columns)}")
+            raise InputError(
+                f"{path}: need columns x, y, z (or three numeric columns), found {list(df.columns)}"
+            )
         xyz, ids = df[cols].to_numpy(np.float64), None
     elif path.suffix == ".h5ad":
         from inrscrecon.data.io import read_section
@@ -106,7 +143,9 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise InputError(f"{path}: coordinates must have shape (N, 3), got {xyz.shape}")
     if not np.isfinite(xyz).all():
-        raise InputError(f"{path}: coordinates contain NaN or inf (row {int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])})")
+        raise InputError(
+            f"{path}: coordinates contain NaN or inf (row {int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])})"
+        )
     return xyz, ids
 
 
@@ -151,11 +190,18 @@ def _add_fit(sub) -> None:
     p.add_argument("--encoding", choices=["fourier", "gaussian"], default="fourier")
     p.add_argument("--bands", type=int, default=4, help="Fourier bands L (low L avoids fitting spot noise)")
     p.add_argument("--sigma", type=float, default=1.0, help="scale of Gaussian random Fourier features")
-    p.add_argument("--lambda-rc", type=float, default=0.1, help="weight of representation consistency (0 = off)")
+    p.add_argument(
+        "--lambda-rc", type=float, default=0.1, help="weight of representation consistency (0 = off)"
+    )
     p.add_argument("--lambda-kl", type=float, default=1.0, help="weight of the KL term (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
-    p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "triton", "cuda"],
+        help="kernels for encode+trunk and head+loss; auto = fused on CUDA when available, else torch",
+    )
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -171,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
-    p = sub.add_parser("synth", help="write a synthetic serial-section stack (one h5ad per section + truth.json)")
+    p = sub.add_parser(
+        "synth", help="write a synthetic serial-section stack (one h5ad per section + truth.json)"
+    )
     p.add_argument("--sections", type=int, default=6)
     p.add_argument("--cells", type=int, default=1500, help="cells (spots) per section")
     p.add_argument("--genes", type=int, default=500)
@@ -184,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     p = sub.add_parser("predict", help="predict expression at coordinates with a fitted model")
     p.add_argument("model", help="model file written by `inrscrecon fit`")
-    p.add_argument("coords", help="coordinates (µm): .csv/.tsv with x,y,z, .npy [N,3], or .h5ad (obsm['spatial_3d'])")
+    p.add_argument(
+        "coords", help="coordinates (µm): .csv/.tsv with x,y,z, .npy [N,3], or .h5ad (obsm['spatial_3d'])"
+    )
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--genes", help="comma-separated gene names (default: all)")
     p.add_argument("--device", default="cpu")
@@ -194,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STAGE_COMMANDS = ("inrscrecon.align.command", "inrscrecon.evaluate.command", "inrscrecon.query.render_command")
+STAGE_COMMANDS = (
+    "inrscrecon.align.command",
+    "inrscrecon.evaluate.command",
+    "inrscrecon.query.render_command",
+)
 
 
 def _optional_commands() -> list[Callable]:

@@ -24,7 +24,10 @@ def test_help(cmd, capsys):
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--sections", "3", "--cells", "250", "--genes", "30", "--seed", "2", "--out", str(d)]) == 0
+    assert (
+        main(["synth", "--sections", "3", "--cells", "250", "--genes", "30", "--seed", "2", "--out", str(d)])
+        == 0
+    )
     return d
 
 
@@ -46,8 +49,27 @@ def test_fit_then_predict(synth_dir, tmp_path):
         a.write_h5ad(tmp_path / f.split("/")[-1])
     staged = sorted(str(p) for p in tmp_path.glob("section_*.h5ad"))
     model = tmp_path / "m.safetensors"
-    rc = main(["fit", *staged, "--out", str(model), "--genes", "20", "--epochs", "2", "--width", "16", "--layers", "2",
-               "--spacing", "40", "--quiet"])  # fmt: skip
+    rc = main(
+        [
+            "fit",
+            *staged,
+            "--out",
+            str(model),
+            "--genes",
+            "20",
+            "--epochs",
+            "2",
+            "--width",
+            "16",
+            "--layers",
+            "2",
+            "--spacing",
+            "40",
+            "--lambda-rc",
+            "0",
+            "--quiet",
+        ]
+    )
     assert rc == 0 and model.exists() and (tmp_path / "m.safetensors.ckpt").exists()
     coords = tmp_path / "q.csv"
     np.savetxt(coords, np.array([[0, 0, 10], [5, 5, 40.0]]), delimiter=",", header="x,y,z", comments="")
@@ -58,22 +80,50 @@ def test_fit_then_predict(synth_dir, tmp_path):
     p = ad.read_h5ad(tmp_path / "p.h5ad")
     assert p.shape == (2, 1) and list(p.var_names) == [gene]
     np.testing.assert_allclose(p.obsm["spatial_3d"][1], [5, 5, 40])
-    assert main(["fit", *staged, "--out", str(model), "--genes", "20", "--epochs", "3", "--width", "16",
-                 "--layers", "2", "--spacing", "40", "--quiet", "--resume"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                *staged,
+                "--out",
+                str(model),
+                "--genes",
+                "20",
+                "--epochs",
+                "3",
+                "--width",
+                "16",
+                "--layers",
+                "2",
+                "--spacing",
+                "40",
+                "--quiet",
+                "--resume",
+            ]
+        )
+        == 0
+    )
 
 
 def test_errors_are_one_line_and_write_nothing(synth_dir, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     assert main(["fit", str(tmp_path / "missing.h5ad"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("inrscrecon: error:") and "missing.h5ad: file not found" in err[0]
+    assert (
+        len(err) == 1 and err[0].startswith("inrscrecon: error:") and "missing.h5ad: file not found" in err[0]
+    )
     assert not out.exists()
-    assert main(["predict", str(tmp_path / "none.safetensors"), "x.csv", "--out", str(tmp_path / "p.h5ad")]) == 2
+    assert (
+        main(["predict", str(tmp_path / "none.safetensors"), "x.csv", "--out", str(tmp_path / "p.h5ad")]) == 2
+    )
     assert "model file not found" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y,z\n1,2,nan\n")
     (tmp_path / "fake.safetensors").write_bytes(b"not a model")
-    assert main(["predict", str(tmp_path / "fake.safetensors"), str(bad), "--out", str(tmp_path / "p.h5ad")]) == 2
+    assert (
+        main(["predict", str(tmp_path / "fake.safetensors"), str(bad), "--out", str(tmp_path / "p.h5ad")])
+        == 2
+    )
     assert "not an inrscrecon model file" in capsys.readouterr().err
     assert not (tmp_path / "p.h5ad").exists()
 
@@ -84,12 +134,22 @@ def test_fit_without_z_is_clear(synth_dir, tmp_path, capsys):
         a = ad.read_h5ad(f)
         del a.uns["z_um"]
         a.write_h5ad(tmp_path / f.name)
-    rc = main(["fit", *map(str, sorted(tmp_path.glob("*.h5ad"))), "--out", str(tmp_path / "m.safetensors"), "--quiet"])
+    rc = main(
+        [
+            "fit",
+            *map(str, sorted(tmp_path.glob("*.h5ad"))),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "pass --spacing UM or --z-key KEY" in capsys.readouterr().err
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "inrscrecon", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "inrscrecon", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "demo" in r.stdout
 
 

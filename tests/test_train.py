@@ -23,15 +23,23 @@ def tables(small_stack):
 def _fit(table, **kw):
     tc = dict(epochs=6, batch_size=128, progress=False, seed=1, val_fraction=0.1)
     tc.update(kw.pop("tc", {}))
-    return fit(table, EncodingConfig(n_bands=3), width=32, n_layers=2, loss_cfg=kw.pop("loss", LossConfig()),
-               train_cfg=TrainConfig(**tc), **kw)  # fmt: skip
+    return fit(
+        table,
+        EncodingConfig(n_bands=3),
+        width=32,
+        n_layers=2,
+        loss_cfg=kw.pop("loss", LossConfig.preset("no_rc")),
+        train_cfg=TrainConfig(**tc),
+        **kw,
+    )
 
 
 def test_training_lowers_loss(tables):
-    res = _fit(tables[0], tc=dict(epochs=8))
+    res = _fit(tables[0], tc=dict(epochs=8), loss=LossConfig())  # full loss: RC + KL
     losses = [h["loss"] for h in res.history]
-    assert losses[-1] < 0.8 * losses[0]
-    assert res.history[-1]["val_rmse"] < res.history[0]["val_rmse"]
+    # training starts at the mean profile (head bias init), so the loss falls from that baseline
+    assert losses[-1] < losses[0] - 0.03
+    assert res.history[-1]["val_rmse"] < res.history[0]["val_rmse"] - 0.01
 
 
 def test_inr_beats_mean_profile_on_heldout(tables):
@@ -55,9 +63,13 @@ def test_save_load_roundtrip(tables, tmp_path):
 
 def test_resume_equals_uninterrupted(tables, tmp_path):
     full = _fit(tables[0], tc=dict(epochs=3, checkpoint_every=4), checkpoint=tmp_path / "a.ckpt")
-    part = _fit(tables[0], tc=dict(epochs=3, checkpoint_every=4, stop_after_steps=11), checkpoint=tmp_path / "b.ckpt")
+    part = _fit(
+        tables[0], tc=dict(epochs=3, checkpoint_every=4, stop_after_steps=11), checkpoint=tmp_path / "b.ckpt"
+    )
     assert part.interrupted
-    resumed = _fit(tables[0], tc=dict(epochs=3, checkpoint_every=4), checkpoint=tmp_path / "b.ckpt", resume=True)
+    resumed = _fit(
+        tables[0], tc=dict(epochs=3, checkpoint_every=4), checkpoint=tmp_path / "b.ckpt", resume=True
+    )
     assert len(resumed.history) == len(full.history)
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
@@ -69,8 +81,15 @@ def test_resume_rejects_other_config(tables, tmp_path):
 
     _fit(tables[0], tc=dict(epochs=1), checkpoint=tmp_path / "c.ckpt")
     with pytest.raises(InputError, match="another configuration"):
-        fit(tables[0], EncodingConfig(n_bands=5), width=32, n_layers=2,
-            train_cfg=TrainConfig(epochs=1, progress=False), checkpoint=tmp_path / "c.ckpt", resume=True)  # fmt: skip
+        fit(
+            tables[0],
+            EncodingConfig(n_bands=5),
+            width=32,
+            n_layers=2,
+            train_cfg=TrainConfig(epochs=1, progress=False),
+            checkpoint=tmp_path / "c.ckpt",
+            resume=True,
+        )
 
 
 def test_truncated_checkpoint_is_clear_error(tmp_path):

@@ -93,9 +93,11 @@ class ProfileExtractor(nn.Module):
 
 
 def pretrain_extractor(
-    profiles: torch.Tensor, dim: int = 32, steps: int = 300, batch_size: int = 256, seed: int = 0
+    profiles: torch.Tensor, dim: int = 32, steps: int = 200, batch_size: int = 128, seed: int = 0
 ) -> ProfileExtractor:
-    """Fit H as the encoder of an autoencoder (linear decoder, MSE) on training profiles [N, M]; return it frozen."""
+    """Fit H as the encoder of an autoencoder (linear decoder, MSE) on training profiles [N, M]; return it
+    frozen, with its output rescaled so each latent dimension has unit s.d. on ``profiles`` (this fixes the
+    scale of L_RC: about sqrt(d) × the relative representation error)."""
     gen = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -112,12 +114,21 @@ def pretrain_extractor(
         loss.backward()
         opt.step()
     enc.eval()
+    with torch.no_grad():
+        z = torch.cat([enc(data[i : i + 1024]) for i in range(0, data.shape[0], 1024)])
+        last = enc.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        inv = 1.0 / z.std(dim=0).clamp_min(1e-6)
+        last.weight.mul_(inv[:, None])
+        last.bias.mul_(inv)
     for p in enc.parameters():
         p.requires_grad_(False)
     return enc
 
 
-def representation_consistency(extractor: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def representation_consistency(
+    extractor: nn.Module, pred: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     """Batch mean of ‖H(pred) − H(target)‖₂ with a frozen H; gradients flow into pred only."""
     with torch.no_grad():
         z_true = extractor(target)

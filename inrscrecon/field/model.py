@@ -56,6 +56,9 @@ class FieldConfig:
 class INRField(nn.Module):
     """Encoding + trunk + gene head. ``forward`` takes normalised coords [N, 3] and returns [N, M] ≥ 0."""
 
+    center: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, cfg: FieldConfig):
         super().__init__()
         self.cfg = cfg
@@ -75,13 +78,21 @@ class INRField(nn.Module):
 
     def head_out(self, hidden: torch.Tensor, gene_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden [N, W] → softplus head [N, M] or only the rows ``gene_idx`` [K] of the head → [N, K]."""
-        w, b = self.head.weight, self.head.bias
+        w: torch.Tensor = self.head.weight
+        b: torch.Tensor = self.head.bias
         if gene_idx is not None:
             w, b = w[gene_idx], b[gene_idx]
         return F.softplus(F.linear(hidden, w, b))
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         return self.head_out(self.hidden(coords))
+
+    @torch.no_grad()
+    def init_head_bias(self, mean_expr: torch.Tensor) -> None:
+        """Start the head at the mean profile [M]: bias = softplus⁻¹(mean), so training begins at the
+        mean-profile baseline instead of softplus(0) everywhere."""
+        y = mean_expr.to(self.head.bias).clamp_min(1e-3)
+        self.head.bias.copy_(y + torch.log(-torch.expm1(-y)))
 
     def save(self, path: str | Path) -> None:
         """Weights + config in one safetensors file (config JSON in its metadata)."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inrscrecon.field.losses import LossConfig, head_loss_reference, kl_divergence, representation_consistency, rmse
+from inrscrecon.field.losses import (
+    LossConfig,
+    head_loss_reference,
+    kl_divergence,
+    representation_consistency,
+    rmse,
+)
 from inrscrecon.field.model import INRField
 
 
@@ -23,17 +29,22 @@ def objective(
     prediction is never materialised in fp32 on the fused paths); with RC on, the prediction is needed by the
     extractor and the plain torch path is used.
     """
-    if impl == "torch" or model.cfg.encoding.kind != "fourier":
+    enc = model.cfg.encoding
+    if impl == "torch" or enc.kind != "fourier" or not enc.include_input:
         hidden = model.hidden(coords)
     else:
         from inrscrecon.field.fused import trunk_forward
 
-        hidden = trunk_forward(coords, model.cfg.encoding.n_bands, model.trunk, impl=impl)
+        hidden = trunk_forward(coords, enc.n_bands, model.trunk, impl=impl)
     w, b = model.head.weight, model.head.bias
     if loss_cfg.lambda_rc > 0 and extractor is not None:
         pred = model.head_out(hidden)
         r = rmse(pred, target)
-        k = kl_divergence(pred, target, loss_cfg.kl_eps) if loss_cfg.lambda_kl else torch.zeros((), device=pred.device)
+        k = (
+            kl_divergence(pred, target, loss_cfg.kl_eps)
+            if loss_cfg.lambda_kl
+            else torch.zeros((), device=pred.device)
+        )
         rc = representation_consistency(extractor, pred, target)
         loss = r + loss_cfg.lambda_kl * k + loss_cfg.lambda_rc * rc
         return loss, {"loss": loss.item(), "rmse": r.item(), "kl": k.item(), "rc": rc.item()}
