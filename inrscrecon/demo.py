@@ -44,8 +44,14 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections, truth = make_sections(SynthConfig(n_sections=cfg.n_sections, cells_per_section=cfg.cells_per_section,
-                                                n_genes=cfg.n_genes, seed=cfg.seed))  # fmt: skip
+    sections, truth = make_sections(
+        SynthConfig(
+            n_sections=cfg.n_sections,
+            cells_per_section=cfg.cells_per_section,
+            n_genes=cfg.n_genes,
+            seed=cfg.seed,
+        )
+    )
     for k, s in enumerate(sections):  # place each section at its true pose (alignment is shown separately)
         s.obsm["spatial_3d"] = truth.xyz(k)
     train = [s for k, s in enumerate(sections) if k != cfg.holdout]
@@ -60,7 +66,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
         width=cfg.width,
         n_layers=cfg.n_layers,
         loss_cfg=LossConfig(),
-        train_cfg=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress),
+        train_cfg=TrainConfig(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress
+        ),
     )
     train_expr = table.targets(np.arange(table.n_cells))
     preds = {
@@ -83,8 +91,13 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     results["_run"] = {"wall_s": time.time() - t0, "epochs_run": float(len(result.history))}
     top = metrics.top_variable(true, 3)
     xy = test.coords[:, :2]
-    figures.gene_maps(xy, {"observed": true, "INR": preds["inr"], "k-NN": preds["knn"]}, [genes[i] for i in top], top,
-                      out / "genes_true_vs_pred.png")  # fmt: skip
+    figures.gene_maps(
+        xy,
+        {"observed": true, "INR": preds["inr"], "k-NN": preds["knn"]},
+        [genes[i] for i in top],
+        list(top),
+        out / "genes_true_vs_pred.png",
+    )
     clusters = metrics.cluster(preds["inr"], len(np.unique(labels)), seed=cfg.seed)
     figures.label_maps(xy, {"true domains": labels, "INR clusters": clusters}, out / "domains.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -97,6 +110,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     for name, m in results.items():
         if name.startswith("_") or "pearson" not in m:
             continue
-        rows.append(f"| {name} | {m['pearson']:.3f} | {m['rmse']:.3f} | {m['ari']:.3f} | {m['pearson_noiseless']:.3f} |")
+        rows.append(
+            f"| {name} | {m['pearson']:.3f} | {m['rmse']:.3f} | {m['ari']:.3f} | {m['pearson_noiseless']:.3f} |"
+        )
     rows.append(f"| observed (ceiling) | | | {results['observed']['ari']:.3f} | |")
     return "\n".join(rows)

@@ -15,7 +15,9 @@ def require_data(*names: str) -> Path:
     """Skip (with the reason) unless the shared real-data files are present."""
     missing = [n for n in names if not (DATA_DIR / n).exists()]
     if missing:
-        pytest.skip(f"real data not found: {DATA_DIR}/{missing[0]} (set INRSCRECON_DATA or run from a checkout with ../shared/data)")
+        pytest.skip(
+            f"real data not found: {DATA_DIR}/{missing[0]} (set INRSCRECON_DATA or run from a checkout with ../shared/data)"
+        )
     return DATA_DIR
 
 

@@ -74,7 +74,9 @@ def test_no_shared_genes():
         shared_genes([a, b])
 
 
-@pytest.mark.parametrize("value,match", [(-1.0, "negative values, first in cell 's0_4'"), (np.nan, "non-finite")])
+@pytest.mark.parametrize(
+    "value,match", [(-1.0, "negative values, first in cell 's0_4'"), (np.nan, "non-finite")]
+)
 def test_bad_counts(tmp_path, value, match):
     a = _section()
     x = a.X.toarray()
@@ -120,6 +122,8 @@ def test_csv_pair(tmp_path):
     b = read_csv_pair(tmp_path / "counts.csv", tmp_path / "coords.csv")
     np.testing.assert_allclose(b.X.toarray(), a.X.toarray())
     np.testing.assert_allclose(b.obsm["spatial"], a.obsm["spatial"])
-    pd.DataFrame(a.obsm["spatial"][:3], index=a.obs_names[:3], columns=["x", "y"]).to_csv(tmp_path / "short.csv")
+    pd.DataFrame(a.obsm["spatial"][:3], index=a.obs_names[:3], columns=["x", "y"]).to_csv(
+        tmp_path / "short.csv"
+    )
     with pytest.raises(InputError, match="no coordinates for 3 cells"):
         read_csv_pair(tmp_path / "counts.csv", tmp_path / "short.csv")

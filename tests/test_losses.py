@@ -26,7 +26,9 @@ def test_kl_by_hand_nonnegative_and_zero_on_equal():
     target = torch.tensor([[0.5, 2.0, 0.0]])
     q = (pred.numpy()[0] + eps) / (pred.numpy()[0] + eps).sum()
     p = (target.numpy()[0] + eps) / (target.numpy()[0] + eps).sum()
-    assert float(kl_divergence(pred, target, eps)) == pytest.approx(float((q * np.log(q / p)).sum()), rel=1e-5)
+    assert float(kl_divergence(pred, target, eps)) == pytest.approx(
+        float((q * np.log(q / p)).sum()), rel=1e-5
+    )
     g = torch.rand(64, 50) * 3
     h = torch.rand(64, 50) * 3
     assert float(kl_divergence(g, h)) > 0

@@ -19,7 +19,9 @@ def test_deterministic_and_shaped():
 
 
 def test_pose_convention_roundtrip():
-    sections, truth = make_sections(SynthConfig(n_sections=4, cells_per_section=200, n_genes=20, flip_prob=0.5, seed=2))
+    sections, truth = make_sections(
+        SynthConfig(n_sections=4, cells_per_section=200, n_genes=20, flip_prob=0.5, seed=2)
+    )
     for k, s in enumerate(sections):
         back = to_common(s.obsm["spatial"], truth.rotations[k], truth.translations[k], truth.reflected[k])
         np.testing.assert_allclose(back, truth.xy_common[k], atol=1e-8)

@@ -68,14 +68,20 @@ def read_csv_pair(counts_csv: str | Path, coords_csv: str | Path, name: str | No
         values = counts.to_numpy(dtype=np.float32)
     except ValueError:
         raise InputError(f"{counts_csv}: counts must be numeric") from None
-    adata = ad.AnnData(X=sp.csr_matrix(values), obs=pd.DataFrame(index=counts.index), var=pd.DataFrame(index=counts.columns.astype(str)))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(values),
+        obs=pd.DataFrame(index=counts.index),
+        var=pd.DataFrame(index=counts.columns.astype(str)),
+    )
     adata.obsm["spatial"] = num.to_numpy(dtype=np.float64)[:, :3]
     adata.uns["section"] = name or counts_csv.stem
     validate_section(adata, f"{counts_csv}", "spatial")
     return adata
 
 
-def read_sections(paths: Sequence[str | Path], spatial_key: str = "spatial", backed: bool = False) -> list[ad.AnnData]:
+def read_sections(
+    paths: Sequence[str | Path], spatial_key: str = "spatial", backed: bool = False
+) -> list[ad.AnnData]:
     """Read several sections; names (``uns['section']``) are made unique by suffixing the index."""
     if not paths:
         raise InputError("no section files given")

@@ -92,7 +92,10 @@ def select_genes(
         shared = [g for g in shared if g in set(genes)]
     if n_genes >= len(shared):
         if n_genes > len(shared) and genes is None:
-            warnings.warn(f"asked for {n_genes} genes but only {len(shared)} are shared; using all {len(shared)}", stacklevel=2)
+            warnings.warn(
+                f"asked for {n_genes} genes but only {len(shared)} are shared; using all {len(shared)}",
+                stacklevel=2,
+            )
         return shared
     _, var = gene_moments(sections, shared)
     if not np.any(var > 0):

@@ -36,14 +36,22 @@ class CellTable:
 
     def targets(self, rows: np.ndarray) -> np.ndarray:
         """log1p-normalised expression of ``rows`` → [len(rows), G] float32."""
-        return gather_normalized(self.counts, rows, target_sum=self.target_sum, log1p=True, row_totals=self.totals)
+        return gather_normalized(
+            self.counts, rows, target_sum=self.target_sum, log1p=True, row_totals=self.totals
+        )
 
     def subset(self, rows: np.ndarray) -> CellTable:
         """The table restricted to ``rows`` (an index array or boolean mask)."""
         return CellTable(
-            self.coords[rows], self.counts[rows], self.totals[rows], self.genes, self.section[rows],
-            self.obs_names[rows], self.target_sum, {k: v[rows] for k, v in self.labels.items()},
-        )  # fmt: skip
+            self.coords[rows],
+            self.counts[rows],
+            self.totals[rows],
+            self.genes,
+            self.section[rows],
+            self.obs_names[rows],
+            self.target_sum,
+            {k: v[rows] for k, v in self.labels.items()},
+        )
 
     def sections(self) -> list[str]:
         """Section names in order of first appearance."""
@@ -112,7 +120,11 @@ def build_cell_table(
     if len(kinds) > 1:
         raise InputError("sections mix raw counts and normalised values (uns['X_kind']); use one kind")
     target_sum = TARGET_SUM if kinds.pop() else 0.0
-    zs = [0.0] * len(sections) if all("spatial_3d" in s.obsm for s in sections) else section_z(sections, spacing, z_key)
+    zs = (
+        [0.0] * len(sections)
+        if all("spatial_3d" in s.obsm for s in sections)
+        else section_z(sections, spacing, z_key)
+    )
     coords, blocks, totals, sec, ids = [], [], [], [], []
     labels: dict[str, list] = {k: [] for k in label_keys}
     for s, z, name in zip(sections, zs, names):

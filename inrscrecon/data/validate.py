@@ -15,10 +15,14 @@ def coordinates(adata: ad.AnnData, where: str, spatial_key: str = "spatial") -> 
     """Return ``obsm[spatial_key]`` as float64 [n, 2|3], or raise naming what is missing or wrong."""
     if spatial_key not in adata.obsm:
         keys = list(adata.obsm.keys())
-        raise InputError(f"{where}: no coordinates at obsm[{spatial_key!r}] (obsm has {keys}); pass --spatial-key")
+        raise InputError(
+            f"{where}: no coordinates at obsm[{spatial_key!r}] (obsm has {keys}); pass --spatial-key"
+        )
     xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] not in (2, 3):
-        raise InputError(f"{where}: obsm[{spatial_key!r}] has shape {xy.shape}, expected (n_cells, 2) or (n_cells, 3)")
+        raise InputError(
+            f"{where}: obsm[{spatial_key!r}] has shape {xy.shape}, expected (n_cells, 2) or (n_cells, 3)"
+        )
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -32,7 +36,9 @@ def coordinates(adata: ad.AnnData, where: str, spatial_key: str = "spatial") -> 
 def _check_values(block, where: str, offset: int, obs_names) -> None:
     data = block.data if sp.issparse(block) else np.asarray(block)
     if not np.isfinite(data).all():
-        raise InputError(f"{where}: X has non-finite values (NaN/inf) in rows {offset}..{offset + block.shape[0] - 1}")
+        raise InputError(
+            f"{where}: X has non-finite values (NaN/inf) in rows {offset}..{offset + block.shape[0] - 1}"
+        )
     if (data < 0).any():
         dense_bad = (block < 0) if sp.issparse(block) else (np.asarray(block) < 0)
         row = int(np.flatnonzero(np.asarray(dense_bad.sum(axis=1)).ravel())[0])

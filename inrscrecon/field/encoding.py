@@ -53,6 +53,8 @@ def gaussian_encode(coords: torch.Tensor, basis: torch.Tensor, include_input: bo
 class PositionalEncoding(nn.Module):
     """nn.Module wrapper around the two encodings; ``out_dim`` is the feature width."""
 
+    basis: torch.Tensor
+
     def __init__(self, cfg: EncodingConfig, in_dim: int = 3):
         super().__init__()
         if cfg.kind not in ("fourier", "gaussian"):

@@ -54,12 +54,17 @@ def predict(
 
 
 def predict_anndata(
-    model: INRField, xyz: np.ndarray, genes: Sequence[str] | None = None, obs_names: Sequence[str] | None = None
+    model: INRField,
+    xyz: np.ndarray,
+    genes: Sequence[str] | None = None,
+    obs_names: Sequence[str] | None = None,
 ) -> ad.AnnData:
     """Prediction as AnnData: X [N, K] (log1p-normalised), ``obsm['spatial_3d']``, ``obsm['spatial']`` (x, y)."""
     values = predict(model, xyz, genes)
     names = list(genes) if genes is not None else list(model.cfg.genes)
-    obs = pd.DataFrame(index=[str(o) for o in obs_names] if obs_names is not None else [f"p{i}" for i in range(len(xyz))])
+    obs = pd.DataFrame(
+        index=[str(o) for o in obs_names] if obs_names is not None else [f"p{i}" for i in range(len(xyz))]
+    )
     out = ad.AnnData(X=values, obs=obs, var=pd.DataFrame(index=names))
     out.obsm["spatial_3d"] = np.asarray(xyz, dtype=np.float64)
     out.obsm["spatial"] = out.obsm["spatial_3d"][:, :2].copy()

@@ -28,4 +28,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {exc})") from None
+        raise InputError(
+            f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
