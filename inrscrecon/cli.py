@@ -1,4 +1,4 @@
-"""Command line: ``inrscrecon demo | synth | align | fit | predict`` (each with ``--help``).
+"""Command line: ``inrscrecon demo | synth | align | fit | predict | impute | render | evaluate | bench``.
 
 Bad input ends with one line ``inrscrecon: error: …`` naming the file, field and value, exit status 2,
 and no partial output.
@@ -77,15 +77,30 @@ def _fit(args: argparse.Namespace) -> int:
     from inrscrecon.data.stack import build_cell_table
     from inrscrecon.field.encoding import EncodingConfig
     from inrscrecon.field.losses import LossConfig
-    from inrscrecon.train.fit import TrainConfig, fit
+    from inrscrecon.train.fit import Table, TrainConfig, fit
 
     out = check_writable(args.out)
-    sections = read_sections(args.sections, spatial_key=args.spatial_key)
-    genes = select_genes(sections, args.genes)
-    table = build_cell_table(
-        sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key
-    )
-    print(f"{table.n_cells} cells from {len(table.sections())} sections, {len(genes)} genes")
+    # -- issue 7 (scale): torchrun / DDP process group and --stream (backed sections) ------------------------
+    from inrscrecon.train import distributed
+
+    di = distributed.init_from_env(args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
+    table: Table
+    if args.stream:
+        from inrscrecon.data.streaming import open_stack
+
+        table = open_stack(args.sections, n_genes=args.genes, spacing=args.spacing, z_key=args.z_key,
+                           spatial_key=args.spatial_key, chunk_rows=args.chunk_rows, window=args.window,
+                           progress=not args.quiet and di.main, shard=(di.rank, di.world),
+                           allreduce=distributed.allreduce_numpy)  # fmt: skip
+        genes = table.genes
+    else:  # -- end issue 7 block (continues below: rank-0 save)
+        sections = read_sections(args.sections, spatial_key=args.spatial_key)
+        genes = select_genes(sections, args.genes)
+        table = build_cell_table(
+            sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key
+        )
+    if di.main:
+        print(f"{table.n_cells} cells from {len(table.sections())} sections, {len(genes)} genes")
     enc = EncodingConfig(kind=args.encoding, n_bands=args.bands, sigma=args.sigma, seed=args.seed)
     loss = LossConfig(lambda_rc=args.lambda_rc, lambda_kl=args.lambda_kl)
     tc = TrainConfig(
@@ -99,7 +114,12 @@ def _fit(args: argparse.Namespace) -> int:
     )
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
     result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=args.resume)
+    distributed.barrier()
+    if not di.main:  # issue 7: rank 0 alone writes the model and reports
+        distributed.cleanup()
+        return 0
     result.model.save(out)
+    distributed.cleanup()
     last = result.history[-1] if result.history else {}
     print(
         f"saved {out} (epochs {len(result.history)}, best val RMSE {min(h['val_rmse'] for h in result.history):.4f}, "
@@ -173,6 +193,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _impute(args: argparse.Namespace) -> int:
+    from inrscrecon.data.io import check_writable, read_sections, write_h5ad
+    from inrscrecon.field.model import INRField
+    from inrscrecon.query.impute import impute_sections
+
+    check_writable(args.out)
+    model = INRField.load(args.model, device=args.device)
+    sections = read_sections(args.sections, spatial_key=args.spatial_key)
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    out = impute_sections(model, sections, genes, args.spacing, args.z_key, args.spatial_key)
+    write_h5ad(out, args.out)
+    print(f"wrote {args.out}: {out.n_obs} spots × {out.n_vars} genes")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inrscrecon.bench import format_rows, run_bench
+
+    print(f"train step, B={args.batch}, W={args.width}, M={args.genes}, device {args.device}")
+    print(format_rows(run_bench(args.device, args.batch, args.width, args.genes)))
+    return 0
+
+
 def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit the field to sections (h5ad files, or one aligned h5ad)")
     p.add_argument("sections", nargs="+", help="section .h5ad files (raw counts in X, coordinates in obsm)")
@@ -205,6 +248,11 @@ def _add_fit(sub) -> None:
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # -- issue 7 (scale): streaming from backed files; see docs/scale.md --------------------------------------
+    p.add_argument("--stream", action="store_true",
+                   help="read X from disk in CSR chunks (backed .h5ad / AnnData .zarr) instead of loading it")  # fmt: skip
+    p.add_argument("--chunk-rows", type=int, default=16384, help="rows per read with --stream")
+    p.add_argument("--window", type=int, default=4, help="chunks shuffled together with --stream")
     p.set_defaults(func=_fit)
 
 
@@ -239,9 +287,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", help="comma-separated gene names (default: all)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)
+    p = sub.add_parser("impute", help="impute (denoise/complete) expression at every spot of sections")
+    p.add_argument("model", help="model file written by `inrscrecon fit`")
+    p.add_argument(
+        "sections", nargs="+", help="section .h5ad files (or one aligned h5ad with obsm['spatial_3d'])"
+    )
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--genes", help="comma-separated gene names (default: all)")
+    z = p.add_mutually_exclusive_group()
+    z.add_argument("--spacing", type=float, help="µm between consecutive sections")
+    z.add_argument("--z-key", help="z per section from uns[KEY] or per cell from obs[KEY]")
+    p.add_argument("--spatial-key", default="spatial")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_impute)
+    p = sub.add_parser("bench", help="quick train-step benchmark of each available backend on a device")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--genes", type=int, default=5000)
+    p.set_defaults(func=_bench)
     for register in _optional_commands():
         register(sub)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 STAGE_COMMANDS = (

@@ -10,7 +10,7 @@ import pytest
 
 from inrscrecon.cli import build_parser, main
 
-COMMANDS = ["demo", "synth", "fit", "predict"]
+COMMANDS = ["demo", "synth", "fit", "predict", "impute", "bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -103,6 +103,23 @@ def test_fit_then_predict(synth_dir, tmp_path):
         )
         == 0
     )
+
+
+def test_impute_and_bench(synth_dir, tmp_path):
+    files = sorted(str(p) for p in synth_dir.glob("section_*.h5ad"))
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", *files, "--out", str(model), "--genes", "10", "--epochs", "1", "--width", "8",
+                 "--layers", "1", "--lambda-rc", "0", "--quiet"]) == 0  # fmt: skip
+    assert main(["impute", str(model), files[0], "--out", str(tmp_path / "imp.h5ad")]) == 0
+    imp = ad.read_h5ad(tmp_path / "imp.h5ad")
+    src = ad.read_h5ad(files[0])
+    assert imp.n_obs == src.n_obs and imp.n_vars == 10 and (imp.X >= 0).all()
+    np.testing.assert_allclose(imp.obsm["spatial_3d"][:, :2], src.obsm["spatial"])
+    from inrscrecon.bench import run_bench
+
+    rows = run_bench("cpu", batch=64, width=16, n_genes=20)
+    assert rows[0]["backend"] == "torch" and rows[0]["ms"] > 0
+    assert all(r["status"] == "ok" or r["status"].startswith("unavailable") for r in rows)
 
 
 def test_errors_are_one_line_and_write_nothing(synth_dir, tmp_path, capsys):
