@@ -98,14 +98,14 @@ class SyntheticTissue:
     def domain(self, xyz: np.ndarray) -> np.ndarray:
         """Laminar domain index of common-frame points [n, 3] → [n] ints in [0, n_domains)."""
         u, v, w = self._unit(xyz)
-        depth = v + 0.25 * np.sin(1.5 * np.pi * u + self.phase + 0.8 * w) + 0.15 * w + 0.1 * u * u
+        depth = v + 0.25 * np.sin(1.5 * np.pi * u + self.phase + 0.1 * w) + 0.02 * w + 0.1 * u * u
         edges = np.linspace(-0.9, 0.9, self.cfg.n_domains + 1)[1:-1]
         return np.searchsorted(edges, depth).astype(np.int64)
 
     def proportions(self, xyz: np.ndarray) -> np.ndarray:
         """Expected fraction of each gene's counts per point, [n, G] (rows sum to 1)."""
         u, v, w = self._unit(xyz)
-        fields = np.column_stack([u, np.sin(np.pi * v / 2 + 0.5 * w), np.cos(np.pi * (u + v) / 2) * (1 + w) / 2])
+        fields = np.column_stack([u, np.sin(np.pi * v / 2 + 0.05 * w), np.cos(np.pi * (u + v) / 2) * (1 + w) / 2])
         logit = np.log(self.base)[None, :] + self.domain_effects[self.domain(xyz)] + fields @ self.gradient_coef
         rate = np.exp(logit - logit.max(axis=1, keepdims=True))
         return rate / rate.sum(axis=1, keepdims=True)
@@ -149,8 +149,14 @@ def _rotation(deg: float) -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
 
 
-def iter_sections(cfg: SynthConfig, chunk_size: int = 20000) -> Iterator[tuple[ad.AnnData, dict]]:
-    """Yield (section AnnData, truth record) one section at a time, counts sampled ``chunk_size`` rows at once."""
+def iter_sections(cfg: SynthConfig, chunk_size: int | None = None) -> Iterator[tuple[ad.AnnData, dict]]:
+    """Yield (section AnnData, truth record) one section at a time, counts sampled ``chunk_size`` rows at once.
+
+    ``chunk_size=None`` keeps each dense [chunk, n_genes] float64 temporary near 80 MB (20000 rows up to 500
+    genes, 2000 rows at 5000 genes); the sample depends on the chunk size only when a section is larger.
+    """
+    if chunk_size is None:
+        chunk_size = max(256, min(20000, 10_000_000 // max(cfg.n_genes, 1)))
     tissue = SyntheticTissue(cfg)
     rng = np.random.default_rng(cfg.seed + 1)
     radius = 0.45 * cfg.extent
