@@ -69,7 +69,10 @@ def section_z(sections: Sequence[ad.AnnData], spacing: float | None = None, z_ke
             if z_key in s.uns:
                 out.append(float(s.uns[z_key]))
             elif z_key in s.obs:
-                out.append(s.obs[z_key].to_numpy(dtype=np.float64))
+                z = s.obs[z_key].to_numpy(dtype=np.float64)
+                if not np.isfinite(z).all():
+                    raise InputError(f"section {name!r}: obs[{z_key!r}] has non-finite values")
+                out.append(z)
             else:
                 raise InputError(f"section {name!r}: no z at uns[{z_key!r}] or obs[{z_key!r}]")
         return out

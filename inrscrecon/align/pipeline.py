@@ -1,0 +1,381 @@
+"""``align``: pairwise rigid alignment of consecutive sections, composed into one common frame, plus export.
+
+Units: every section's ``obsm[spatial_key]`` is converted to µm with ``uns['microns_per_pixel']`` (1 when
+absent) before alignment, so x, y and z share units. A section's pose maps its observed coordinates into the
+common frame (the reference section's µm frame):
+
+    common_xy = R @ (S @ (microns_per_unit * observed_xy)) + t,   S = diag(1, −1) if reflected else I.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from inrscrecon.align.embedding import joint_embedding, section_name, spatial_smooth, unit_rows
+from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
+from inrscrecon.align.matching import mutual_nn
+from inrscrecon.align.refine import agreement_score, fit_stats, hard_matches, icp_refine, polish_pose
+from inrscrecon.data.stack import section_z
+from inrscrecon.data.validate import coordinates
+from inrscrecon.errors import InputError
+
+
+@dataclass
+class AlignConfig:
+    """Tuning knobs (defaults work for Visium spots and single cells)."""
+
+    n_genes: int = 2000  # top variable shared genes in the joint PCA
+    n_comps: int = 30  # joint PCA dimensions
+    smooth_k: int = 7  # cells averaged (within a section) before matching: the cell and its ~6 neighbours
+    mnn_k: int = 5  # mutual k-NN in expression space
+    max_match_cells: int = 3000  # cells per section used for MNN + RANSAC
+    max_icp_cells: int = 20000  # moving cells used in the ICP refinement
+    max_polish_cells: int = 10000  # cells per direction in the Gauss-Newton polish
+    polish_bandwidths: tuple[float, ...] = (2.0, 1.0)  # kernel bandwidths of the polish, in cell spacings
+    ransac_iter: int = 1000
+    n_hypotheses: int = 4  # distinct RANSAC poses refined and compared
+    ransac_threshold: float = 0.06  # inlier residual, fraction of the fixed section's extent
+    min_inlier_fraction: float = 0.1  # below this, warn that the pair may be misaligned
+    min_agreement: float = 0.2  # below this mean nearest-neighbour expression similarity, warn
+
+
+@dataclass
+class PairResult:
+    """One pairwise alignment: ``pose`` maps the moving section's µm coordinates into the fixed one's µm frame."""
+
+    moving: str
+    fixed: str
+    pose: Pose
+    inlier_fraction: float  # MNN expression matches within the RANSAC threshold after refinement
+    residual_um: float  # RMS ICP residual
+    agreement: float  # mean cos similarity with the spatially nearest fixed cell (overlap only)
+    overlap: float  # fraction of moving cells with a fixed cell within 2 spacings
+    n_mnn: int
+    seconds: float
+    matches: pd.DataFrame = field(repr=False)
+
+
+def _check_geometry(xy: np.ndarray, name: str, key: str) -> None:
+    if len(xy) < 3:
+        raise InputError(f"section {name!r}: only {len(xy)} cells; need at least 3 matchable cells to align")
+    sv = np.linalg.svd(xy - xy.mean(axis=0), compute_uv=False)
+    if sv[0] == 0 or sv[1] / sv[0] < 1e-6:
+        raise InputError(
+            f"section {name!r}: obsm[{key!r}] coordinates are collinear (all {len(xy)} cells on one line, "
+            f"singular values {sv.round(6).tolist()}); a 2D pose is undefined"
+        )
+
+
+def _spacing(xy: np.ndarray) -> float:
+    """Median distance to the nearest other cell (µm)."""
+    d, _ = cKDTree(xy).query(xy[: min(len(xy), 20000)], k=2)
+    return float(np.median(d[:, 1])) or 1.0
+
+
+def _extent(xy: np.ndarray) -> float:
+    """Rotation-invariant section size (µm): 4 √λ_max of the coordinate covariance (a disc's diameter)."""
+    return float(4 * np.sqrt(np.linalg.eigvalsh(np.cov(xy.T))[-1]))
+
+
+def align_pair(
+    a: ad.AnnData,
+    b: ad.AnnData,
+    xy_a: np.ndarray,
+    xy_b: np.ndarray,
+    *,
+    allow_reflection: bool,
+    seed: int,
+    cfg: AlignConfig,
+) -> PairResult:
+    """Align section a (moving) onto b (fixed); xy in µm, [n_a, 2] and [n_b, 2]."""
+    t0 = time.perf_counter()
+    na, nb = section_name(a, "a"), section_name(b, "b")
+    rng = np.random.default_rng(seed)
+    emb_a, emb_b, _ = joint_embedding(a, b, cfg.n_genes, cfg.n_comps, seed)  # float32
+    fa = unit_rows(spatial_smooth(xy_a, emb_a, cfg.smooth_k))
+    fb = unit_rows(spatial_smooth(xy_b, emb_b, cfg.smooth_k))
+    spacing, extent = _spacing(xy_b), _extent(xy_b)
+    sa = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_match_cells), replace=False))
+    sb = np.sort(rng.choice(len(xy_b), min(len(xy_b), cfg.max_match_cells), replace=False))
+    ia, ib, sim = mutual_nn(fa[sa], fb[sb], cfg.mnn_k)
+    if len(ia) < 3:
+        raise InputError(f"pair {na!r} → {nb!r}: only {len(ia)} mutual expression matches; need at least 3")
+    p, q, w = xy_a[sa][ia], xy_b[sb][ib], np.clip(sim, 1e-3, None)
+    thr = cfg.ransac_threshold * extent
+    hyps = ransac_poses(
+        p, q, w, thr, n_iter=cfg.ransac_iter, allow_reflection=allow_reflection, top=cfg.n_hypotheses, rng=rng
+    )
+    tree = cKDTree(xy_b)
+    if not hyps:  # degenerate geometry of the matches: start from centroid alignment, both flips
+        c = Pose(np.eye(2), xy_b.mean(0) - xy_a.mean(0))
+        starts = [c] + (
+            [Pose(np.eye(2), xy_b.mean(0) - xy_a.mean(0) * [1, -1], True)] if allow_reflection else []
+        )
+    else:
+        starts = [h.pose for h in hyps]
+    # pick the hypothesis with the best expression agreement after a short, coarse refinement
+    scored = []
+    for start in starts:
+        pose, _ = icp_refine(
+            xy_a[sa], fa[sa], xy_b, fb, start, spacing, sigmas=(3.0, 2.0), iters=3, tree=tree
+        )
+        scored.append((agreement_score(xy_a[sa], fa[sa], fb, pose, spacing, tree), pose))
+    pose = max(scored, key=lambda s: s[0])[1]
+    si = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_icp_cells), replace=False))
+    pose, _ = icp_refine(xy_a[si], fa[si], xy_b, fb, pose, spacing, sigmas=(2.0, 1.0), iters=6, tree=tree)
+    pose = _polish_both(xy_a, emb_a, xy_b, emb_b, pose, spacing, _spacing(xy_a), tree, rng, cfg)
+    stats = fit_stats(xy_a[si], fa[si], xy_b, fb, pose, spacing, tree)
+    inl = float((np.hypot(*(pose.apply(p) - q).T) < thr).mean())
+    rows, cols, dist = hard_matches(pose.apply(xy_a), fa, tree, fb, spacing)
+    ea, eb = unit_rows(emb_a), unit_rows(emb_b)
+    matches = pd.DataFrame(
+        {
+            "section_a": na,
+            "section_b": nb,
+            "cell_a": a.obs_names[rows],
+            "cell_b": b.obs_names[cols],
+            "similarity": np.einsum("nc,nc->n", ea[rows], eb[cols]).astype(np.float32),
+            "distance_um": dist.astype(np.float32),
+        }
+    )
+    return PairResult(
+        na,
+        nb,
+        pose,
+        inl,
+        stats.residual,
+        stats.agreement,
+        stats.overlap,
+        len(ia),
+        time.perf_counter() - t0,
+        matches,
+    )
+
+
+def _polish_both(
+    xy_a: np.ndarray,
+    emb_a: np.ndarray,
+    xy_b: np.ndarray,
+    emb_b: np.ndarray,
+    pose: Pose,
+    spacing_b: float,
+    spacing_a: float,
+    tree_b: cKDTree,
+    rng: np.random.Generator,
+    cfg: AlignConfig,
+) -> Pose:
+    """Gauss–Newton polish in both directions (a's cells in b's field, b's cells in a's field), averaged:
+    the two estimates use disjoint noise, so the mean has about half the variance."""
+    sa = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_polish_cells), replace=False))
+    sb = np.sort(rng.choice(len(xy_b), min(len(xy_b), cfg.max_polish_cells), replace=False))
+    tree_a = cKDTree(xy_a)
+    fwd, back = pose, pose.inverse()
+    for bw in cfg.polish_bandwidths:
+        fwd = polish_pose(xy_a[sa], emb_a[sa], xy_b, emb_b, fwd, spacing_b, tree=tree_b, bandwidth=bw)
+        back = polish_pose(xy_b[sb], emb_b[sb], xy_a, emb_a, back, spacing_a, tree=tree_a, bandwidth=bw)
+    back = back.inverse()
+    d = np.arctan2(*(back.R @ fwd.R.T)[[1, 0], [0, 0]])  # angle from fwd to back
+    if abs(d) > np.radians(5) or np.hypot(*(back.t - fwd.t)) > 3 * spacing_b:
+        return fwd  # the directions disagree (e.g. one has too little interior overlap): keep the forward one
+    r = rotation(d / 2) @ fwd.R
+    c = xy_a.mean(axis=0)  # average the two poses' images of a's centroid
+    mid = (fwd.apply(c[None]) + back.apply(c[None]))[0] / 2
+    sc = c * [1.0, -1.0] if fwd.reflected else c
+    return Pose(r, mid - r @ sc, fwd.reflected)
+
+
+@dataclass
+class AlignmentResult:
+    """Output of ``align``: per-section transforms (JSON layout), pairwise results, matches and stacked AnnData."""
+
+    reference: str
+    transforms: list[dict]
+    pairs: list[PairResult]
+    aligned: ad.AnnData
+
+    @property
+    def matches(self) -> pd.DataFrame:
+        """Final correspondences of every pair: section_a, section_b, cell_a, cell_b, similarity, distance_um."""
+        return pd.concat([p.matches for p in self.pairs], ignore_index=True)
+
+    def transforms_json(self) -> dict:
+        return {"reference": self.reference, "units": "µm", "sections": self.transforms}
+
+    def write(
+        self, aligned_path: str | Path, transforms_path: str | Path, matches_path: str | Path | None = None
+    ) -> None:
+        """Write aligned .h5ad, transforms .json and (optionally) matches .csv; all or nothing (temp + rename)."""
+        from inrscrecon.data.io import atomic_path
+
+        targets = [(aligned_path, "h5ad"), (transforms_path, "json")] + (
+            [(matches_path, "csv")] if matches_path else []
+        )
+        temps: list[tuple[Path, Path]] = []
+        try:
+            for path, kind in targets:
+                final, tmp = atomic_path(path)
+                temps.append((final, tmp))
+                if kind == "h5ad":
+                    self.aligned.write_h5ad(tmp)
+                elif kind == "json":
+                    tmp.write_text(json.dumps(self.transforms_json(), indent=2))
+                else:
+                    self.matches.to_csv(tmp, index=False)
+            for final, tmp in temps:
+                os.replace(tmp, final)
+        finally:
+            for _, tmp in temps:
+                if tmp.exists():
+                    tmp.unlink()
+
+    def plot_pairs(self, out_dir: str | Path, max_points: int = 20000) -> list[Path]:
+        """One PNG per pair: both sections in the common frame (fixed grey, moving orange). Returns the paths."""
+        from inrscrecon.align.plots import plot_pair
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        xyz = self.aligned.obsm["spatial_3d"]
+        sec = self.aligned.obs["section"].astype(str).to_numpy()
+        paths = []
+        for pr in self.pairs:
+            path = out_dir / f"pair_{pr.moving}__{pr.fixed}.png"
+            title = (
+                f"{pr.moving} → {pr.fixed}: inliers {pr.inlier_fraction:.2f}, agreement {pr.agreement:.2f}"
+            )
+            plot_pair(
+                xyz[sec == pr.fixed, :2],
+                xyz[sec == pr.moving, :2],
+                pr.fixed,
+                pr.moving,
+                title,
+                path,
+                max_points,
+            )
+            paths.append(path)
+        return paths
+
+
+def _reference_index(names: list[str], reference: int | str | None) -> int:
+    if reference is None:
+        return 0
+    if isinstance(reference, int | np.integer):
+        if not 0 <= int(reference) < len(names):
+            raise InputError(f"reference index {reference} out of range for {len(names)} sections")
+        return int(reference)
+    if reference not in names:
+        raise InputError(f"reference section {reference!r} not among {names}")
+    return names.index(reference)
+
+
+def align(
+    sections: Sequence[ad.AnnData],
+    spacing: float | None = None,
+    reference: int | str | None = None,
+    allow_reflection: bool = False,
+    seed: int = 0,
+    *,
+    z_key: str | None = None,
+    spatial_key: str = "spatial",
+    config: AlignConfig | None = None,
+    progress: bool = False,
+) -> AlignmentResult:
+    """Align consecutive sections pairwise and stack them in the reference section's frame.
+
+    sections: AnnData with ``obsm[spatial_key]`` [n, 2] and raw counts (or ``uns['X_kind']`` normalised values).
+    spacing: µm between consecutive sections, or ``z_key`` (``uns``/``obs``), else ``uns['z_um']`` of each.
+    reference: index or name of the section whose frame is kept (identity); default the first.
+    Returns an AlignmentResult; warns (naming the pair) when a pair's confidence is low.
+    """
+    cfg = config or AlignConfig()
+    sections = list(sections)
+    if len(sections) < 2:
+        raise InputError(f"align needs at least 2 sections, got {len(sections)}")
+    names = [section_name(s, f"section_{i}") for i, s in enumerate(sections)]
+    if len(set(names)) < len(names):
+        raise InputError(f"section names (uns['section']) must be unique, got {names}")
+    ref = _reference_index(names, reference)
+    zs = section_z(sections, spacing, z_key)
+    mpu = [float(s.uns.get("microns_per_pixel", 1.0)) for s in sections]
+    xys = []
+    for s, name, m in zip(sections, names, mpu):
+        xy = coordinates(s, f"section {name!r}", spatial_key)[:, :2] * m
+        _check_geometry(xy, name, spatial_key)
+        xys.append(xy)
+    # pairs move each section onto its neighbour on the reference side
+    order = [(k, k - 1) for k in range(ref + 1, len(sections))] + [(k, k + 1) for k in range(ref - 1, -1, -1)]
+    poses: dict[int, Pose] = {ref: Pose.identity()}
+    pairs: dict[int, PairResult] = {}
+    for k, nb in tqdm(order, desc="align pairs", disable=not progress, unit="pair"):
+        # the BLAS work here is on thin matrices: one thread is faster, and far faster on a busy machine
+        with threadpool_limits(limits=1, user_api="blas"):
+            pr = align_pair(
+                sections[k],
+                sections[nb],
+                xys[k],
+                xys[nb],
+                allow_reflection=allow_reflection,
+                seed=seed + k,
+                cfg=cfg,
+            )
+        if pr.inlier_fraction < cfg.min_inlier_fraction or pr.agreement < cfg.min_agreement:
+            warnings.warn(
+                f"pair {pr.moving!r} → {pr.fixed!r}: low alignment confidence (inlier_fraction "
+                f"{pr.inlier_fraction:.3f}, agreement {pr.agreement:.3f}, overlap {pr.overlap:.2f}); check its overlay",
+                stacklevel=2,
+            )
+        poses[k] = poses[nb].compose(pr.pose)
+        pairs[k] = pr
+    transforms = []
+    for k, name in enumerate(names):
+        pose = poses[k]
+        z = float(np.mean(zs[k]))
+        entry = {
+            "name": name,
+            "rotation": pose.R.tolist(),
+            "translation": pose.t.tolist(),
+            "reflected": bool(pose.reflected),
+            "z": z,
+            "inlier_fraction": 1.0 if k == ref else pairs[k].inlier_fraction,
+            "microns_per_unit": mpu[k],
+            "aligned_to": None if k == ref else pairs[k].fixed,
+        }
+        if k != ref:
+            entry.update(
+                agreement=pairs[k].agreement, residual_um=pairs[k].residual_um, overlap=pairs[k].overlap
+            )
+        transforms.append(entry)
+    aligned = _stack(sections, names, xys, poses, zs)
+    aligned.uns["align"] = {"reference": names[ref], "transforms_json": json.dumps(transforms)}
+    return AlignmentResult(names[ref], transforms, [pairs[k] for k, _ in order], aligned)
+
+
+def _stack(
+    sections: list[ad.AnnData], names: list[str], xys: list[np.ndarray], poses: dict[int, Pose], zs: list
+) -> ad.AnnData:
+    """Concatenate sections (genes: inner join) with obs['section'] and obsm['spatial_3d'] (µm, common frame)."""
+    parts = []
+    for k, (s, name) in enumerate(zip(sections, names)):
+        part = s.to_memory() if s.isbacked else s.copy()
+        xy = poses[k].apply(xys[k])
+        z = np.broadcast_to(np.asarray(zs[k], dtype=np.float64), (len(xy),))
+        part.obsm["spatial_3d"] = np.column_stack([xy, z])
+        part.obs["section"] = name
+        parts.append(part)
+    ids = np.concatenate([p.obs_names.to_numpy() for p in parts])
+    unique = len(set(ids)) == len(ids)
+    out = ad.concat(parts, join="inner", index_unique=None if unique else "-", keys=None if unique else names)
+    out.obs["section"] = pd.Categorical(out.obs["section"].astype(str), categories=names)
+    return out
