@@ -180,15 +180,15 @@ def _has_3d(path: Path) -> bool:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from inrscrecon.data.io import check_writable, write_h5ad
+    from inrscrecon.data.io import check_writable
     from inrscrecon.field.model import INRField
-    from inrscrecon.query.predict import predict_anndata
+    from inrscrecon.query.predict_stream import predict_to_file
 
     check_writable(args.out)
     model = INRField.load(args.model, device=args.device)
     xyz, ids = read_coords(args.coords)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
-    write_h5ad(predict_anndata(model, xyz, genes, ids), args.out)
+    predict_to_file(model, xyz, args.out, genes, ids, progress=True)  # chunk by chunk, renamed when complete
     print(f"wrote {args.out}: {len(xyz)} points × {len(genes) if genes else model.cfg.n_genes} genes")
     return 0
 

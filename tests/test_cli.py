@@ -10,7 +10,7 @@ import pytest
 
 from inrscrecon.cli import build_parser, main
 
-COMMANDS = ["demo", "synth", "fit", "predict", "impute", "bench"]
+COMMANDS = ["demo", "synth", "align", "fit", "predict", "impute", "render", "bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -97,6 +97,8 @@ def test_fit_then_predict(synth_dir, tmp_path):
                 "2",
                 "--spacing",
                 "40",
+                "--lambda-rc",
+                "0",
                 "--quiet",
                 "--resume",
             ]

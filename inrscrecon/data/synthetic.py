@@ -105,8 +105,12 @@ class SyntheticTissue:
     def proportions(self, xyz: np.ndarray) -> np.ndarray:
         """Expected fraction of each gene's counts per point, [n, G] (rows sum to 1)."""
         u, v, w = self._unit(xyz)
-        fields = np.column_stack([u, np.sin(np.pi * v / 2 + 0.05 * w), np.cos(np.pi * (u + v) / 2) * (1 + w) / 2])
-        logit = np.log(self.base)[None, :] + self.domain_effects[self.domain(xyz)] + fields @ self.gradient_coef
+        fields = np.column_stack(
+            [u, np.sin(np.pi * v / 2 + 0.05 * w), np.cos(np.pi * (u + v) / 2) * (1 + w) / 2]
+        )
+        logit = (
+            np.log(self.base)[None, :] + self.domain_effects[self.domain(xyz)] + fields @ self.gradient_coef
+        )
         rate = np.exp(logit - logit.max(axis=1, keepdims=True))
         return rate / rate.sum(axis=1, keepdims=True)
 
@@ -138,7 +142,9 @@ def _grid(n: int, radius: float, kind: str, rng: np.random.Generator) -> np.ndar
         step = np.sqrt(2 * area / (np.sqrt(3) * n))
         rows = np.arange(-radius, radius + step, step * np.sqrt(3) / 2)
         cols = np.arange(-radius - step, radius + step, step)
-        pts = np.concatenate([np.column_stack([cols + (i % 2) * step / 2, np.full_like(cols, y)]) for i, y in enumerate(rows)])
+        pts = np.concatenate(
+            [np.column_stack([cols + (i % 2) * step / 2, np.full_like(cols, y)]) for i, y in enumerate(rows)]
+        )
     else:
         raise ValueError(f"grid must be 'hex', 'square' or 'random', got {kind!r}")
     return pts[(pts**2).sum(1) <= radius**2]
@@ -167,7 +173,9 @@ def iter_sections(cfg: SynthConfig, chunk_size: int | None = None) -> Iterator[t
         xy = local + centre
         z = k * cfg.spacing
         xyz = np.column_stack([xy, np.full(len(xy), z)])
-        counts = sp.vstack([tissue.sample_counts(xyz[i : i + chunk_size], rng) for i in range(0, len(xyz), chunk_size)])
+        counts = sp.vstack(
+            [tissue.sample_counts(xyz[i : i + chunk_size], rng) for i in range(0, len(xyz), chunk_size)]
+        )
         # pose observed → common; the observed coords are its inverse applied to the common ones
         rot = _rotation(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
         trans = rng.uniform(-cfg.max_translation, cfg.max_translation, size=2)
@@ -181,7 +189,10 @@ def iter_sections(cfg: SynthConfig, chunk_size: int | None = None) -> Iterator[t
         adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=tissue.gene_names))
         adata.obsm["spatial"] = observed.astype(np.float64)
         adata.uns.update({"z_um": float(z), "X_kind": "raw_counts", "section": name})
-        yield adata, {"name": name, "rotation": rot, "translation": trans, "reflected": reflected, "z": z, "xy": xy}
+        yield (
+            adata,
+            {"name": name, "rotation": rot, "translation": trans, "reflected": reflected, "z": z, "xy": xy},
+        )
 
 
 def make_sections(cfg: SynthConfig | None = None, **overrides) -> tuple[list[ad.AnnData], SynthTruth]:
@@ -202,7 +213,9 @@ def make_sections(cfg: SynthConfig | None = None, **overrides) -> tuple[list[ad.
     return list(sections), truth
 
 
-def to_common(observed: np.ndarray, rotation: np.ndarray, translation: np.ndarray, reflected: bool) -> np.ndarray:
+def to_common(
+    observed: np.ndarray, rotation: np.ndarray, translation: np.ndarray, reflected: bool
+) -> np.ndarray:
     """Apply a pose to observed coordinates [n, 2]: R (S x) + t."""
     s = FLIP if reflected else np.eye(2)
     return observed @ s.T @ rotation.T + translation

@@ -1,5 +1,13 @@
 """Training loop: seeded batches from the stacked sections, Adam + cosine schedule, validation split with
-early stopping, progress bar, atomic checkpoints every K steps and exact resume."""
+early stopping, progress bar, atomic checkpoints every K steps and exact resume.
+
+Data parallel: when a ``torch.distributed`` process group is initialised (``torchrun``; see
+:mod:`inrscrecon.train.distributed`), every rank builds the same global batch of ``batch_size`` rows, keeps
+its contiguous shard, and trains a DistributedDataParallel copy whose averaged gradient equals the global
+batch's; validation is sharded and all-reduced; only rank 0 writes checkpoints; every rank resumes from them.
+With one process nothing changes. The table may be an in-memory CellTable or a streaming table that offers
+``epoch_order`` (chunk-wise shuffling, :mod:`inrscrecon.data.streaming`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,23 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from inrscrecon.data.stack import CellTable
+from inrscrecon.data.streaming import StreamingTable
+from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.losses import LossConfig, ProfileExtractor, pretrain_extractor
 from inrscrecon.field.model import FieldConfig, INRField
+from inrscrecon.train import distributed as ddp
 from inrscrecon.train.checkpoint import load_checkpoint, save_checkpoint
 from inrscrecon.train.objective import objective
+
+Table = CellTable | StreamingTable  # anything with coords, targets(rows), n_cells, genes
 
 
 @dataclass
@@ -56,8 +70,7 @@ def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def validation_rmse(model: INRField, table: CellTable, rows: np.ndarray, device: str, chunk: int = 4096) -> float:
-    """RMSE of the field on ``rows`` of ``table`` (log1p-normalised units)."""
+def _sse(model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int) -> tuple[float, int]:
     sse, n = 0.0, 0
     model.eval()
     for s in range(0, len(rows), chunk):
@@ -67,7 +80,29 @@ def validation_rmse(model: INRField, table: CellTable, rows: np.ndarray, device:
         sse += float(((pred - torch.as_tensor(table.targets(r), device=device)) ** 2).sum())
         n += pred.numel()
     model.train()
+    return sse, n
+
+
+def validation_rmse(model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int = 4096) -> float:
+    """RMSE of the field on ``rows`` of ``table`` (log1p-normalised units); sharded and all-reduced over
+    ranks when a process group is initialised."""
+    di = ddp.info()
+    sse, n = _sse(model, table, ddp.shard(rows, di), device, chunk)
+    if di.world > 1:
+        tot = ddp.allreduce_numpy(np.array([sse, n], dtype=np.float64))
+        sse, n = float(tot[0]), int(tot[1])
     return math.sqrt(sse / max(n, 1))
+
+
+def _epoch_rows(table: Table, train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Training rows in this epoch's visiting order: the table's own (chunk-wise) order when it has one,
+    else a seeded uniform permutation."""
+    sampler = getattr(table, "epoch_order", None)
+    order = sampler(train_rows, seed, epoch) if sampler is not None else None
+    if order is None:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]
+    return order
 
 
 def _rng_state() -> dict:
@@ -75,7 +110,7 @@ def _rng_state() -> dict:
 
 
 def fit(
-    table: CellTable,
+    table: Table,
     encoding: EncodingConfig | None = None,
     width: int = 256,
     n_layers: int = 4,
@@ -91,35 +126,60 @@ def fit(
     """
     loss_cfg = loss_cfg or LossConfig()
     tc = train_cfg or TrainConfig()
-    device = tc.device
+    di = ddp.info()
+    device = ddp.device_for(tc.device, di)
     train_rows, val_rows = _split(table.n_cells, tc.val_fraction, tc.seed)
     center, scale = FieldConfig.frame_for(table.coords)
-    cfg = FieldConfig(len(table.genes), encoding or EncodingConfig(), width, n_layers, center, scale, list(table.genes))
+    cfg = FieldConfig(
+        len(table.genes), encoding or EncodingConfig(), width, n_layers, center, scale, list(table.genes)
+    )
     torch.manual_seed(tc.seed)
     model = INRField(cfg).to(device)
+    init_rows = np.sort(
+        np.random.default_rng(tc.seed).choice(train_rows, min(len(train_rows), 4096), replace=False)
+    )
+    model.init_head_bias(torch.as_tensor(table.targets(init_rows).mean(axis=0)))
     extractor: ProfileExtractor | None = None
     if loss_cfg.lambda_rc > 0:
         sample = np.random.default_rng(tc.seed).choice(train_rows, min(len(train_rows), 2048), replace=False)
-        extractor = pretrain_extractor(torch.as_tensor(table.targets(np.sort(sample))), loss_cfg.rc_dim, seed=tc.seed)
+        extractor = pretrain_extractor(
+            torch.as_tensor(table.targets(np.sort(sample))), loss_cfg.rc_dim, seed=tc.seed
+        )
         extractor = extractor.to(device)
     bs = min(tc.batch_size, len(train_rows))
+    if bs < di.world:
+        raise InputError(f"batch size {bs} is smaller than the number of processes ({di.world})")
+    step_fn = None
+    if di.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        step_fn = DistributedDataParallel(
+            ddp.ShardLoss(model, loss_cfg, extractor, tc.backend, di.world), device_ids=ids
+        )
     steps_per_epoch = max(len(train_rows) // bs, 1)
     total = steps_per_epoch * tc.epochs
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
 
     def lr_at(step: int) -> float:
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * min(step / total, 1.0))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    st = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val": math.inf, "bad_epochs": 0}
+    st: dict[str, Any] = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_val": math.inf,
+        "bad_epochs": 0,
+    }
     history: list[dict[str, float]] = []
     best_state = copy.deepcopy(model.state_dict())
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt is not None and ckpt.exists():
         saved = load_checkpoint(ckpt)
         if saved["field_config"] != cfg.to_json() or saved["loss_config"] != json.dumps(asdict(loss_cfg)):
-            from inrscrecon.errors import InputError
-
             raise InputError(f"{ckpt}: checkpoint was made with another configuration; cannot resume")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -134,6 +194,9 @@ def fit(
     def save() -> None:
         if ckpt is None:
             return
+        if not di.main:  # rank 0 writes; the others wait so that nobody reads a checkpoint being replaced
+            ddp.barrier()
+            return
         save_checkpoint(
             {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -143,19 +206,25 @@ def fit(
             },
             ckpt,
         )  # fmt: skip
+        if di.world > 1:
+            ddp.barrier()
 
     stopped = interrupted = False
-    bar = tqdm(total=tc.epochs, initial=st["epoch"], desc="fit", unit="epoch", disable=not tc.progress)
+    show = tc.progress and di.main
+    bar = tqdm(total=tc.epochs, initial=st["epoch"], desc="fit", unit="epoch", disable=not show)
     model.train()
     while st["epoch"] < tc.epochs and not stopped:
-        gen = torch.Generator().manual_seed(tc.seed * 100_003 + st["epoch"])
-        perm = torch.randperm(len(train_rows), generator=gen).numpy()
+        order = _epoch_rows(table, train_rows, tc.seed, st["epoch"])
         parts_sum: dict[str, float] = {}
         for step in range(st["step_in_epoch"], steps_per_epoch):
-            rows = np.sort(train_rows[perm[step * bs : (step + 1) * bs]])
-            xyz = model.normalize(torch.as_tensor(table.coords[rows], device=device))
-            target = torch.as_tensor(table.targets(rows), device=device)
-            loss, parts = objective(model, xyz, target, loss_cfg, extractor, tc.backend)
+            rows = np.sort(order[step * bs : (step + 1) * bs])
+            mine = ddp.shard(rows, di)
+            xyz = model.normalize(torch.as_tensor(table.coords[mine], device=device))
+            target = torch.as_tensor(table.targets(mine), device=device)
+            if step_fn is None:
+                loss, parts = objective(model, xyz, target, loss_cfg, extractor, tc.backend)
+            else:
+                loss, parts = step_fn(xyz, target, len(rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

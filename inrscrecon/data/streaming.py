@@ -1,0 +1,485 @@
+"""Train from sections too large to densify (DESIGN "Scale"): a :class:`StreamingTable` with the
+:class:`~inrscrecon.data.stack.CellTable` interface over backed ``.h5ad`` files or AnnData ``.zarr`` stores.
+
+* Only per-cell metadata lives in memory: coordinates [N, 3] (µm), library sizes [N] and the per-file
+  ``indptr`` — about 36 bytes a cell. X (CSR) stays on disk and is read in row chunks.
+* :func:`open_stack` makes one streaming pass over X: it checks the values (finite, non-negative, column
+  indices in range), records library sizes over all genes, and the per-gene moments that pick the top-M
+  variable genes (same rule as :func:`~inrscrecon.data.preprocess.select_genes`).
+* :meth:`StreamingTable.targets` gathers rows from cached chunks (LRU) and normalises them on the fly with
+  :func:`~inrscrecon.data.csr_gather.gather_normalized`; a chunk with only a few requested rows is read row by
+  row instead of whole.
+* :meth:`StreamingTable.epoch_order` shuffles across chunks while reading chunk-wise: chunks in random order,
+  rows shuffled within windows of ``window`` chunks, so consecutive batches touch at most two windows.
+  ``shuffle="global"`` reproduces the in-memory table's uniform permutation (and its loss curve) exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from inrscrecon.data.csr_gather import gather_normalized
+from inrscrecon.data.preprocess import TARGET_SUM, is_counts, normalize_log1p, shared_genes
+from inrscrecon.data.stack import CellTable, section_xyz, section_z
+from inrscrecon.data.validate import coordinates
+from inrscrecon.errors import InputError
+
+CHUNK_ROWS = 16384
+DIRECT_FRACTION = 1 / 16  # fewer requested rows than this fraction of a chunk: read them row by row
+
+
+def _read_elem(node: Any) -> Any:
+    from anndata.io import read_elem
+
+    return read_elem(node)
+
+
+class _Source:
+    """One section file: an open h5py file or zarr group, its X arrays and its indptr (in memory)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        p = self.path
+        if not p.exists():
+            raise InputError(f"{p}: file not found")
+        try:
+            if p.is_dir() or p.suffix == ".zarr":
+                import zarr
+
+                self.root: Any = zarr.open_group(str(p), mode="r")
+                self.kind = "zarr"
+            else:
+                import h5py
+
+                self.root = h5py.File(p, "r")
+                self.kind = "h5ad"
+        except Exception as exc:
+            raise InputError(
+                f"{p}: not a readable AnnData .h5ad / .zarr ({type(exc).__name__}: {exc})"
+            ) from None
+        for key in ("X", "obs", "var"):
+            if key not in self.root:
+                raise InputError(
+                    f"{p}: not an AnnData file (no {key!r} element); file truncated or corrupted?"
+                )
+        x = self.root["X"]
+        enc = str(x.attrs.get("encoding-type", "array"))
+        try:
+            if enc == "csr_matrix":
+                self.sparse = True
+                self.shape = tuple(int(v) for v in x.attrs["shape"])
+                self.data, self.indices = x["data"], x["indices"]
+                self.indptr = np.asarray(x["indptr"][:], dtype=np.int64)
+            elif enc == "csc_matrix":
+                raise InputError(
+                    f"{p}: X is stored column-major (CSC); rows cannot be streamed. Rewrite it as CSR, e.g. "
+                    "adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
+                )
+            elif hasattr(x, "shape") and len(x.shape) == 2:
+                self.sparse = False
+                self.shape = (int(x.shape[0]), int(x.shape[1]))
+                self.dense = x
+                self.indptr = np.zeros(0, dtype=np.int64)
+            else:
+                raise InputError(f"{p}: X has encoding {enc!r}; expected a CSR matrix or a dense array")
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"{p}: cannot read X ({type(exc).__name__}: {exc}); file truncated or corrupted?"
+            ) from None
+        if self.sparse:
+            ip = self.indptr
+            n_obs = self.shape[0]
+            if (
+                ip.shape[0] != n_obs + 1 or ip[0] != 0 or ip[-1] != self.data.shape[0]
+                or self.indices.shape[0] != self.data.shape[0] or (np.diff(ip) < 0).any()
+            ):  # fmt: skip
+                raise InputError(
+                    f"{p}: X/indptr is inconsistent with X/data (indptr has {ip.shape[0]} entries ending at "
+                    f"{ip[-1] if ip.size else None}, data has {self.data.shape[0]}); file truncated or corrupted?"
+                )
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows [start, stop) of X as CSR with all columns, dtype as stored."""
+        try:
+            if not self.sparse:
+                return sp.csr_matrix(np.asarray(self.dense[start:stop]))
+            a, b = int(self.indptr[start]), int(self.indptr[stop])
+            data = np.asarray(self.data[a:b])
+            indices = np.asarray(self.indices[a:b])
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: cannot read X rows {start}..{stop - 1} ({type(exc).__name__}: {exc}); "
+                "file truncated or corrupted?"
+            ) from None
+        if data.shape[0] != b - a or indices.shape[0] != b - a:
+            raise InputError(
+                f"{self.path}: X rows {start}..{stop - 1} are truncated ({data.shape[0]} of {b - a} values)"
+            )
+        ptr = self.indptr[start : stop + 1] - a
+        return sp.csr_matrix((data, indices, ptr), shape=(stop - start, self.shape[1]), copy=False)
+
+    def pick(self, local: np.ndarray) -> sp.csr_matrix:
+        """Sorted local rows as CSR [len(local), n_vars], contiguous runs read in one go."""
+        if not self.sparse:
+            return sp.csr_matrix(np.asarray(self.dense[np.asarray(local)]))
+        breaks = np.flatnonzero(np.diff(local) != 1) + 1
+        parts = [self.rows(int(run[0]), int(run[-1]) + 1) for run in np.split(local, breaks)]
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    def elem(self, key: str) -> Any:
+        try:
+            return _read_elem(self.root[key])
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: cannot read {key} ({type(exc).__name__}: {exc}); file corrupted?"
+            ) from None
+
+    def obs_names(self) -> pd.Index:
+        obs = self.root["obs"]
+        return pd.Index(self.elem(f"obs/{obs.attrs.get('_index', '_index')}")).astype(str)
+
+    def shell(self, z_key: str | None) -> ad.AnnData:
+        """An AnnData without X: obs names (+ ``obs[z_key]``), var names, obsm, uns, for the metadata checks."""
+        var = self.root["var"]
+        var_names = pd.Index(self.elem(f"var/{var.attrs.get('_index', '_index')}")).astype(str)
+        obs = pd.DataFrame(index=self.obs_names())
+        if z_key is not None and z_key in self.root["obs"]:
+            obs[z_key] = np.asarray(self.elem(f"obs/{z_key}"))
+        if "section" in self.root["obs"]:
+            obs["section"] = np.asarray(self.elem("obs/section")).astype(str)
+        obsm = (
+            {k: np.asarray(self.elem(f"obsm/{k}")) for k in self.root["obsm"]} if "obsm" in self.root else {}
+        )
+        uns = self.elem("uns") if "uns" in self.root else {}
+        if len(obs) != self.shape[0] or len(var_names) != self.shape[1]:
+            raise InputError(
+                f"{self.path}: X has shape {self.shape} but obs/var have {len(obs)}/{len(var_names)} entries"
+            )
+        a = ad.AnnData(obs=obs, var=pd.DataFrame(index=var_names), obsm=obsm, uns=dict(uns))
+        if "section" in uns and np.ndim(uns["section"]) == 0:
+            a.uns["section"] = str(uns["section"])
+        elif "section" in obs and obs["section"].nunique() == 1:
+            a.uns["section"] = str(obs["section"].iloc[0])
+        else:
+            a.uns["section"] = self.path.name.split(".")[0]
+        return a
+
+    def close(self) -> None:
+        if self.kind == "h5ad":
+            self.root.close()
+
+
+def _check_block(block: sp.csr_matrix, src: _Source, start: int) -> None:
+    stop = start + block.shape[0] - 1
+    if block.nnz:
+        if not np.isfinite(block.data).all():
+            raise InputError(f"{src.path}: X has non-finite values (NaN/inf) in rows {start}..{stop}")
+        if (block.data < 0).any():
+            raise InputError(f"{src.path}: X has negative values in rows {start}..{stop}")
+        if block.indices.min() < 0 or block.indices.max() >= src.shape[1]:
+            raise InputError(
+                f"{src.path}: X has column indices outside [0, {src.shape[1]}) in rows {start}..{stop}"
+            )
+
+
+@dataclass
+class StreamingTable:
+    """Cells of a stack whose X stays on disk. Same interface as CellTable for training and prediction:
+    ``coords`` [N, 3] µm, ``totals`` [N] library sizes, ``genes``, ``target_sum``, ``n_cells``,
+    ``targets(rows)`` → [len(rows), G] float32 log1p-normalised, ``sections()``, ``section``, ``obs_names``.
+
+    ``chunk_rows``: rows per read; ``window``: chunks shuffled together; ``cache_chunks``: chunks kept in memory
+    (default ``2 · window + 1``, so a batch straddling two windows never rereads). Memory ≈ cache_chunks ·
+    chunk_rows · nnz-per-row · 8 bytes.
+    """
+
+    sources: list[_Source]
+    col_maps: list[np.ndarray]  # per source: [n_vars] model column of each file gene, −1 to drop
+    offsets: np.ndarray  # [n_sources + 1] first global row of each source
+    coords: np.ndarray
+    totals: np.ndarray
+    genes: list[str]
+    section_names: list[str]
+    target_sum: float = TARGET_SUM
+    chunk_rows: int = CHUNK_ROWS
+    window: int = 4
+    shuffle: str = "window"  # "window" | "global"
+    cache_chunks: int | None = None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=lambda: {"chunk_reads": 0, "row_reads": 0})
+
+    def __post_init__(self) -> None:
+        if self.shuffle not in ("window", "global"):
+            raise InputError(f"shuffle must be 'window' or 'global', got {self.shuffle!r}")
+        self._cache: OrderedDict[tuple[int, int], sp.csr_matrix] = OrderedDict()
+        n_chunks = [
+            -(-(int(b) - int(a)) // self.chunk_rows) for a, b in zip(self.offsets[:-1], self.offsets[1:])
+        ]
+        self._chunk_base = np.concatenate([[0], np.cumsum(n_chunks)]).astype(np.int64)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def section(self) -> np.ndarray:
+        """[N] section name of every cell (built on demand)."""
+        idx = np.repeat(np.arange(len(self.sources)), np.diff(self.offsets))
+        return np.asarray(self.section_names, dtype=object)[idx]
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        """[N] cell ids, read from the files on demand."""
+        return np.concatenate([s.obs_names().to_numpy(dtype=object) for s in self.sources])
+
+    def sections(self) -> list[str]:
+        return list(self.section_names)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows [B] → (source index [B], local row [B])."""
+        src = np.searchsorted(self.offsets, rows, side="right") - 1
+        return src, rows - self.offsets[src]
+
+    def _capacity(self) -> int:
+        return self.cache_chunks or 2 * self.window + 1
+
+    def _chunk(self, s: int, c: int) -> sp.csr_matrix:
+        key = (s, c)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        n = int(self.offsets[s + 1] - self.offsets[s])
+        block = self.sources[s].rows(c * self.chunk_rows, min((c + 1) * self.chunk_rows, n))
+        self.stats["chunk_reads"] += 1
+        self._cache[key] = block
+        while len(self._cache) > self._capacity():
+            self._cache.popitem(last=False)
+        return block
+
+    def targets(self, rows: np.ndarray) -> np.ndarray:
+        """log1p-normalised expression of global ``rows`` [B] (any order) → [B, G] float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
+            raise InputError(f"rows out of range [0, {self.n_cells})")
+        out = np.empty((len(rows), len(self.genes)), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        src, local = self.locate(srt)
+        chunk = local // self.chunk_rows
+        key = src * (1 << 40) + chunk
+        bounds = np.flatnonzero(np.diff(key)) + 1
+        # a request that fits in the cache (a windowed batch, a validation slice) loads whole chunks; one spread
+        # over many chunks (a random sample) reads sparse chunks row by row instead of thrashing the cache
+        fits = len(bounds) + 1 <= self._capacity()
+        for part in np.split(np.arange(len(srt)), bounds):
+            if not len(part):
+                continue
+            s, c = int(src[part[0]]), int(chunk[part[0]])
+            loc = local[part]
+            if fits or (s, c) in self._cache or len(np.unique(loc)) >= DIRECT_FRACTION * self.chunk_rows:
+                block = self._chunk(s, c)
+                idx = loc - c * self.chunk_rows
+                tot = self.totals[self.offsets[s] + c * self.chunk_rows + np.arange(block.shape[0])]
+            else:
+                uniq, idx = np.unique(loc, return_inverse=True)
+                block = self.sources[s].pick(uniq)
+                self.stats["row_reads"] += len(uniq)
+                tot = self.totals[self.offsets[s] + uniq]
+            out[order[part]] = gather_normalized(
+                block, idx, col_map=self.col_maps[s], n_out=len(self.genes), target_sum=self.target_sum,
+                log1p=True, row_totals=tot,
+            )  # fmt: skip
+        return out
+
+    def epoch_order(self, train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray | None:
+        """Visiting order of ``train_rows`` for one epoch: chunks in random order, rows shuffled within windows
+        of ``window`` chunks. None with ``shuffle="global"`` (the trainer then draws a uniform permutation)."""
+        if self.shuffle == "global":
+            return None
+        rng = np.random.default_rng([seed, epoch, 7919])
+        src, local = self.locate(np.asarray(train_rows, dtype=np.int64))
+        gchunk = self._chunk_base[src] + local // self.chunk_rows
+        rank = np.empty(int(self._chunk_base[-1]), dtype=np.int64)
+        rank[rng.permutation(len(rank))] = np.arange(len(rank))
+        win = rank[gchunk] // max(self.window, 1)
+        return np.asarray(train_rows)[np.lexsort((rng.random(len(train_rows)), win))]
+
+    def to_cell_table(self) -> CellTable:
+        """Materialise in memory (small stacks only: tests, evaluation)."""
+        counts = []
+        for s, src in enumerate(self.sources):
+            keep = np.flatnonzero(self.col_maps[s] >= 0)
+            block = src.rows(0, src.shape[0])[:, keep]
+            perm = np.argsort(self.col_maps[s][keep])
+            counts.append(sp.csr_matrix(block[:, perm], dtype=np.float32))
+        return CellTable(self.coords, sp.vstack(counts, format="csr"), self.totals, list(self.genes), self.section,
+                         self.obs_names, self.target_sum)  # fmt: skip
+
+    def close(self) -> None:
+        self._cache.clear()
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self) -> StreamingTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stats_pass(
+    sources: Sequence[_Source],
+    shared: Sequence[str],
+    shells: Sequence[ad.AnnData],
+    target_sum: float,
+    moments: bool,
+    chunk_rows: int,
+    progress: bool,
+    shard: tuple[int, int],
+    allreduce: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """One pass over X: checks, library sizes per file, and (``moments``) the variance of log-normalised
+    expression of the ``shared`` genes. ``shard=(rank, world)`` splits the chunks over ranks and ``allreduce``
+    (sum) combines their results."""
+    rank, world = shard
+    totals = [np.zeros(s.shape[0], dtype=np.float32) for s in sources]
+    g = len(shared)
+    acc = np.zeros(2 * g + 1)
+    jobs = [(i, a) for i, s in enumerate(sources) for a in range(0, s.shape[0], chunk_rows)]
+    for j, (i, a) in enumerate(tqdm(jobs, desc="scan", unit="chunk", disable=not progress)):
+        if j % world != rank:
+            continue
+        src = sources[i]
+        block = src.rows(a, min(a + chunk_rows, src.shape[0]))
+        _check_block(block, src, a)
+        totals[i][a : a + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float32).ravel()
+        if moments:
+            cols = shells[i].var_names.get_indexer(list(shared))
+            ts = target_sum if is_counts(shells[i]) else 0.0
+            y = normalize_log1p(block[:, cols], ts, np.asarray(block.sum(axis=1)).ravel())
+            acc[:g] += np.asarray(y.sum(axis=0)).ravel()
+            acc[g : 2 * g] += np.asarray(y.multiply(y).sum(axis=0)).ravel()
+            acc[-1] += block.shape[0]
+    if world > 1 and allreduce is not None:
+        flat = allreduce(np.concatenate(totals).astype(np.float32))
+        totals = np.split(flat, np.cumsum([s.shape[0] for s in sources])[:-1])
+        acc = allreduce(acc)
+    if not moments:
+        return totals, None
+    n = max(acc[-1], 1)
+    mean = acc[:g] / n
+    return totals, np.maximum(acc[g : 2 * g] / n - mean**2, 0.0)
+
+
+def open_stack(
+    paths: Sequence[str | Path],
+    n_genes: int = 5000,
+    genes: Sequence[str] | None = None,
+    spacing: float | None = None,
+    z_key: str | None = None,
+    spatial_key: str = "spatial",
+    chunk_rows: int = CHUNK_ROWS,
+    window: int = 4,
+    shuffle: str = "window",
+    cache_chunks: int | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> StreamingTable:
+    """Open section files (``.h5ad`` or AnnData ``.zarr``) without loading X, make one streaming pass over it
+    (checks, library sizes, gene moments) and select genes like ``select_genes(sections, n_genes, genes)``.
+
+    z positions and coordinates follow :func:`~inrscrecon.data.stack.build_cell_table` (``spacing``, ``z_key``,
+    ``obsm['spatial_3d']``). Corrupted / truncated files raise InputError naming the file and rows.
+    """
+    if not paths:
+        raise InputError("no section files given")
+    if chunk_rows < 1 or window < 1:
+        raise InputError(f"chunk_rows and window must be ≥ 1, got {chunk_rows}, {window}")
+    sources = [_Source(p) for p in paths]
+    try:
+        shells = []
+        for src in sources:
+            a = src.shell(z_key)
+            where = str(src.path)
+            if a.n_obs == 0:
+                raise InputError(f"{where}: section is empty (0 cells)")
+            if a.n_vars == 0:
+                raise InputError(f"{where}: section has no genes (0 columns in X)")
+            if not a.obs_names.is_unique:
+                raise InputError(
+                    f"{where}: duplicate cell ids in obs_names, e.g. {a.obs_names[a.obs_names.duplicated()][0]!r}"
+                )
+            if not a.var_names.is_unique:
+                raise InputError(
+                    f"{where}: duplicate gene names in var_names, e.g. {a.var_names[a.var_names.duplicated()][0]!r}"
+                )
+            key = "spatial_3d" if "spatial_3d" in a.obsm else spatial_key
+            coordinates(a, where, key)
+            shells.append(a)
+        names = [str(s.uns["section"]) for s in shells]
+        if len(set(names)) < len(names):
+            names = [f"{n}_{i}" for i, n in enumerate(names)]
+            for s, n in zip(shells, names):
+                s.uns["section"] = n
+        kinds = {is_counts(s) for s in shells}
+        if len(kinds) > 1:
+            raise InputError("sections mix raw counts and normalised values (uns['X_kind']); use one kind")
+        target_sum = TARGET_SUM if kinds.pop() else 0.0
+        shared = shared_genes(shells)
+        if genes is not None:
+            missing = sorted(set(genes) - set(shared))
+            if missing:
+                raise InputError(f"requested genes not present in every section: {missing[:5]}")
+            wanted = set(genes)
+            shared = [g for g in shared if g in wanted]
+        need_moments = n_genes < len(shared)
+        if n_genes > len(shared) and genes is None:
+            warnings.warn(
+                f"asked for {n_genes} genes but only {len(shared)} are shared; using all {len(shared)}",
+                stacklevel=2,
+            )
+        totals, var = _stats_pass(
+            sources, shared, shells, target_sum, need_moments, chunk_rows, progress, shard, allreduce
+        )
+        if var is not None:
+            if not np.any(var > 0):
+                raise InputError("all shared genes have identical expression in every cell (zero variance)")
+            keep = np.sort(np.argsort(-var, kind="stable")[:n_genes])
+            chosen = [shared[i] for i in keep]
+        else:
+            chosen = list(shared)
+        zs = (
+            [0.0] * len(shells)
+            if all("spatial_3d" in s.obsm for s in shells)
+            else section_z(shells, spacing, z_key)
+        )
+        coords = np.concatenate([section_xyz(s, z, spatial_key) for s, z in zip(shells, zs)])
+        col_maps = []
+        lookup = {g: i for i, g in enumerate(chosen)}
+        for s in shells:
+            col_maps.append(np.array([lookup.get(g, -1) for g in s.var_names], dtype=np.int32))
+        offsets = np.concatenate([[0], np.cumsum([s.n_obs for s in shells])]).astype(np.int64)
+    except BaseException:
+        for src in sources:
+            src.close()
+        raise
+    return StreamingTable(
+        sources=sources, col_maps=col_maps, offsets=offsets, coords=coords, totals=np.concatenate(totals),
+        genes=chosen, section_names=names, target_sum=target_sum, chunk_rows=chunk_rows, window=window,
+        shuffle=shuffle, cache_chunks=cache_chunks,
+    )  # fmt: skip

@@ -1,0 +1,107 @@
+"""Prediction at scale: millions of query points in chunks, written incrementally to ``.h5ad`` or AnnData
+``.zarr`` so that memory is bounded by the chunk, not by N × genes (1M points × 5000 genes would be 20 GB).
+
+The file is the same AnnData as :func:`~inrscrecon.query.predict.predict_anndata` (X [N, K] float32
+log1p-normalised, ``obsm['spatial_3d']``, ``obsm['spatial']``, var = genes): obs/var/obsm are written first
+with anndata, then X is created on disk and filled chunk by chunk. Everything goes to a temporary path that
+is renamed onto ``out`` only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from inrscrecon.data.io import check_writable
+from inrscrecon.errors import InputError
+from inrscrecon.field.model import INRField
+from inrscrecon.query.predict import gene_indices, predict
+
+X_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary file or folder onto ``final`` (replacing what was there)."""
+    if final.is_dir() and not final.is_symlink():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def predict_to_file(
+    model: INRField,
+    xyz: np.ndarray,  # [N, 3] µm; may be a np.memmap
+    out: str | Path,
+    genes: Sequence[str] | None = None,
+    ids: Sequence[str] | None = None,
+    batch_size: int = 65536,
+    progress: bool = False,
+) -> Path:
+    """Predict ``genes`` (None: all) at ``xyz`` and write an AnnData ``out`` (``.h5ad`` or ``.zarr``) chunk by
+    chunk. Peak memory ≈ batch_size × (K + width) × 4 bytes plus the coordinates."""
+    out = check_writable(out)
+    if out.suffix not in (".h5ad", ".zarr"):
+        raise InputError(f"{out}: output must end in .h5ad or .zarr, got {out.suffix!r}")
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise InputError(f"coordinates must have shape (N, 3), got {xyz.shape}")
+    if ids is not None and len(ids) != len(xyz):
+        raise InputError(f"{len(ids)} point ids for {len(xyz)} coordinates")
+    names = list(genes) if genes is not None else list(model.cfg.genes)
+    gene_indices(model, genes)  # unknown genes fail before anything is written
+    n, k = len(xyz), len(names)
+    index = pd.Index([str(i) for i in ids]) if ids is not None else pd.Index([f"p{i}" for i in range(n)])
+    shell = ad.AnnData(obs=pd.DataFrame(index=index), var=pd.DataFrame(index=names))
+    coords = np.asarray(xyz, dtype=np.float64)
+    shell.obsm["spatial_3d"] = coords
+    shell.obsm["spatial"] = coords[:, :2].copy()
+    shell.uns["inrscrecon"] = {"X": "predicted log1p(normalised expression, target_sum 1e4)"}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)) / out.name
+    rows = max(1, min(batch_size, n))
+    try:
+        if out.suffix == ".h5ad":
+            import h5py
+
+            shell.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as f:
+                x = f.create_dataset(
+                    "X", shape=(n, k), dtype="float32", chunks=(min(rows, 4096), max(k, 1)) if n else None
+                )
+                x.attrs.update(X_ATTRS)
+                _fill(model, xyz, genes, x, batch_size, progress)
+        else:
+            import zarr
+
+            with warnings.catch_warnings():  # anndata's notice about its default zarr format
+                warnings.simplefilter("ignore", UserWarning)
+                shell.write_zarr(tmp)
+            g = zarr.open_group(str(tmp), mode="r+")
+            x = g.create_array("X", shape=(n, k), dtype="float32", chunks=(min(rows, 16384), max(k, 1)))
+            x.attrs.update(X_ATTRS)
+            _fill(model, xyz, genes, x, batch_size, progress)
+            zarr.consolidate_metadata(str(tmp))  # anndata reads the consolidated listing: include X
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return out
+
+
+def _fill(
+    model: INRField, xyz: np.ndarray, genes: Sequence[str] | None, x, batch_size: int, progress: bool
+) -> None:
+    for s in tqdm(range(0, len(xyz), batch_size), desc="predict", unit="chunk", disable=not progress):
+        x[s : s + batch_size] = predict(model, np.asarray(xyz[s : s + batch_size]), genes, batch_size)
+
+
+__all__ = ["predict_to_file", "replace_dir"]
