@@ -1,0 +1,152 @@
+"""Baseline hyper-parameters chosen on validation cells, with the same budget as the INR.
+
+The INR's ``fit`` holds out a seeded fraction of the training cells for early stopping (and
+:mod:`inrscrecon.train.select` picks its encoding bandwidth on them). Here every baseline sees the same split:
+it is fitted on the remaining cells, scored on the validation cells by RMSE (the INR's criterion), and the best
+setting is then applied to the test cells **using the same fitting cells the INR trained on** (validation cells
+are not added back), so no method sees data the others do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inrscrecon.evaluate import baselines
+from inrscrecon.evaluate.metrics import median_pearson, rmse
+
+KNN_KS = (3, 6, 10, 20, 40, 80, 160, 320)
+BANDWIDTH_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # × median nearest-neighbour spacing
+LINEAR_Z_KS = (3, 6, 10, 20, 40, 80, 160, 320)
+
+
+def validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) exactly as ``inrscrecon.train.fit`` splits a table of ``n`` cells."""
+    from inrscrecon.train.fit import _split
+
+    return _split(n, val_fraction, seed)
+
+
+def spacing(xyz: np.ndarray) -> float:
+    """Median distance from a cell to its nearest other cell (µm). For a stack of sections (few z levels) it is
+    measured within each section in xy, so that a 10 µm section gap does not set the scale of xy smoothing."""
+    levels = np.round(xyz[:, 2], 6)
+    if _layered(xyz) and len(np.unique(levels)) > 1:
+        ds = []
+        for z in np.unique(levels):
+            pts = xyz[levels == z, :2]
+            if len(pts) > 1:
+                d, _ = baselines.neighbours(pts, pts[: min(len(pts), 5000)], 2)
+                ds.append(d[:, 1])
+        s = float(np.median(np.concatenate(ds))) if ds else 0.0
+    else:
+        dist, _ = baselines.neighbours(xyz, xyz[: min(len(xyz), 5000)], 2)
+        s = float(np.median(dist[:, 1]))
+    return s if s > 0 else 1.0
+
+
+@dataclass
+class Tuned:
+    """One baseline after tuning: its test prediction, the chosen setting and the validation scores."""
+
+    name: str
+    prediction: np.ndarray
+    params: dict[str, float] = field(default_factory=dict)
+    val_rmse: float = float("nan")
+    scores: dict[str, float] = field(default_factory=dict)  # candidate → validation RMSE
+
+
+def _score(pred: np.ndarray, true: np.ndarray) -> float:
+    return rmse(pred, true)
+
+
+def tune_knn(
+    xyz: np.ndarray, expr: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray, query: np.ndarray,
+    ks: tuple[int, ...] = KNN_KS,
+) -> Tuned:  # fmt: skip
+    """Inverse-distance k-NN in 3D; k chosen on validation cells by RMSE."""
+    ks = tuple(k for k in ks if k <= len(xyz)) or (len(xyz),)
+    dist, idx = baselines.neighbours(xyz, val_xyz, max(ks))
+    scores = {str(k): _score(baselines.idw_from_neighbours(dist, idx, expr, k), val_expr) for k in ks}
+    best = min(ks, key=lambda k: scores[str(k)])
+    pred = baselines.knn_interpolate(xyz, expr, query, best)
+    return Tuned("knn", pred, {"k": float(best), "at_grid_edge": _edge(best, ks)}, scores[str(best)], scores)
+
+
+def tune_gaussian(
+    xyz: np.ndarray, expr: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray, query: np.ndarray,
+    factors: tuple[float, ...] = BANDWIDTH_FACTORS,
+) -> Tuned:  # fmt: skip
+    """Gaussian-kernel smoother in 3D; bandwidth (a multiple of the cell spacing) chosen on validation cells."""
+    s = spacing(xyz)
+    planar = bool(np.ptp(xyz[:, 2]) < 1e-9)
+    dim = 2 if planar or _layered(xyz) else 3
+    hs = [f * s for f in factors]
+    k = min(len(xyz), baselines.smoother_k(max(hs), s, dim))
+    dist, idx = baselines.neighbours(xyz, val_xyz, k)
+    scores = {
+        f"{h:.4g}": _score(baselines.gaussian_from_neighbours(dist, idx, expr, h), val_expr) for h in hs
+    }
+    best = min(hs, key=lambda h: scores[f"{h:.4g}"])
+    kb = min(len(xyz), baselines.smoother_k(best, s, dim))
+    pred = baselines.gaussian_smoother(xyz, expr, query, best, kb)
+    params = {"bandwidth_um": best, "k": float(kb), "at_grid_edge": _edge(best, hs)}
+    return Tuned("gaussian", pred, params, scores[f"{best:.4g}"], scores)
+
+
+def _edge(best: float, grid) -> float:
+    """1.0 when the chosen value is the smallest or largest of its grid (the grid may be too narrow)."""
+    return float(len(grid) > 1 and best in (min(grid), max(grid)))
+
+
+def _layered(xyz: np.ndarray) -> bool:
+    """True when the cells lie on few z levels (a stack of sections), so the kernel support is ~2D."""
+    return len(np.unique(np.round(xyz[:, 2], 6))) <= max(2, len(xyz) // 50)
+
+
+def tune_linear_z(
+    xyz: np.ndarray, expr: np.ndarray, section: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray,
+    query: np.ndarray, ks: tuple[int, ...] = LINEAR_Z_KS,
+) -> Tuned:  # fmt: skip
+    """Linear-z interpolation between the nearest sections; the in-section k chosen on validation cells."""
+    smallest = min(int((section == n).sum()) for n in np.unique(section))
+    ks = tuple(k for k in ks if k <= smallest) or (max(1, smallest),)
+    scores = {str(k): _score(baselines.linear_z(xyz, expr, section, val_xyz, k), val_expr) for k in ks}
+    best = min(ks, key=lambda k: scores[str(k)])
+    pred = baselines.linear_z(xyz, expr, section, query, best)
+    return Tuned(
+        "linear_z", pred, {"k": float(best), "at_grid_edge": _edge(best, ks)}, scores[str(best)], scores
+    )
+
+
+def tuned_baselines(
+    xyz: np.ndarray,
+    expr: np.ndarray,
+    section: np.ndarray,
+    val_xyz: np.ndarray,
+    val_expr: np.ndarray,
+    query: np.ndarray,
+    with_linear_z: bool = True,
+) -> dict[str, Tuned]:
+    """Every baseline tuned on (val_xyz, val_expr) and fitted on (xyz, expr); predictions at ``query``.
+
+    ``linear_z`` needs at least two training sections; it is left out otherwise (or when asked to)."""
+    out = {
+        "mean_profile": Tuned(
+            "mean_profile",
+            baselines.mean_profile(expr, len(query)),
+            {},
+            rmse(baselines.mean_profile(expr, len(val_xyz)), val_expr),
+        ),  # fmt: skip
+        "knn": tune_knn(xyz, expr, val_xyz, val_expr, query),
+        "gaussian": tune_gaussian(xyz, expr, val_xyz, val_expr, query),
+    }
+    if with_linear_z and len(np.unique(section)) >= 2:
+        out["linear_z"] = tune_linear_z(xyz, expr, section, val_xyz, val_expr, query)
+    return out
+
+
+def validation_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    """Median per-gene Pearson on validation cells (reported beside the RMSE used for the choice)."""
+    return median_pearson(pred, true)

@@ -1,0 +1,88 @@
+"""Choose the encoding bandwidth (and, through ``fit``'s early stopping, the number of epochs) on held-out
+validation cells.
+
+High-frequency encodings fit spot-level noise (DESIGN §2): each candidate encoding is fitted with the same
+seed, hence the same validation split (``TrainConfig.val_fraction``) and initialisation stream, and the one
+with the lowest best-epoch validation RMSE wins. ``fit`` already keeps the best-validation epoch, so the
+returned model is both the chosen bandwidth and the chosen early-stopping point.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from inrscrecon.data.stack import CellTable
+from inrscrecon.field.encoding import EncodingConfig
+from inrscrecon.field.losses import LossConfig
+from inrscrecon.train.fit import FitResult, TrainConfig, fit
+
+#: Candidates tried by ``fit --bands auto``. Measured on DLPFC 151673 (benchmarks/results/results.md,
+#: validation RMSE): L = 10 and 6 fit spot noise, L = 2–4 are within 0.001 of each other, so the two ends of
+#: that range are tried (log-spaced bands 2^k π on [−1, 1] coordinates).
+DEFAULT_CANDIDATES: tuple[EncodingConfig, ...] = (
+    EncodingConfig("fourier", n_bands=2),
+    EncodingConfig("fourier", n_bands=4),
+)
+
+
+def describe(enc: EncodingConfig) -> str:
+    """Short name of an encoding, e.g. ``fourier L=4`` or ``gaussian σ=1``."""
+    return f"fourier L={enc.n_bands}" if enc.kind == "fourier" else f"gaussian σ={enc.sigma:g}"
+
+
+@dataclass
+class Selection:
+    """The chosen encoding, its fitted model (best validation epoch) and every candidate's score."""
+
+    encoding: EncodingConfig
+    result: FitResult
+    val_rmse: float
+    candidates: list[dict] = field(default_factory=list)  # name, val_rmse, epochs, best_epoch, seconds
+
+    @property
+    def model(self):
+        return self.result.model
+
+
+def best_val(result: FitResult) -> tuple[float, int]:
+    """(lowest validation RMSE, its epoch) of a fit's history."""
+    if not result.history:
+        return math.inf, -1
+    i = min(range(len(result.history)), key=lambda j: result.history[j]["val_rmse"])
+    return float(result.history[i]["val_rmse"]), i
+
+
+def select_encoding(
+    table: CellTable,
+    candidates: Sequence[EncodingConfig] | None = None,
+    width: int = 256,
+    n_layers: int = 4,
+    loss_cfg: LossConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+) -> Selection:
+    """Fit ``table`` once per candidate encoding and keep the one with the lowest validation RMSE.
+
+    All candidates share ``train_cfg`` (hence the validation split); the encoding seed follows
+    ``train_cfg.seed``. Raises ValueError when ``train_cfg.val_fraction`` leaves no validation cells.
+    """
+    tc = train_cfg or TrainConfig()
+    if tc.val_fraction <= 0:
+        raise ValueError("bandwidth selection needs validation cells: set TrainConfig.val_fraction > 0")
+    cands = list(candidates or DEFAULT_CANDIDATES)
+    best: Selection | None = None
+    rows = []
+    for enc in cands:
+        enc = replace(enc, seed=tc.seed)
+        t0 = time.time()
+        res = fit(table, enc, width, n_layers, loss_cfg, tc)
+        val, epoch = best_val(res)
+        rows.append({"name": describe(enc), "val_rmse": val, "epochs": len(res.history), "best_epoch": epoch,
+                     "seconds": time.time() - t0})  # fmt: skip
+        if best is None or val < best.val_rmse:
+            best = Selection(enc, res, val)
+    assert best is not None
+    best.candidates = rows
+    return best

@@ -1,0 +1,278 @@
+"""Evaluation: metrics, tuned baselines, bandwidth selection, task splits, the ``evaluate`` API / CLI on a tiny
+synthetic stack, and a fast subsampled real-data run (skips without ../shared/data). The full run is
+benchmarks/eval_real.py and stays out of CI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import require_data
+
+from inrscrecon.data.preprocess import select_genes
+from inrscrecon.data.stack import build_cell_table
+from inrscrecon.errors import InputError
+from inrscrecon.evaluate import baselines, evaluate, metrics, tuning
+from inrscrecon.evaluate.tasks import (
+    EvalConfig,
+    band_splits,
+    inter_splits,
+    intra_splits,
+    make_splits,
+    prepare,
+)
+from inrscrecon.field.encoding import EncodingConfig
+from inrscrecon.field.losses import LossConfig
+from inrscrecon.train.fit import TrainConfig
+from inrscrecon.train.select import select_encoding
+
+TINY = EvalConfig(n_genes=30, width=32, n_layers=2, steps=8, batch_size=64, patience=3,
+                  candidates=(EncodingConfig("fourier", n_bands=1), EncodingConfig("fourier", n_bands=2)))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _short_rc_pretraining(monkeypatch):
+    """The RC extractor's autoencoder pretraining (200 steps) dominates tiny fits; 5 steps suffice here."""
+    import functools
+
+    import inrscrecon.train.fit as fit_mod
+
+    original = fit_mod.pretrain_extractor
+    monkeypatch.setattr(fit_mod, "pretrain_extractor", functools.partial(original, steps=5))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_pearson_and_rmse():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    r = metrics.pearson_per_gene(2 * x + 1, x)
+    np.testing.assert_allclose(r, 1.0, atol=1e-12)
+    x[:, 0] = 3.0  # constant gene → NaN, ignored by the median
+    assert np.isnan(metrics.pearson_per_gene(x, x)[0]) and metrics.median_pearson(x, x) == pytest.approx(1.0)
+    assert metrics.rmse(x, x + 0.5) == pytest.approx(0.5)
+
+
+def test_ssim_identical_and_masked():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 10, size=(400, 2))
+    true = np.column_stack([np.sin(xy[:, 0]), xy[:, 1]])
+    assert metrics.ssim_maps(true, true, xy, bins=None) == pytest.approx(1.0)
+    noisy = true + rng.normal(scale=0.5, size=true.shape)
+    assert metrics.ssim_maps(noisy, true, xy, bins=None) < 0.9
+    # points only on the left half: empty bins are excluded, so a bad prediction stays bad
+    half = xy[xy[:, 0] < 5]
+    t = np.sin(half[:, :1])
+    unmasked = metrics.ssim_maps(-t, t, half, bins=16, mask_empty=False)
+    assert metrics.ssim_maps(-t, t, half, bins=16) < unmasked
+
+
+def test_cluster_ari_and_constant_prediction():
+    rng = np.random.default_rng(2)
+    lab = np.repeat(np.array(["a", "b", "c"]), 40)
+    expr = np.eye(3)[np.repeat(np.arange(3), 40)] * 5 + rng.normal(scale=0.1, size=(120, 3))
+    for m in ("kmeans", "gmm"):
+        assert metrics.ari(expr, lab, m) == pytest.approx(1.0)
+    assert (metrics.cluster(np.ones((30, 5)), 3) == 0).all()
+    lab_u = lab.astype(object)
+    lab_u[:5] = "unknown"
+    assert metrics.ari(expr, lab_u) == pytest.approx(1.0)
+
+
+def test_project_2d_recovers_plane():
+    rng = np.random.default_rng(3)
+    xy = rng.normal(size=(100, 2)) * [10, 3]
+    xyz = np.column_stack([xy, np.full(100, 7.0)])
+    p = metrics.project_2d(xyz)
+    assert p.shape == (100, 2)
+    d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731  (in-plane distances kept)
+    np.testing.assert_allclose(d(p), d(xy), atol=1e-9)
+
+
+# ---------------------------------------------------------------- baselines and tuning
+
+
+def test_baselines_on_exact_fields():
+    rng = np.random.default_rng(4)
+    xyz = np.column_stack([rng.uniform(0, 100, (300, 2)), np.repeat([0.0, 10.0, 20.0], 100)])
+    sec = np.repeat(["a", "b", "c"], 100)
+    const = np.full((300, 3), 2.0)
+    q = np.column_stack([rng.uniform(0, 100, (20, 2)), np.full(20, 5.0)])
+    for pred in (baselines.knn_interpolate(xyz, const, q, 7), baselines.gaussian_smoother(xyz, const, q, 15.0),
+                 baselines.linear_z(xyz, const, sec, q)):  # fmt: skip
+        np.testing.assert_allclose(pred, 2.0, rtol=1e-5)
+    zfield = xyz[:, 2:3].copy()  # expression = z: linear-z is exact between sections
+    np.testing.assert_allclose(baselines.linear_z(xyz, zfield, sec, q, k=3), 5.0, rtol=1e-5)
+    assert baselines.mean_profile(zfield, 4).shape == (4, 1)
+
+
+def test_tuning_prefers_smoothing_on_noise():
+    rng = np.random.default_rng(5)
+    xyz = np.column_stack([rng.uniform(0, 100, (1200, 2)), np.zeros(1200)])
+    expr = (np.sin(xyz[:, :1] / 30.0) + rng.normal(scale=1.0, size=(1200, 1))).astype(np.float32)
+    fit_rows, val_rows = tuning.validation_split(1200, 0.1, 0)
+    q = xyz[:5]
+    knn = tuning.tune_knn(xyz[fit_rows], expr[fit_rows], xyz[val_rows], expr[val_rows], q)
+    assert knn.params["k"] >= 20 and set(knn.scores) == {str(k) for k in tuning.KNN_KS}
+    g = tuning.tune_gaussian(xyz[fit_rows], expr[fit_rows], xyz[val_rows], expr[val_rows], q)
+    assert g.params["bandwidth_um"] > tuning.spacing(xyz[fit_rows])
+    assert g.prediction.shape == (5, 1)
+
+
+def test_validation_split_matches_fit():
+    from inrscrecon.train.fit import _split
+
+    for n, frac, seed in ((100, 0.1, 0), (57, 0.2, 3)):
+        a, b = tuning.validation_split(n, frac, seed)
+        c, d = _split(n, frac, seed)
+        assert (a == c).all() and (b == d).all()
+
+
+# ---------------------------------------------------------------- selection
+
+
+@pytest.fixture(scope="module")
+def stack(small_stack):
+    sections, _ = small_stack
+    genes = select_genes(sections, 30)
+    return sections, build_cell_table(sections, genes, label_keys=("domain",))
+
+
+def test_select_encoding_picks_lowest_validation(stack):
+    _, table = stack
+    sub = table.subset(np.arange(0, table.n_cells, 4))
+    cands = (EncodingConfig("fourier", n_bands=1), EncodingConfig("fourier", n_bands=6))
+    sel = select_encoding(sub, cands, width=32, n_layers=2, loss_cfg=LossConfig.preset("rmse"),
+                          train_cfg=TrainConfig(epochs=3, batch_size=64, progress=False))  # fmt: skip
+    assert [c["name"] for c in sel.candidates] == ["fourier L=1", "fourier L=6"]
+    assert sel.val_rmse == min(c["val_rmse"] for c in sel.candidates)
+    with pytest.raises(ValueError):
+        select_encoding(sub, cands, train_cfg=TrainConfig(epochs=1, val_fraction=0.0, progress=False))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_splits(stack):
+    _, table = stack
+    lab = table.labels["domain"]
+    names = table.sections()
+    inter = inter_splits(table, lab, None, [0, 1])
+    assert sorted({s.name for s in inter}) == sorted(names[1:-1]) and len(inter) == 2 * (len(names) - 2)
+    s = inter[0]
+    assert s.test.n_cells == int((table.section == s.name).sum()) and s.name not in set(s.train.section)
+    intra = intra_splits(table, lab, [names[1]], [0])[0]
+    n = int((table.section == names[1]).sum())
+    assert intra.test.n_cells == round(n / 2) and intra.train.n_cells == n - round(n / 2)
+    assert not set(intra.test.obs_names) & set(intra.train.obs_names)
+    nb = intra_splits(table, lab, [names[1]], [0], neighbours=True)[0]
+    assert (
+        set(nb.train.section) == {names[0], names[1], names[2]}
+        and (nb.test.obs_names == intra.test.obs_names).all()
+    )
+    other = intra_splits(table, lab, [names[1]], [1])[0]
+    assert not (other.test.obs_names == intra.test.obs_names).all()  # seeded
+    band = band_splits(table, lab, (0.4, 0.6), [0])[0]
+    assert 0 < band.test.n_cells < table.n_cells
+    with pytest.raises(InputError, match="unknown holdout"):
+        inter_splits(table, lab, ["nope"], [0])
+    with pytest.raises(InputError, match="z-band"):
+        band_splits(table, lab, (0.6, 0.4), [0])
+
+
+def test_prepare_errors(stack):
+    sections, _ = stack
+    with pytest.raises(InputError, match="no labels at obs"):
+        prepare(sections, label_key="missing", cfg=TINY)
+    prep = prepare(sections, cfg=replace(TINY, max_cells=100, n_domains=3))
+    assert prep.table.n_cells == 400 and set(np.unique(prep.labels)) == {"0", "1", "2"}
+    with pytest.raises(InputError, match="unknown task"):
+        make_splits("bogus", prep, None, [0], TINY)
+
+
+# ---------------------------------------------------------------- API and CLI
+
+
+def test_evaluate_end_to_end(stack, tmp_path):
+    sections, _ = stack
+    cfg = replace(TINY, max_cells=100, intra_settings=("alone", "neighbours"))
+    res = evaluate(
+        sections, "intra", label_key="domain", holdout=["section_01"], seeds=1, out=tmp_path, cfg=cfg
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"intra", "intra_neighbours"} and results == res.results
+    methods = results["intra_neighbours"]
+    assert {
+        "inr",
+        "inr_no_rc",
+        "inr_rmse",
+        "gaussian",
+        "knn",
+        "linear_z",
+        "mean_profile",
+        "true_expression",
+    } <= set(methods)
+    assert "linear_z" not in results["intra"]  # one training section
+    for m in ("ari", "ari_gmm", "ssim", "pearson", "rmse"):
+        cell = methods["inr"][m]
+        assert set(cell) == {"mean", "sd"} and np.isfinite(cell["mean"])
+    assert "| inr |" in (tmp_path / "results.md").read_text()
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 4 and all(p.stat().st_size < 300_000 for p in pngs)
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details[0]["chosen"]["inr_selection"]["encoding"] in ("fourier L=1", "fourier L=2")
+    assert details[0]["chosen"]["knn"]["params"]["k"] in tuning.KNN_KS
+
+
+def test_evaluate_3d_and_inter(stack):
+    sections, _ = stack
+    cfg = replace(TINY, max_cells=100, ablations=("inr_rmse",))
+    res = evaluate(sections, "3d", seeds=[0], cfg=cfg)
+    assert "inr_rmse" in res.results["3d"] and "inr" not in res.results["3d"]
+    res = evaluate(sections, "inter", label_key="domain", holdout=["section_02"], seeds=1, cfg=cfg)
+    assert res.results["inter"]["linear_z"]["pearson"]["mean"] is not None
+
+
+def test_cli_evaluate(tmp_path, stack):
+    from inrscrecon.cli import main
+    from inrscrecon.data.io import write_h5ad
+
+    sections, _ = stack
+    paths = []
+    for s in sections[:3]:
+        a = s.copy()
+        del a.obsm["spatial_3d"]  # not aligned: evaluate aligns them first
+        paths.append(str(write_h5ad(a, tmp_path / f"{a.uns['section']}.h5ad")))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
+    out = tmp_path / "res"
+    assert main(["evaluate", "--task", "inter", *paths, "--label-key", "nope", "--out", str(out)]) == 2
+    assert main(["evaluate", "--task", "inter", *paths, "--holdout", "zzz", "--out", str(out)]) == 2
+    assert not (out / "results.json").exists()
+    argv = ["evaluate", "--task", "inter", *paths, "--label-key", "domain", "--seeds", "1", "--genes", "20",
+            "--steps", "10", "--width", "16", "--layers", "1", "--bands", "1", "--ablations", "inr_rmse",
+            "--max-cells", "120", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["inter"]) >= {"inr_rmse", "knn", "gaussian", "linear_z", "mean_profile"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["alignment"]["aligned"] is True
+
+
+# ---------------------------------------------------------------- real data (fast subset)
+
+
+@pytest.mark.realdata
+def test_real_dlpfc_fast(tmp_path):
+    data = require_data("dlpfc_151673.h5ad", "dlpfc_151674.h5ad")
+    cfg = replace(TINY, n_genes=50, max_cells=250, intra_settings=("alone",), ablations=("inr_rmse",))
+    res = evaluate([data / "dlpfc_151673.h5ad", data / "dlpfc_151674.h5ad"], "intra", label_key="layer",
+                   holdout=["151673"], seeds=1, out=tmp_path, cfg=cfg, figures=False)  # fmt: skip
+    m = res.results["intra"]
+    assert m["gaussian"]["pearson"]["mean"] > 0.05 and m["mean_profile"]["pearson"]["mean"] == 0.0
+    assert -0.1 < m["true_expression"]["ari"]["mean"] < 1.0
+    assert (tmp_path / "results.json").exists()
