@@ -70,7 +70,9 @@ def test_fit_then_predict(synth_dir, tmp_path):
             "--quiet",
         ]
     )
-    assert rc == 0 and model.exists() and (tmp_path / "m.safetensors.ckpt").exists()
+    assert rc == 0 and model.exists()
+    # --bands auto (default): one checkpoint per candidate bandwidth
+    assert (tmp_path / "m.safetensors.L2.ckpt").exists() and (tmp_path / "m.safetensors.L4.ckpt").exists()
     coords = tmp_path / "q.csv"
     np.savetxt(coords, np.array([[0, 0, 10], [5, 5, 40.0]]), delimiter=",", header="x,y,z", comments="")
     from inrscrecon.field.model import INRField

@@ -35,7 +35,7 @@ def _fit(table, **kw):
 
 
 def test_training_lowers_loss(tables):
-    res = _fit(tables[0], tc=dict(epochs=8), loss=LossConfig())  # full loss: RC + KL
+    res = _fit(tables[0], tc=dict(epochs=8), loss=LossConfig.preset("full"))  # RC + KL
     losses = [h["loss"] for h in res.history]
     # training starts at the mean profile (head bias init), so the loss falls from that baseline
     assert losses[-1] < losses[0] - 0.03

@@ -21,19 +21,32 @@ from torch import nn
 KL_EPS = 1e-2
 
 
+PAPER_LAMBDA_RC = 0.1
+PAPER_LAMBDA_KL = 1.0
+
+
 @dataclass
 class LossConfig:
-    """Weights of the loss terms; ``preset`` names the paper's ablation settings."""
+    """Weights of the loss terms; ``preset`` names the paper's ablation settings.
 
-    lambda_rc: float = 0.1
-    lambda_kl: float = 1.0
+    The default is RMSE alone: on every real-data task in benchmarks/results (3 seeds) it gave the best
+    Pearson and RMSE; KL cost 0.01–0.02 Pearson and RC added nothing measurable at twice the fit time.
+    ``preset("full")`` is the paper's RMSE + λ1·RC + λ2·KL.
+    """
+
+    lambda_rc: float = 0.0
+    lambda_kl: float = 0.0
     kl_eps: float = KL_EPS
     rc_dim: int = 32
 
     @classmethod
     def preset(cls, name: str) -> LossConfig:
         """``"full"``, ``"no_rc"`` (w/o RC) or ``"rmse"`` (w/o RC & KL)."""
-        presets = {"full": cls(), "no_rc": cls(lambda_rc=0.0), "rmse": cls(lambda_rc=0.0, lambda_kl=0.0)}
+        presets = {
+            "full": cls(lambda_rc=PAPER_LAMBDA_RC, lambda_kl=PAPER_LAMBDA_KL),
+            "no_rc": cls(lambda_kl=PAPER_LAMBDA_KL),
+            "rmse": cls(),
+        }
         if name not in presets:
             raise ValueError(f"unknown loss preset {name!r}; choose from {sorted(presets)}")
         return presets[name]

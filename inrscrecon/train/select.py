@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from inrscrecon.data.stack import CellTable
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.losses import LossConfig
-from inrscrecon.train.fit import FitResult, TrainConfig, fit
+from inrscrecon.train.fit import FitResult, Table, TrainConfig, fit
 
 #: Candidates tried by ``fit --bands auto``. Measured on DLPFC 151673 (benchmarks/results/results.md,
 #: validation RMSE): L = 10 and 6 fit spot noise, L = 2–4 are within 0.001 of each other, so the two ends of
@@ -56,17 +56,20 @@ def best_val(result: FitResult) -> tuple[float, int]:
 
 
 def select_encoding(
-    table: CellTable,
+    table: Table,
     candidates: Sequence[EncodingConfig] | None = None,
     width: int = 256,
     n_layers: int = 4,
     loss_cfg: LossConfig | None = None,
     train_cfg: TrainConfig | None = None,
+    checkpoint_for: Callable[[EncodingConfig], Path] | None = None,
+    resume: bool = False,
 ) -> Selection:
     """Fit ``table`` once per candidate encoding and keep the one with the lowest validation RMSE.
 
     All candidates share ``train_cfg`` (hence the validation split); the encoding seed follows
-    ``train_cfg.seed``. Raises ValueError when ``train_cfg.val_fraction`` leaves no validation cells.
+    ``train_cfg.seed``. ``checkpoint_for(encoding)`` gives each candidate its own checkpoint path (``resume``
+    continues each from it). Raises ValueError when ``train_cfg.val_fraction`` leaves no validation cells.
     """
     tc = train_cfg or TrainConfig()
     if tc.val_fraction <= 0:
@@ -77,7 +80,8 @@ def select_encoding(
     for enc in cands:
         enc = replace(enc, seed=tc.seed)
         t0 = time.time()
-        res = fit(table, enc, width, n_layers, loss_cfg, tc)
+        ckpt = checkpoint_for(enc) if checkpoint_for is not None else None
+        res = fit(table, enc, width, n_layers, loss_cfg, tc, checkpoint=ckpt, resume=resume)
         val, epoch = best_val(res)
         rows.append({"name": describe(enc), "val_rmse": val, "epochs": len(res.history), "best_epoch": epoch,
                      "seconds": time.time() - t0})  # fmt: skip
