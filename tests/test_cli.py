@@ -10,7 +10,7 @@ import pytest
 
 from inrscrecon.cli import build_parser, main
 
-COMMANDS = ["demo", "synth", "align", "fit", "predict", "impute", "render", "bench"]
+COMMANDS = ["demo", "synth", "align", "fit", "predict", "impute", "render", "evaluate", "bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
