@@ -109,6 +109,7 @@ def _fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         backend=args.backend,
+        precision=args.precision,
         progress=not args.quiet,
     )
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
@@ -274,6 +275,12 @@ def _add_fit(sub) -> None:
         default="auto",
         choices=["auto", "torch", "triton", "cuda"],
         help="kernels for encode+trunk and head+loss; auto = fused on CUDA when available, else torch",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="head matmul dtype: auto = bf16 inputs with fp32 accumulation on CUDA, fp32 on CPU",
     )
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")

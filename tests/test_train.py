@@ -109,3 +109,22 @@ def test_predict_gene_subset_and_chunking(tables):
     genes = [res.model.cfg.genes[i] for i in (5, 0, 17)]
     sub = predict(res.model, xyz, genes=genes, batch_size=37)
     np.testing.assert_allclose(sub, full[:, [5, 0, 17]], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_tracks_fp32(tables):
+    fp32 = _fit(tables[0], tc=dict(epochs=3, precision="fp32"))
+    bf16 = _fit(tables[0], tc=dict(epochs=3, precision="bf16"))
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights
+    a = [h["val_rmse"] for h in fp32.history]
+    b = [h["val_rmse"] for h in bf16.history]
+    assert b == pytest.approx(a, rel=2e-2)
+    assert b[-1] < b[0]
+
+
+def test_precision_is_checked():
+    from inrscrecon.train.objective import compute_dtype
+
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        compute_dtype("fp8", torch.device("cpu"))

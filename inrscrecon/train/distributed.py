@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from inrscrecon.field.losses import LossConfig, kl_divergence, representation_consistency, rmse
+from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import INRField
+from inrscrecon.train.objective import loss_terms
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,13 @@ class ShardLoss(nn.Module):
     batch's gradient (module docstring). Wrap in DistributedDataParallel and call with the shard."""
 
     def __init__(
-        self, model: INRField, loss_cfg: LossConfig, extractor: nn.Module | None, impl: str, world: int
+        self,
+        model: INRField,
+        loss_cfg: LossConfig,
+        extractor: nn.Module | None,
+        impl: str,
+        world: int,
+        precision: str = "fp32",
     ):
         super().__init__()
         self.model = model
@@ -109,6 +116,7 @@ class ShardLoss(nn.Module):
         self._extractor = (extractor,)  # kept out of the module tree: frozen, identical on every rank
         self.impl = impl
         self.world = world
+        self.precision = precision
 
     def forward(
         self,
@@ -116,33 +124,8 @@ class ShardLoss(nn.Module):
         target: torch.Tensor,  # [n_k, M]
         n_global: int,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        model, lc = self.model, self.loss_cfg
-        extractor = self._extractor[0]
-        if self.impl == "torch" or model.cfg.encoding.kind != "fourier":
-            hidden = model.hidden(coords)
-        else:
-            from inrscrecon.field.fused import trunk_forward
-
-            hidden = trunk_forward(coords, model.cfg.encoding.n_bands, model.trunk, impl=self.impl)
-        zero = torch.zeros((), device=coords.device)
-        rc = zero
-        if lc.lambda_rc > 0 and extractor is not None:
-            pred = model.head_out(hidden)
-            r = rmse(pred, target)
-            k = kl_divergence(pred, target, lc.kl_eps) if lc.lambda_kl else zero
-            rc = representation_consistency(extractor, pred, target)
-        elif self.impl == "torch":
-            from inrscrecon.field.losses import head_loss_reference
-
-            _, r, k = head_loss_reference(
-                hidden, model.head.weight, model.head.bias, target, lc.lambda_kl, lc.kl_eps
-            )
-        else:
-            from inrscrecon.field.fused import head_loss
-
-            _, r, k = head_loss(
-                hidden, model.head.weight, model.head.bias, target, lc.lambda_kl, lc.kl_eps, self.impl
-            )
+        lc = self.loss_cfg
+        r, k, rc = loss_terms(self.model, coords, target, lc, self._extractor[0], self.impl, self.precision)
         n_k, m = coords.shape[0], target.shape[1]
         stats = torch.stack(
             [r.detach().double() ** 2 * n_k * m, k.detach().double() * n_k, rc.detach().double() * n_k]

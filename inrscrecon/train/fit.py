@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "torch"
+    precision: str = "auto"  # head matmul dtype: auto = bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
     progress: bool = True
     stop_after_steps: int | None = None  # simulate an interruption (tests)
 
@@ -155,7 +156,7 @@ def fit(
 
         ids = [torch.device(device).index] if device.startswith("cuda") else None
         step_fn = DistributedDataParallel(
-            ddp.ShardLoss(model, loss_cfg, extractor, tc.backend, di.world), device_ids=ids
+            ddp.ShardLoss(model, loss_cfg, extractor, tc.backend, di.world, tc.precision), device_ids=ids
         )
     steps_per_epoch = max(len(train_rows) // bs, 1)
     total = steps_per_epoch * tc.epochs
@@ -222,7 +223,7 @@ def fit(
             xyz = model.normalize(torch.as_tensor(table.coords[mine], device=device))
             target = torch.as_tensor(table.targets(mine), device=device)
             if step_fn is None:
-                loss, parts = objective(model, xyz, target, loss_cfg, extractor, tc.backend)
+                loss, parts = objective(model, xyz, target, loss_cfg, extractor, tc.backend, tc.precision)
             else:
                 loss, parts = step_fn(xyz, target, len(rows))
             opt.zero_grad(set_to_none=True)
