@@ -142,57 +142,6 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
-    """Query coordinates [N, 3] (µm) from .csv/.tsv (columns x, y, z or the first three numeric), .npy, or .h5ad
-    (``obsm['spatial_3d']``, or a 3-column ``obsm['spatial']``). Returns (coords, point ids or None)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if path.suffix == ".npy":
-        xyz = np.load(path, allow_pickle=False)
-        ids = None
-    elif path.suffix in (".csv", ".tsv", ".txt"):
-        import pandas as pd
-
-        df = pd.read_csv(path, sep=None, engine="python")
-        cols = (
-            ["x", "y", "z"]
-            if {"x", "y", "z"} <= set(df.columns)
-            else list(df.select_dtypes("number").columns[:3])
-        )
-        if len(cols) < 3:
-            raise InputError(
-                f"{path}: need columns x, y, z (or three numeric columns), found {list(df.columns)}"
-            )
-        xyz, ids = df[cols].to_numpy(np.float64), None
-    elif path.suffix == ".h5ad":
-        from inrscrecon.data.io import read_section
-
-        a = read_section(path, "spatial_3d" if _has_3d(path) else "spatial")
-        key = "spatial_3d" if "spatial_3d" in a.obsm else "spatial"
-        xyz, ids = np.asarray(a.obsm[key], np.float64), list(a.obs_names)
-    else:
-        raise InputError(f"{path}: coordinates must be .csv, .tsv, .npy or .h5ad, got {path.suffix!r}")
-    xyz = np.asarray(xyz, dtype=np.float64)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise InputError(f"{path}: coordinates must have shape (N, 3), got {xyz.shape}")
-    if not np.isfinite(xyz).all():
-        raise InputError(
-            f"{path}: coordinates contain NaN or inf (row {int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])})"
-        )
-    return xyz, ids
-
-
-def _has_3d(path: Path) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return "obsm" in f and "spatial_3d" in f["obsm"]
-    except OSError:
-        return False
-
-
 def _predict(args: argparse.Namespace) -> int:
     from inrscrecon.data.io import check_writable
     from inrscrecon.field.model import INRField
@@ -200,6 +149,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     model = INRField.load(args.model, device=args.device)
+    from inrscrecon.data.io import read_coords
+
     xyz, ids = read_coords(args.coords)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     predict_to_file(model, xyz, args.out, genes, ids, progress=True)  # chunk by chunk, renamed when complete

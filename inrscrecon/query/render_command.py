@@ -44,8 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inrscrecon.cli import read_coords
-    from inrscrecon.data.io import check_writable
+    from inrscrecon.data.io import check_writable, read_coords
     from inrscrecon.errors import InputError
     from inrscrecon.field.model import INRField
     from inrscrecon.query.render import GridSpec, TissueMask, bounds_of, model_bounds, render, voxel_count_ok
