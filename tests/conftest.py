@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,15 @@ def small_stack():
     for k, s in enumerate(sections):
         s.obsm["spatial_3d"] = truth.xyz(k)
     return sections, truth
+
+
+def load_interpreted(name: str, kernel: str):
+    """Import a Triton kernel module; where its kernels were decorated before TRITON_INTERPRET=1 was set
+    (no CUDA), reload it and the shared helper module so that every kernel runs in the interpreter."""
+    import torch
+
+    mod = importlib.import_module(name)
+    if torch.cuda.is_available() or type(getattr(mod, kernel)).__name__ == "InterpretedFunction":
+        return mod
+    importlib.reload(importlib.import_module("inrscrecon.kernels._precision"))
+    return importlib.reload(sys.modules[name])

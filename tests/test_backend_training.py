@@ -5,9 +5,7 @@ Without a GPU the Triton kernels run in the interpreter (tiny shapes); the CUDA 
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+
+from conftest import load_interpreted  # noqa: E402
 
 from inrscrecon.data.preprocess import select_genes  # noqa: E402
 from inrscrecon.data.stack import build_cell_table  # noqa: E402
@@ -24,11 +24,8 @@ from inrscrecon.train.fit import TrainConfig, fit  # noqa: E402
 
 
 def _interpreted() -> None:
-    for name, kernel in (("inrscrecon.kernels.triton_head_loss", "_head_stats_kernel"),
-                         ("inrscrecon.kernels.triton_trunk", "_trunk_fused_fwd_kernel")):  # fmt: skip
-        mod = importlib.import_module(name)
-        if not CUDA and type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
-            importlib.reload(sys.modules[name])
+    load_interpreted("inrscrecon.kernels.triton_head_loss", "_head_stats_kernel")
+    load_interpreted("inrscrecon.kernels.triton_trunk", "_trunk_fused_fwd_kernel")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ Tolerances: fp32 — |impl − ref| ≤ 1e-4·|ref| + 1e-4·max|ref| per element
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import time
 
 import pytest
@@ -25,6 +23,8 @@ if not CUDA:
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import load_interpreted  # noqa: E402
+
 from inrscrecon.errors import InputError  # noqa: E402
 from inrscrecon.field import fused  # noqa: E402
 from inrscrecon.field.encoding import fourier_encode  # noqa: E402
@@ -35,16 +35,8 @@ pytestmark = pytest.mark.triton
 DEV = torch.device("cuda" if CUDA else "cpu")
 
 
-def _load(name: str, kernel: str):
-    """Import a kernel module; reload it if its kernels were decorated before the interpreter was on."""
-    mod = importlib.import_module(name)
-    if not CUDA and type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
-        mod = importlib.reload(sys.modules[name])
-    return mod
-
-
-hl = _load("inrscrecon.kernels.triton_head_loss", "_head_stats_kernel")
-tt = _load("inrscrecon.kernels.triton_trunk", "_trunk_fused_fwd_kernel")
+hl = load_interpreted("inrscrecon.kernels.triton_head_loss", "_head_stats_kernel")
+tt = load_interpreted("inrscrecon.kernels.triton_trunk", "_trunk_fused_fwd_kernel")
 
 
 # ------------------------------------------------------------------------------------------------------------

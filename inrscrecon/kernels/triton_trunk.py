@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from inrscrecon.kernels import interpreting
+from inrscrecon.kernels._precision import _cast
 
 __all__ = ["TrunkBlocks", "TritonTrunk", "triton_trunk"]
 
@@ -47,23 +48,6 @@ __all__ = ["TrunkBlocks", "TritonTrunk", "triton_trunk"]
 # ------------------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_bf16(x):
-    """fp32 → nearest bf16 value (ties to even), kept in fp32; the interpreter's own bf16 cast is inexact."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _cast(x, dtype, UPCAST: tl.constexpr):
-    """fp32 x → dtype with round-to-nearest-even (exact on GPU; patched for bf16 in the interpreter)."""
-    if UPCAST:
-        if dtype == tl.bfloat16:
-            x = _round_bf16(x)
-    return x.to(dtype)
 
 
 @triton.jit

@@ -1,0 +1,23 @@
+"""Rounding helpers shared by the Triton kernels (import only triton)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 → nearest bf16 value (ties to even), kept in fp32; the interpreter's own bf16 cast is inexact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(x, dtype, UPCAST: tl.constexpr):
+    """fp32 x → dtype with round-to-nearest-even (exact on GPU; patched for bf16 in the interpreter)."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            x = _round_bf16(x)
+    return x.to(dtype)
