@@ -27,11 +27,11 @@ from torch import nn
 
 from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import fourier_encode
-from inrscrecon.field.losses import KL_EPS, head_loss_reference
+from inrscrecon.field.losses import KL_EPS, head_loss_reference, sparse_head_loss_reference
 from inrscrecon.field.mlp import Trunk
 
 IMPLS = ("auto", "torch", "triton", "cuda")
-OPS = ("head_loss", "trunk")
+OPS = ("head_loss", "sparse_head_loss", "trunk")
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def resolve_impl(impl: str, device: torch.device | str, op: str = "head_loss") -
                 _announce(op, "cuda", "compiled CUDA extension found")
                 return "cuda"
         else:
-            why_not_cuda = "no CUDA kernel for the trunk"
+            why_not_cuda = f"no CUDA kernel for {op}"
         why_not_triton = _triton_unavailable(dev)
         if not why_not_triton:
             _announce(op, "triton", why_not_cuda)
@@ -152,6 +152,70 @@ def head_loss(
     return mod.cuda_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
 
 
+def _check_sparse(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    row_weight: torch.Tensor | None,
+) -> None:
+    """Shape / dtype checks of :func:`sparse_head_loss` (metadata only: no device sync)."""
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise InputError(
+            f"hidden [B, W] and weight [M, W] must be 2-D, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    n_rows, width = hidden.shape
+    n_genes = weight.shape[0]
+    if weight.shape[1] != width:
+        raise InputError(f"weight width {weight.shape[1]} != hidden width {width}")
+    if bias is not None and tuple(bias.shape) != (n_genes,):
+        raise InputError(f"bias must be [M] = [{n_genes}], got {tuple(bias.shape)}")
+    if tuple(indptr.shape) != (n_rows + 1,) or indptr.dtype != torch.int64:
+        raise InputError(
+            f"indptr must be int64 [B+1] = [{n_rows + 1}], got {indptr.dtype} {tuple(indptr.shape)}"
+        )
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"indices must be int32/int64 [CAP], got {indices.dtype} {tuple(indices.shape)}")
+    if tuple(values.shape) != tuple(indices.shape):
+        raise InputError(f"values {tuple(values.shape)} must match indices {tuple(indices.shape)}")
+    if row_weight is not None and tuple(row_weight.shape) != (n_rows,):
+        raise InputError(f"row_weight must be [B] = [{n_rows}], got {tuple(row_weight.shape)}")
+
+
+def sparse_head_loss(
+    hidden: torch.Tensor,  # [B, W] fp32 or bf16
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    indptr: torch.Tensor,  # [B+1] int64 CSR row offsets, indptr[0] == 0
+    indices: torch.Tensor,  # [CAP] int32/int64 gene of each non-zero (unique within a row, any order)
+    values: torch.Tensor,  # [CAP] fp32 log1p-normalised target of each non-zero
+    lambda_kl: float = 0.0,
+    kl_eps: float = KL_EPS,
+    row_weight: torch.Tensor | None = None,  # [B] fp32, 1 = real row, 0 = padding row
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softplus(h Wᵀ + b) against a sparse CSR target → (RMSE + λ·KL, RMSE, KL) fp32 scalars.
+
+    Equals :func:`head_loss` on the densified target (rows weighted by ``row_weight``; see
+    :func:`~inrscrecon.field.losses.sparse_head_loss_reference`). Slots at positions ≥ indptr[B] are
+    ignored, so fixed-capacity buffers keep shapes static from step to step. Gradients flow to hidden,
+    weight and bias. The fused impls never build a [B, M] target or prediction in global memory.
+    """
+    _check_sparse(hidden, weight, bias, indptr, indices, values, row_weight)
+    which = resolve_impl(impl, hidden.device, "sparse_head_loss")
+    if which == "torch":
+        return sparse_head_loss_reference(
+            hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
+        )
+    from inrscrecon.kernels.triton_sparse_head_loss import triton_sparse_head_loss
+
+    return triton_sparse_head_loss(
+        hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
+    )
+
+
 def trunk_forward(
     coords: torch.Tensor,  # [B, 3] in [-1, 1]
     n_bands: int,
@@ -178,4 +242,4 @@ def trunk_forward(
     return triton_trunk(coords, n_bands, weights, biases)
 
 
-__all__ = ["IMPLS", "head_loss", "resolve_impl", "trunk_forward"]
+__all__ = ["IMPLS", "head_loss", "resolve_impl", "sparse_head_loss", "trunk_forward"]

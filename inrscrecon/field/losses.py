@@ -12,6 +12,7 @@ total = RMSE(Ĝ, G) + λ1·L_RC(Ĝ, G) + λ2·KL(P̂ ‖ P)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,75 @@ def head_loss_reference(
     pred = head_forward(hidden, weight, bias)
     r = rmse(pred, target)
     k = kl_divergence(pred, target, kl_eps) if lambda_kl != 0 else torch.zeros((), device=pred.device)
+    return r + lambda_kl * k, r, k
+
+
+def csr_row_ids(indptr: torch.Tensor, cap: int) -> torch.Tensor:
+    """Row of each of the ``cap`` CSR slots: indptr [B+1] → [cap] int64 in [0, B]; B marks unused slots
+    (positions ≥ indptr[B]). Static shapes only, so it traces under ``torch.compile(fullgraph=True)``."""
+    slots = torch.arange(cap, device=indptr.device, dtype=indptr.dtype)
+    return torch.searchsorted(indptr[1:].contiguous(), slots, right=True)
+
+
+def sparse_head_loss_reference(
+    hidden: torch.Tensor,  # [B, W]
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    indptr: torch.Tensor,  # [B+1] int64, indptr[0] == 0
+    indices: torch.Tensor,  # [CAP] int32/int64 gene of each non-zero (unique within a row)
+    values: torch.Tensor,  # [CAP] fp32 target value of each non-zero
+    lambda_kl: float = 0.0,
+    kl_eps: float = KL_EPS,
+    row_weight: torch.Tensor | None = None,  # [B] fp32, 0 = padding row
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head + RMSE + λ·KL against a *sparse* CSR target; equals :func:`head_loss_reference` on the dense
+    target. Returns (loss, rmse, kl) fp32 scalars, differentiable w.r.t. hidden, weight and bias.
+
+    The [B, M] prediction is built (this is the readable CPU path), the target never is. Slots at positions
+    ≥ indptr[B] are ignored. Per row b (w_b = row_weight[b], 1 when None; sums over all M genes unless
+    marked nz = the row's non-zeros)::
+
+        SSE_b  = Σ p² − 2 Σ_nz p·t + Σ_nz t²
+        RMSE   = sqrt(Σ_b w_b SSE_b / (M Σ_b w_b))
+        q = p + ε,  s_b = Σ q,  S_b = Σ_nz t + M ε,  log P_g = log(t_g + ε) − log S_b
+        KL_b   = Σ (q/s)(log q − log s − log ε + log S_b) − Σ_nz (q/s) log1p(t/ε)
+        KL     = Σ_b w_b KL_b / Σ_b w_b
+
+    The zero-target genes enter only through log ε (closed form). At RMSE = 0 the RMSE gradient is 0.
+    """
+    pred = head_forward(hidden, weight, bias).float()  # [B, M]
+    n_rows, n_genes = pred.shape
+    cap = indices.shape[0]
+    rows = csr_row_ids(indptr, cap)  # [CAP]
+    live = rows < n_rows
+    rows_c = rows.clamp(max=max(n_rows - 1, 0))
+    t = torch.where(live, values.float(), 0.0)  # [CAP]
+    flat = rows_c * n_genes + indices.long().clamp(0, max(n_genes - 1, 0))
+    p_nz = torch.where(live, pred.reshape(-1)[flat], 0.0)  # [CAP]
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:  # [CAP] → [B] sum over each row's non-zeros
+        return torch.zeros(n_rows, device=pred.device, dtype=torch.float32).index_add(0, rows_c, x)
+
+    w = (
+        torch.ones(n_rows, device=pred.device, dtype=torch.float32)
+        if row_weight is None
+        else row_weight.float()
+    )
+    w_sum = w.sum().clamp_min(1e-30)
+    sse = (pred * pred).sum(dim=1) - 2.0 * per_row(p_nz * t) + per_row(t * t)  # [B]
+    r = torch.sqrt(((w * sse).sum() / (n_genes * w_sum)).clamp_min(1e-30))
+    if lambda_kl == 0:
+        k = torch.zeros((), device=pred.device, dtype=torch.float32)
+        return r, r, k
+    q = pred + kl_eps  # [B, M]
+    s = q.sum(dim=1, keepdim=True)  # [B, 1]
+    big_s = per_row(t) + n_genes * kl_eps  # [B]
+    qn = q / s  # P̂ [B, M]
+    log_zero = math.log(kl_eps) - torch.log(big_s)  # [B] log P_g of a zero-target gene
+    kl_rows = (qn * (torch.log(qn) - log_zero[:, None])).sum(dim=1)  # [B] as if every t_g were 0
+    q_nz = torch.where(live, p_nz + kl_eps, 0.0) / s[rows_c, 0]  # [CAP] P̂ at the non-zeros
+    kl_rows = kl_rows - per_row(q_nz * torch.log1p(t / kl_eps))
+    k = (w * kl_rows).sum() / w_sum
     return r + lambda_kl * k, r, k
 
 
