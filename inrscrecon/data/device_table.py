@@ -1,0 +1,249 @@
+"""The stack on the training device (DESIGN "The data path is part of the hot path").
+
+A :class:`DeviceTable` holds a :class:`~inrscrecon.data.stack.CellTable`'s raw CSR (indptr, gene indices, values),
+library sizes and coordinates as tensors on the training device (CPU or CUDA). A batch is gathered there from a
+[B] tensor of row ids into *fixed-capacity* CSR buffers, normalised to ``target_sum`` and log1p'd on the way:
+
+    values[j] = log1p(x[rows[b], c] · target_sum / total[rows[b]])   for the j-th non-zero, row b of the batch
+
+so every step has the same shapes (capacity = the largest number of non-zeros any batch of B training rows can
+hold; slots past ``indptr[B]`` are zero padding) and nothing of size [B, M] is built. All ops are static-shape
+torch ops (searchsorted, gather, where): no host synchronisation, traceable by ``torch.compile(fullgraph=True)``.
+The arithmetic follows the C++ CPU gather (scale and product in float64, rounded to float32, log1p in float64),
+so a batch equals ``CellTable.targets`` of the same rows.
+
+On CUDA, :meth:`DeviceTable.gather` can route the gather + normalise + log1p to a Triton kernel
+(:mod:`inrscrecon.kernels.triton_csr_gather`). A stack that does not fit the device's free memory is not
+placed there: :func:`device_table_or_none` says so once and the caller streams host batches instead
+(:class:`HostBatchFeeder`: sparse rows gathered on the host, pinned, copied on a side stream one batch ahead).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from inrscrecon.data.stack import CellTable
+
+log = logging.getLogger(__name__)
+
+#: Fraction of the device's free memory the resident stack may take (the rest: model, activations, workspace).
+DEVICE_FRACTION = 0.6
+
+
+@dataclass
+class SparseBatch:
+    """One batch on the device: coords [B, 3] µm (fp32) and its log1p-normalised targets as CSR with a fixed
+    capacity: indptr [B+1] int64, indices [CAP] int32 gene, values [CAP] fp32 (slots ≥ indptr[B] are 0)."""
+
+    coords: torch.Tensor  # [B, 3]
+    indptr: torch.Tensor  # [B+1]
+    indices: torch.Tensor  # [CAP]
+    values: torch.Tensor  # [CAP]
+
+    def dense(self, n_genes: int) -> torch.Tensor:
+        """The targets as a dense [B, M] fp32 tensor (reference / RC path; static shapes)."""
+        return densify(self.indptr, self.indices, self.values, n_genes)
+
+
+def densify(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_genes: int) -> torch.Tensor:
+    """CSR batch (indptr [B+1], indices / values [CAP], padding past indptr[B]) → dense [B, M] fp32."""
+    n_rows = indptr.shape[0] - 1
+    cap = indices.shape[0]
+    slots = torch.arange(cap, device=indptr.device, dtype=torch.int64)
+    row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP] in [0, B]
+    flat = torch.where(row < n_rows, row * n_genes + indices.long(), n_rows * n_genes)  # padding → spare slot
+    out = torch.zeros(n_rows * n_genes + 1, device=values.device, dtype=torch.float32)
+    out = out.index_put((flat,), values.float(), accumulate=True)
+    return out[: n_rows * n_genes].view(n_rows, n_genes)
+
+
+def csr_bytes(n_cells: int, nnz: int) -> int:
+    """Device bytes of a resident stack: indptr int64, indices int32, values fp32, totals fp32, coords fp32."""
+    return 8 * (n_cells + 1) + 8 * nnz + 4 * n_cells + 12 * n_cells
+
+
+def batch_capacity(counts: sp.csr_matrix, rows: np.ndarray, batch: int) -> int:
+    """Non-zeros a batch of ``batch`` rows drawn from ``rows`` can hold at most (sum of the largest lengths)."""
+    lens = np.diff(counts.indptr)[rows]
+    if len(lens) == 0:
+        return 1
+    k = min(batch, len(lens))
+    return max(int(np.partition(lens, len(lens) - k)[len(lens) - k :].sum()), 1)
+
+
+class DeviceTable:
+    """A CellTable's CSR, library sizes and coordinates resident on ``device`` (module docstring)."""
+
+    def __init__(self, table: CellTable, device: str | torch.device):
+        self.device = torch.device(device)
+        counts = table.counts.tocsr() if not sp.isspmatrix_csr(table.counts) else table.counts
+        self.n_cells = table.n_cells
+        self.n_genes = len(table.genes)
+        self.genes = list(table.genes)
+        self.target_sum = float(table.target_sum)
+        self.host_indptr = np.asarray(counts.indptr, dtype=np.int64)
+        self._counts = counts
+        dev = self.device
+        self.indptr = torch.as_tensor(self.host_indptr, device=dev)  # [N+1]
+        self.indices = torch.as_tensor(np.asarray(counts.indices, dtype=np.int32), device=dev)  # [NNZ]
+        self.data = torch.as_tensor(np.asarray(counts.data, dtype=np.float32), device=dev)  # [NNZ]
+        self.totals = torch.as_tensor(np.asarray(table.totals, dtype=np.float32), device=dev)  # [N]
+        self.coords = torch.as_tensor(np.asarray(table.coords, dtype=np.float32), device=dev)  # [N, 3]
+        if self.data.numel() == 0:  # gathers index into data; keep one zero so an empty stack still works
+            self.indices = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.data = torch.zeros(1, dtype=torch.float32, device=dev)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the resident tensors take on the device."""
+        return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.data, self.totals,
+                                                           self.coords))  # fmt: skip
+
+    @property
+    def bytes_per_cell(self) -> float:
+        return self.nbytes / max(self.n_cells, 1)
+
+    def capacity(self, rows: np.ndarray, batch: int) -> int:
+        """Fixed CSR capacity for batches of ``batch`` rows drawn from ``rows`` (host arithmetic, once)."""
+        return batch_capacity(self._counts, rows, batch)
+
+    def exact_capacity(self, rows: np.ndarray) -> int:
+        """Non-zeros of exactly these ``rows`` (for fixed chunks such as the validation cells)."""
+        return max(int(np.diff(self.host_indptr)[rows].sum()), 1)
+
+    def gather(self, rows: torch.Tensor, cap: int, impl: str = "torch") -> SparseBatch:
+        """Batch of ``rows`` ([B] int64 on the device) with CSR capacity ``cap`` (≥ the rows' non-zeros).
+
+        ``impl="triton"`` normalises with the Triton kernel (CUDA, or the interpreter); ``"torch"`` everywhere.
+        """
+        rows = rows.to(torch.int64)
+        starts = self.indptr[rows]  # [B]
+        lens = self.indptr[rows + 1] - starts  # [B]
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=rows.device), torch.cumsum(lens, 0)])
+        n = rows.shape[0]
+        slots = torch.arange(cap, device=rows.device, dtype=torch.int64)
+        row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP] in [0, B]
+        live = row < n
+        rc = row.clamp(max=max(n - 1, 0))
+        if impl == "triton":
+            from inrscrecon.kernels.triton_csr_gather import triton_csr_gather
+
+            genes, values = triton_csr_gather(
+                row, indptr, starts.contiguous(), self.indices, self.data, self.totals[rows], self.target_sum
+            )
+            return SparseBatch(self.coords[rows], indptr, genes, values)
+        src = torch.where(live, starts[rc] + (slots - indptr[rc]), 0)  # [CAP] position in the stack's CSR
+        genes = torch.where(live, self.indices[src], 0)
+        raw = torch.where(live, self.data[src], 0.0)
+        values = normalize_log1p_torch(raw, rc, live, self.totals[rows], self.target_sum)
+        return SparseBatch(self.coords[rows], indptr, genes, values)
+
+
+def normalize_log1p_torch(
+    raw: torch.Tensor,  # [CAP] fp32 raw values
+    row: torch.Tensor,  # [CAP] int64 batch row of each slot (clamped)
+    live: torch.Tensor,  # [CAP] bool, False = padding slot
+    totals: torch.Tensor,  # [B] fp32 library sizes of the batch rows
+    target_sum: float,
+) -> torch.Tensor:
+    """log1p(raw · target_sum / total) per slot, 0 in padding slots and rows with total 0 → [CAP] fp32.
+
+    ``target_sum <= 0``: log1p(raw) only (values already normalised). float64 arithmetic as in the C++ gather.
+    """
+    x = raw.double()
+    if target_sum > 0:
+        tot = totals.double()
+        scale = torch.where(tot > 0, target_sum / torch.where(tot > 0, tot, 1.0), 0.0)  # [B]
+        x = (x * scale[row]).float().double()
+    return torch.where(live, torch.log1p(x), 0.0).float()
+
+
+def device_table_or_none(table: CellTable, device: str | torch.device) -> DeviceTable | None:
+    """A DeviceTable of ``table`` on ``device``, or None (said once, INFO-logged and printed to stderr by the
+    caller) when the stack would take more than ``DEVICE_FRACTION`` of the device's free memory."""
+    dev = torch.device(device)
+    need = csr_bytes(table.n_cells, int(table.counts.nnz))
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if need > DEVICE_FRACTION * free:
+            log.warning(
+                "stack needs %.2f GB on %s but %.2f GB are free: streaming CSR batches from host memory instead",
+                need / 1e9, dev, free / 1e9,
+            )  # fmt: skip
+            return None
+    return DeviceTable(table, dev)
+
+
+class HostBatchFeeder:
+    """Batches for a stack kept in host memory: each batch's CSR rows are gathered on the host (sparse, never
+    dense), copied into pinned buffers and sent to the device on a side stream one batch ahead (double buffer).
+
+    ``gather`` has the DeviceTable's contract (same SparseBatch, same capacity) given host row ids.
+    """
+
+    def __init__(self, table: CellTable, device: str | torch.device):
+        self.device = torch.device(device)
+        self.table = table
+        self.n_genes = len(table.genes)
+        self.n_cells = table.n_cells
+        self.genes = list(table.genes)
+        self.target_sum = float(table.target_sum)
+        self._counts = table.counts.tocsr()
+        self._coords = np.asarray(table.coords, dtype=np.float32)
+        self._totals = np.asarray(table.totals, dtype=np.float32)
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._next: tuple[np.ndarray, int, SparseBatch, object] | None = None
+
+    def capacity(self, rows: np.ndarray, batch: int) -> int:
+        return batch_capacity(self._counts, rows, batch)
+
+    def exact_capacity(self, rows: np.ndarray) -> int:
+        return max(int(np.diff(self._counts.indptr)[rows].sum()), 1)
+
+    def _host(self, rows: np.ndarray, cap: int) -> list[torch.Tensor]:
+        sub = self._counts[rows]
+        nnz = sub.nnz
+        indices = np.zeros(cap, dtype=np.int32)
+        raw = np.zeros(cap, dtype=np.float32)
+        indices[:nnz], raw[:nnz] = sub.indices, sub.data
+        parts = [torch.from_numpy(np.asarray(sub.indptr, dtype=np.int64)), torch.from_numpy(indices),
+                 torch.from_numpy(raw), torch.from_numpy(self._totals[rows]),
+                 torch.from_numpy(self._coords[rows])]  # fmt: skip
+        return [p.pin_memory() for p in parts] if self._cuda else parts
+
+    def _send(self, rows: np.ndarray, cap: int) -> tuple[SparseBatch, object]:
+        host = self._host(rows, cap)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                dev = [h.to(self.device, non_blocking=True) for h in host]
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            dev, event = host, None
+        indptr, genes, raw, totals, coords = dev
+        slots = torch.arange(cap, device=indptr.device, dtype=torch.int64)
+        row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)
+        live = row < len(rows)
+        rc = row.clamp(max=max(len(rows) - 1, 0))
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)  # type: ignore[arg-type]
+        values = normalize_log1p_torch(raw, rc, live, totals, self.target_sum)
+        return SparseBatch(coords, indptr, genes, values), host
+
+    def gather_host(self, rows: np.ndarray, cap: int, next_rows: np.ndarray | None = None) -> SparseBatch:
+        """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now."""
+        if self._next is not None and np.array_equal(self._next[0], rows) and self._next[1] == cap:
+            batch = self._next[2]
+        else:
+            batch, _ = self._send(rows, cap)
+        self._next = None
+        if next_rows is not None:
+            nb, host = self._send(next_rows, cap)
+            self._next = (next_rows, cap, nb, host)  # host buffers stay referenced until the copy is consumed
+        return batch
