@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 from inrscrecon.align.embedding import joint_embedding, section_name, spatial_smooth, unit_rows
 from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
 from inrscrecon.align.matching import mutual_nn
-from inrscrecon.align.refine import agreement_score, fit_stats, hard_matches, icp_refine, polish_pose
+from inrscrecon.align.refine import (
+    agreement_score,
+    fit_stats,
+    hard_matches,
+    hard_pairs,
+    icp_refine,
+    polish_pose,
+    snap_refine,
+    snap_score,
+)
 from inrscrecon.data.stack import section_z
 from inrscrecon.data.validate import coordinates
 from inrscrecon.errors import InputError
@@ -45,6 +54,9 @@ class AlignConfig:
     max_icp_cells: int = 20000  # moving cells used in the ICP refinement
     max_polish_cells: int = 10000  # cells per direction in the Gauss-Newton polish
     polish_bandwidths: tuple[float, ...] = (2.0, 1.0)  # kernel bandwidths of the polish, in cell spacings
+    snap_min_mutual: float = (
+        0.8  # snap onto one-to-one counterparts when this fraction of cells has one (>1: off)
+    )
     ransac_iter: int = 1000
     n_hypotheses: int = 4  # distinct RANSAC poses refined and compared
     ransac_threshold: float = 0.06  # inlier residual, fraction of the fixed section's extent
@@ -136,7 +148,8 @@ def align_pair(
     pose = max(scored, key=lambda s: s[0])[1]
     si = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_icp_cells), replace=False))
     pose, _ = icp_refine(xy_a[si], fa[si], xy_b, fb, pose, spacing, sigmas=(2.0, 1.0), iters=6, tree=tree)
-    pose = _polish_both(xy_a, emb_a, xy_b, emb_b, pose, spacing, _spacing(xy_a), tree, rng, cfg)
+    polished = _polish_both(xy_a, emb_a, xy_b, emb_b, pose, spacing, _spacing(xy_a), tree, rng, cfg)
+    pose = _snap_best(xy_a, emb_a, xy_b, emb_b, [pose, polished], spacing, tree, rng, cfg)
     stats = fit_stats(xy_a[si], fa[si], xy_b, fb, pose, spacing, tree)
     inl = float((np.hypot(*(pose.apply(p) - q).T) < thr).mean())
     rows, cols, dist = hard_matches(pose.apply(xy_a), fa, tree, fb, spacing)
@@ -163,6 +176,37 @@ def align_pair(
         time.perf_counter() - t0,
         matches,
     )
+
+
+def _snap_best(
+    xy_a: np.ndarray,
+    emb_a: np.ndarray,
+    xy_b: np.ndarray,
+    emb_b: np.ndarray,
+    starts: list[Pose],
+    spacing: float,
+    tree: cKDTree,
+    rng: np.random.Generator,
+    cfg: AlignConfig,
+) -> Pose:
+    """Snap onto one-to-one counterparts where they exist, else keep the last of ``starts``.
+
+    Each start is refined by hard-match ICP (``snap_refine``). When at least ``cfg.snap_min_mutual`` of the
+    moving cells then have a mutual hard match (the cells correspond one to one: a re-imaged or re-posed
+    section; different sections stay near 0.5–0.7), the best of starts and snaps by ``snap_score`` wins.
+    Otherwise hard matches would only find chance coincidences of different cells, and the soft result stays.
+    """
+    if cfg.snap_min_mutual > 1:
+        return starts[-1]
+    si = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_icp_cells), replace=False))
+    ea, eb = unit_rows(emb_a[si]), unit_rows(emb_b)
+    snaps = [snap_refine(xy_a[si], ea, xy_b, eb, p, spacing, tree=tree) for p in starts]
+    mutual = [len(hard_pairs(p.apply(xy_a[si]), ea, tree, eb, spacing)[0]) / len(si) for p in snaps]
+    if max(mutual) < cfg.snap_min_mutual:
+        return starts[-1]
+    cands = list(starts) + snaps
+    scores = [snap_score(p.apply(xy_a[si]), ea, tree, eb, spacing) for p in cands]
+    return cands[int(np.argmax(scores))]
 
 
 def _polish_both(

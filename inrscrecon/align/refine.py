@@ -160,6 +160,82 @@ def hard_matches(
     return rows, jc[rows, col], d[rows, col]
 
 
+def hard_pairs(
+    moved: np.ndarray,
+    ea: np.ndarray,
+    tree: cKDTree,
+    eb: np.ndarray,
+    spacing: float,
+    *,
+    radius: float = 1.5,
+    sigma: float = 0.5,
+    beta: float = 16.0,
+    k: int = 8,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mutual hard matches of moved cells [n, 2] (unit features ea [n, c]) to fixed cells (tree, eb): each moved
+    cell takes the fixed cell within ``radius`` spacings maximising −d²/2(σ·spacing)² + β cos(e_a, e_b); only
+    pairs that are each other's best survive. Returns (rows, partners, score) of the pairs, score = the logit
+    over β: cos − d² / (2 β (σ·spacing)²)."""
+    k = min(k, tree.n)
+    h = sigma * spacing
+    d, j = tree.query(moved, k=k, distance_upper_bound=radius * spacing)
+    d, j = d.reshape(len(moved), k), j.reshape(len(moved), k)
+    ok = np.isfinite(d)
+    jc = np.where(ok, j, 0)
+    sim = np.einsum("nc,nkc->nk", ea, eb[jc])
+    logit = np.where(ok, -(d**2) / (2 * h**2) + beta * sim, -np.inf)
+    rows = np.flatnonzero(ok.any(axis=1))
+    col = logit[rows].argmax(axis=1)
+    partner, best = jc[rows, col], logit[rows, col]
+    order = np.argsort(best)  # the best-scoring row of each partner is written last
+    owner = np.full(tree.n, -1)
+    owner[partner[order]] = rows[order]
+    mutual = owner[partner] == rows
+    return rows[mutual], partner[mutual], best[mutual] / beta
+
+
+def snap_score(moved: np.ndarray, ea: np.ndarray, tree: cKDTree, eb: np.ndarray, spacing: float) -> float:
+    """Mean over moved cells of their mutual hard match's score (``hard_pairs``; 0 for unmatched cells): high
+    when many cells sit on an expression-similar counterpart."""
+    _, _, score = hard_pairs(moved, ea, tree, eb, spacing)
+    return float(score.sum() / max(len(moved), 1))
+
+
+def snap_refine(
+    xy_a: np.ndarray,
+    ea: np.ndarray,
+    xy_b: np.ndarray,
+    eb: np.ndarray,
+    pose: Pose,
+    spacing: float,
+    *,
+    tree: cKDTree | None = None,
+    trim: float = 0.8,
+    iters: int = 15,
+) -> Pose:
+    """ICP on mutual hard matches (``hard_pairs``; moving a → fixed b, reflection kept): the closest ``trim`` of
+    the pairs re-solve the pose by Kabsch, until it stops moving.
+
+    Where cells of the two sections correspond one to one (a re-imaged or re-posed section, spots on a shared
+    lattice), soft targets average over several neighbours and stop up to a spot pitch short; hard matches snap
+    onto the counterparts. ``ea``/``eb`` are unit rows of the unsmoothed expression embedding.
+    """
+    tree = tree if tree is not None else cKDTree(xy_b)
+    for _ in range(iters):
+        moved = pose.apply(xy_a)
+        rows, partner, _ = hard_pairs(moved, ea, tree, eb, spacing)
+        if len(rows) < 3:
+            break
+        res = np.hypot(*(moved[rows] - xy_b[partner]).T)
+        keep = res <= np.quantile(res, trim)
+        new = fit_pose(xy_a[rows[keep]], xy_b[partner[keep]], None, pose.reflected)
+        step = abs(new.angle_deg - pose.angle_deg) * np.pi / 180 * spacing * 10 + np.hypot(*(new.t - pose.t))
+        pose = new
+        if step < 1e-4 * spacing:
+            break
+    return pose
+
+
 def field_and_gradient(
     y: np.ndarray, tree: cKDTree, xy_b: np.ndarray, eb: np.ndarray, h: float, k: int = 16
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
