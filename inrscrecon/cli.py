@@ -1,21 +1,71 @@
 """Command line: ``inrscrecon demo | synth | align | fit | predict | impute | render | evaluate | bench``.
 
 Bad input ends with one line ``inrscrecon: error: …`` naming the file, field and value, exit status 2,
-and no partial output.
+and no partial output: flags are range-checked while parsing, the device and every output path are checked
+before any work, and outputs appear only when complete. ``--help`` imports neither torch nor the data stack.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import Any, NoReturn
 
 from inrscrecon.errors import InputError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in the CLI's one-line form ``inrscrecon: error: …`` (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"inrscrecon: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
+    """argparse type: a ``kind`` number ``> low`` (``strict``) or ``≥ low``."""
+    rel = ">" if strict else "≥"
+    name = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name} {rel} {low:g}, got {text!r}") from None
+        if (
+            value != value
+            or value in (float("inf"), float("-inf"))
+            or (value <= low if strict else value < low)
+        ):
+            raise argparse.ArgumentTypeError(f"expected {name} {rel} {low:g}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__}{rel}{low:g}"
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+count = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+non_negative_float = _number(float, 0.0, strict=False)
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _bands(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) <= 16):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer 0..16, got {text!r}")
+    return text
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,11 +81,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from inrscrecon.data.io import check_writable, write_h5ad
+    import json
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from inrscrecon.data.io import atomic_output, write_h5ad
     from inrscrecon.data.synthetic import SynthConfig, iter_sections
 
     out = Path(args.out)
-    check_writable(out / "truth.json")
     cfg = SynthConfig(
         n_sections=args.sections,
         cells_per_section=args.cells,
@@ -46,8 +100,6 @@ def _synth(args: argparse.Namespace) -> int:
         flip_prob=args.flip_prob,
     )
     records = []
-    from tqdm.auto import tqdm
-
     for adata, rec in tqdm(iter_sections(cfg), total=cfg.n_sections, desc="synth", unit="section"):
         adata.obsm["spatial_true"] = np.column_stack([rec["xy"], np.full(adata.n_obs, rec["z"])])
         write_h5ad(adata, out / f"{rec['name']}.h5ad")
@@ -66,41 +118,85 @@ def _synth(args: argparse.Namespace) -> int:
         "config": vars(cfg),
         "sections": records,
     }
-    (out / "truth.json").write_text(json.dumps(truth, indent=2))
+    with atomic_output(out / "truth.json") as tmp:
+        tmp.write_text(json.dumps(truth, indent=2))
     print(f"wrote {len(records)} sections and truth.json to {out}")
     return 0
 
 
+def _load_stack(args: argparse.Namespace, holdout: list[str]):
+    """Sections of ``fit`` / ``impute`` read as the flags say, without the ``holdout`` sections."""
+    from inrscrecon.data.io import drop_sections, read_sections
+
+    sections = read_sections(
+        args.sections,
+        spatial_key=args.spatial_key,
+        input_kind=getattr(args, "input", "auto"),
+        microns_per_unit=args.microns_per_unit,
+    )
+    _check_z_source(sections, args)
+    return drop_sections(sections, holdout) if holdout else sections
+
+
+def _check_z_source(sections, args: argparse.Namespace) -> None:
+    """3-column coordinates already carry z: a z flag beside them would be ignored, so it is an error."""
+    flag = "--spacing" if args.spacing is not None else "--z-key" if args.z_key is not None else None
+    if flag is None:
+        return
+    for s in sections:
+        if "spatial_3d" in s.obsm or s.obsm[args.spatial_key].shape[1] == 3:
+            key = "spatial_3d" if "spatial_3d" in s.obsm else args.spatial_key
+            raise InputError(
+                f"section {s.uns.get('section')!r}: obsm[{key!r}] already holds z (3 columns); {flag} would "
+                "be ignored — drop it, or give 2-column xy"
+            )
+
+
 def _fit(args: argparse.Namespace) -> int:
-    from inrscrecon.data.io import check_writable, read_sections
+    from inrscrecon.data.io import check_stream_files, parse_names
     from inrscrecon.data.preprocess import select_genes
     from inrscrecon.data.stack import build_cell_table
     from inrscrecon.field.encoding import EncodingConfig
     from inrscrecon.field.losses import LossConfig
+    from inrscrecon.train import distributed
     from inrscrecon.train.fit import Table, TrainConfig, fit
 
-    out = check_writable(args.out)
-    # -- issue 7 (scale): torchrun / DDP process group and --stream (backed sections) ------------------------
-    from inrscrecon.train import distributed
-
+    out = Path(args.out)
+    holdout = parse_names(args.holdout)
     di = distributed.init_from_env(args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
     table: Table
-    if args.stream:
+    if args.stream:  # X stays on disk, read in CSR chunks
         from inrscrecon.data.streaming import open_stack
 
-        table = open_stack(args.sections, n_genes=args.genes, spacing=args.spacing, z_key=args.z_key,
-                           spatial_key=args.spatial_key, chunk_rows=args.chunk_rows, window=args.window,
-                           progress=not args.quiet and di.main, shard=(di.rank, di.world),
-                           allreduce=distributed.allreduce_numpy)  # fmt: skip
+        if args.input != "auto" or args.microns_per_unit is not None:
+            raise InputError(
+                "--input and --microns-per-unit need in-memory sections; drop --stream "
+                "(or set uns['X_kind'] / uns['microns_per_pixel'] in the files)"
+            )
+        paths = check_stream_files(args.sections, args.spatial_key, holdout)
+        table = open_stack(
+            paths,
+            n_genes=args.genes,
+            spacing=args.spacing,
+            z_key=args.z_key,
+            spatial_key=args.spatial_key,
+            chunk_rows=args.chunk_rows,
+            window=args.window,
+            progress=not args.quiet and di.main,
+            shard=(di.rank, di.world),
+            allreduce=distributed.allreduce_numpy,
+        )
         genes = table.genes
-    else:  # -- end issue 7 block (continues below: rank-0 save)
-        sections = read_sections(args.sections, spatial_key=args.spatial_key)
+    else:
+        sections = _load_stack(args, holdout)
         genes = select_genes(sections, args.genes)
         table = build_cell_table(
             sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key
         )
+    trained_on = table.sections()
     if di.main:
-        print(f"{table.n_cells} cells from {len(table.sections())} sections, {len(genes)} genes")
+        held = f"; held out: {', '.join(holdout)}" if holdout else ""
+        print(f"{table.n_cells} cells from {len(trained_on)} sections, {len(genes)} genes{held}")
     loss = LossConfig(lambda_rc=args.lambda_rc, lambda_kl=args.lambda_kl)
     tc = TrainConfig(
         epochs=args.epochs,
@@ -113,15 +209,17 @@ def _fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
+    candidates: list[Path] = []
     if args.bands == "auto":  # bandwidth (and stopping epoch) chosen on the validation cells
         from inrscrecon.train.select import describe, select_encoding
 
+        def checkpoint_for(e: EncodingConfig) -> Path:
+            return ckpt.with_name(f"{ckpt.stem}.L{e.n_bands}{ckpt.suffix}")
+
         sel = select_encoding(
-            table, None, args.width, args.layers, loss, tc,
-            checkpoint_for=lambda e: ckpt.with_name(f"{ckpt.stem}.L{e.n_bands}{ckpt.suffix}"),
-            resume=args.resume,
-        )  # fmt: skip
-        result = sel.result
+            table, None, args.width, args.layers, loss, tc, checkpoint_for=checkpoint_for, resume=args.resume
+        )
+        result, candidates = sel.result, sel.checkpoints
         if di.main:
             scores = ", ".join(f"{c['name']}: {c['val_rmse']:.4f}" for c in sel.candidates)
             print(f"encoding chosen on validation RMSE: {describe(sel.encoding)} ({scores})")
@@ -129,28 +227,29 @@ def _fit(args: argparse.Namespace) -> int:
         enc = EncodingConfig(kind=args.encoding, n_bands=int(args.bands), sigma=args.sigma, seed=args.seed)
         result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=args.resume)
     distributed.barrier()
-    if not di.main:  # issue 7: rank 0 alone writes the model and reports
+    if not di.main:  # rank 0 alone writes the model and reports
         distributed.cleanup()
         return 0
-    result.model.save(out)
+    result.model.save(out, training={"sections": trained_on, "holdout": holdout, "input": args.input})
     distributed.cleanup()
+    if not args.keep_checkpoints:  # the candidates' checkpoints served the selection; the model is complete
+        for p in candidates:
+            p.unlink(missing_ok=True)
     last = result.history[-1] if result.history else {}
+    best = min((h["val_rmse"] for h in result.history), default=float("nan"))
     print(
-        f"saved {out} (epochs {len(result.history)}, best val RMSE {min(h['val_rmse'] for h in result.history):.4f}, "
+        f"saved {out} (epochs {len(result.history)}, best val RMSE {best:.4f}, "
         f"last loss {last.get('loss', float('nan')):.4f})"
     )
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from inrscrecon.data.io import check_writable
+    from inrscrecon.data.io import read_coords
     from inrscrecon.field.model import INRField
     from inrscrecon.query.predict_stream import predict_to_file
 
-    check_writable(args.out)
     model = INRField.load(args.model, device=args.device)
-    from inrscrecon.data.io import read_coords
-
     xyz, ids = read_coords(args.coords)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     predict_to_file(model, xyz, args.out, genes, ids, progress=True)  # chunk by chunk, renamed when complete
@@ -159,13 +258,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _impute(args: argparse.Namespace) -> int:
-    from inrscrecon.data.io import check_writable, read_sections, write_h5ad
+    from inrscrecon.data.io import write_h5ad
     from inrscrecon.field.model import INRField
     from inrscrecon.query.impute import impute_sections
 
-    check_writable(args.out)
     model = INRField.load(args.model, device=args.device)
-    sections = read_sections(args.sections, spatial_key=args.spatial_key)
+    sections = _load_stack(args, [])
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     out = impute_sections(model, sections, genes, args.spacing, args.z_key, args.spatial_key)
     write_h5ad(out, args.out)
@@ -181,26 +279,49 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bands(text: str) -> str:
-    if text != "auto" and not (text.isdigit() and int(text) <= 16):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer 0..16, got {text!r}")
-    return text
+def _add_stack_flags(p: argparse.ArgumentParser) -> None:
+    """z placement, coordinate key and units: shared by fit and impute."""
+    z = p.add_mutually_exclusive_group()
+    z.add_argument(
+        "--spacing", type=positive_float, help="µm between consecutive sections (z = index × spacing)"
+    )
+    z.add_argument("--z-key", help="z (µm) per section from uns[KEY] or per cell from obs[KEY]")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
+    p.add_argument(
+        "--microns-per-unit",
+        type=positive_float,
+        help="µm per coordinate unit (e.g. 0.57 for Visium full-resolution pixels); overrides "
+        "uns['microns_per_pixel']",
+    )
 
 
 def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit the field to sections (h5ad files, or one aligned h5ad)")
     p.add_argument("sections", nargs="+", help="section .h5ad files (raw counts in X, coordinates in obsm)")
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    z = p.add_mutually_exclusive_group()
-    z.add_argument("--spacing", type=float, help="µm between consecutive sections (z = index × spacing)")
-    z.add_argument("--z-key", help="z per section from uns[KEY] or per cell from obs[KEY]")
-    p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
-    p.add_argument("--genes", type=int, default=5000, help="top-M variable shared genes (default 5000)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    _add_stack_flags(p)
+    p.add_argument(
+        "--input",
+        choices=["auto", "counts", "normalized", "lognorm"],
+        default="auto",
+        help="what X holds: counts (non-negative integers; else layers['counts'] or .raw), normalized "
+        "(library-size normalised; log1p applied), lognorm (already log1p-normalised; used as is), or auto "
+        "(default: uns['X_kind'], else integer X as counts, else the kept counts, else log-normalised with a warning)",
+    )
+    p.add_argument(
+        "--holdout",
+        action="append",
+        metavar="SECTION",
+        help="leave this section out of training (repeatable or comma-separated; recorded in the model)",
+    )
+    p.add_argument(
+        "--genes", type=positive_int, default=5000, help="top-M variable shared genes (default 5000)"
+    )
+    p.add_argument("--epochs", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--width", type=positive_int, default=256)
+    p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--encoding", choices=["fourier", "gaussian"], default="fourier")
     p.add_argument(
         "--bands",
@@ -209,18 +330,23 @@ def _add_fit(sub) -> None:
         help="Fourier bands L, or auto (default): try L = 2 and 4 and keep the lower validation RMSE "
         "(high L fits spot noise; see benchmarks/results)",
     )
-    p.add_argument("--sigma", type=float, default=1.0, help="scale of Gaussian random Fourier features")
+    p.add_argument(
+        "--sigma", type=positive_float, default=1.0, help="scale of Gaussian random Fourier features"
+    )
     p.add_argument(
         "--lambda-rc",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="weight of representation consistency (default 0 = off; the paper's full loss: 0.1)",
     )
     p.add_argument(
-        "--lambda-kl", type=float, default=0.0, help="weight of the KL term (default 0 = off; paper: 1.0)"
+        "--lambda-kl",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of the KL term (default 0 = off; paper: 1.0)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--seed", type=count, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (checked before any work)")
     p.add_argument(
         "--backend",
         default="auto",
@@ -235,34 +361,43 @@ def _add_fit(sub) -> None:
     )
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoints of the --bands auto candidates (removed once the model is saved)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    # -- issue 7 (scale): streaming from backed files; see docs/scale.md --------------------------------------
-    p.add_argument("--stream", action="store_true",
-                   help="read X from disk in CSR chunks (backed .h5ad / AnnData .zarr) instead of loading it")  # fmt: skip
-    p.add_argument("--chunk-rows", type=int, default=16384, help="rows per read with --stream")
-    p.add_argument("--window", type=int, default=4, help="chunks shuffled together with --stream")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read X from disk in CSR chunks (backed .h5ad / AnnData .zarr) instead of loading it",
+    )
+    p.add_argument("--chunk-rows", type=positive_int, default=16384, help="rows per read with --stream")
+    p.add_argument("--window", type=positive_int, default=4, help="chunks shuffled together with --stream")
     p.set_defaults(func=_fit)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="inrscrecon", description=__doc__.splitlines()[0])
+    """The argparse parser with every subcommand (builds without importing torch)."""
+    parser = Parser(prog="inrscrecon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="synthetic stack → fit → predict a held-out section, beside baselines")
     p.add_argument("--out", default="demo_out", help="output folder (metrics.json, PNGs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
     p = sub.add_parser(
         "synth", help="write a synthetic serial-section stack (one h5ad per section + truth.json)"
     )
-    p.add_argument("--sections", type=int, default=6)
-    p.add_argument("--cells", type=int, default=1500, help="cells (spots) per section")
-    p.add_argument("--genes", type=int, default=500)
-    p.add_argument("--spacing", type=float, default=40.0, help="µm between sections")
+    p.add_argument("--sections", type=positive_int, default=6)
+    p.add_argument("--cells", type=positive_int, default=1500, help="cells (spots) per section")
+    p.add_argument("--genes", type=positive_int, default=500)
+    p.add_argument("--spacing", type=positive_float, default=40.0, help="µm between sections")
     p.add_argument("--grid", choices=["hex", "square", "random"], default="hex")
-    p.add_argument("--flip-prob", type=float, default=0.0, help="probability that a section lands flipped")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--flip-prob", type=probability, default=0.0, help="probability that a section lands flipped"
+    )
+    p.add_argument("--seed", type=count, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_synth)
     _add_fit(sub)
@@ -282,27 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--genes", help="comma-separated gene names (default: all)")
-    z = p.add_mutually_exclusive_group()
-    z.add_argument("--spacing", type=float, help="µm between consecutive sections")
-    z.add_argument("--z-key", help="z per section from uns[KEY] or per cell from obs[KEY]")
-    p.add_argument("--spatial-key", default="spatial")
+    _add_stack_flags(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_impute)
     p = sub.add_parser("bench", help="quick train-step benchmark of each available backend on a device")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--genes", type=int, default=5000)
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, …")
+    p.add_argument("--batch", type=positive_int, default=4096)
+    p.add_argument("--width", type=positive_int, default=256)
+    p.add_argument("--genes", type=positive_int, default=5000)
     p.set_defaults(func=_bench)
     for register in _optional_commands():
         register(sub)
     return parser
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 STAGE_COMMANDS = (
@@ -314,7 +440,7 @@ STAGE_COMMANDS = (
 
 def _optional_commands() -> list[Callable]:
     """Subcommands defined next to their stage: each module has ``add_parser(sub)`` (returning the parser)
-    and ``run(args) -> int``."""
+    and ``run(args) -> int``. These modules import their heavy dependencies inside ``run``."""
     import importlib
 
     found = []
@@ -335,14 +461,96 @@ def _optional_commands() -> list[Callable]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+# -- checks before any work ------------------------------------------------------------------------------------
+
+#: Output paths of each command: (attribute, is a folder). Checked (not an existing folder where a file is
+#: meant; the folder above writable) before the command starts.
+OUTPUTS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "demo": (("out", True),),
+    "synth": (("out", True),),
+    "fit": (("out", False), ("checkpoint", False)),
+    "predict": (("out", False),),
+    "impute": (("out", False),),
+    "align": (("out", False), ("transforms", False), ("matches", False), ("plots", True)),
+    "render": (("out", True),),
+    "evaluate": (("out", True),),
+}
+
+
+def check_device(text: str) -> str:
+    """The device string if torch can use it here; InputError naming it otherwise. ``auto`` → cuda or cpu."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return int(args.func(args) or 0)
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {text!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {text!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {text!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {text!r}: unsupported device type {dev.type!r}; use cpu or cuda")
+    return text
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Everything that can be checked before work starts: the device, and each output path."""
+    from inrscrecon.data.io import check_writable
+
+    if getattr(args, "device", None) is not None:
+        args.device = check_device(args.device)
+    for attr, is_dir in OUTPUTS.get(args.command, ()):
+        value = getattr(args, attr, None)
+        if value is not None:
+            check_writable(value, directory=is_dir)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings raised while a command runs are printed as one line ``inrscrecon: warning: …``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"inrscrecon: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input, 130 / 128+N when interrupted by a signal)."""
+    args = build_parser().parse_args(argv)
+    from inrscrecon.data import io
+
+    io.forget_created()
+    io.install_cleanup()
+    try:
+        with _one_line_warnings():
+            preflight(args)
+            return int(args.func(args) or 0)
     except InputError as exc:
+        io.remove_pending()
+        io.discard_created()
         print(f"inrscrecon: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        io.remove_pending()
+        io.discard_created()
+        print("inrscrecon: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except io.Terminated as exc:
+        io.remove_pending()
+        io.discard_created()
+        print("inrscrecon: terminated; no partial output was kept", file=sys.stderr)
+        return int(exc.code or 143)
 
 
 if __name__ == "__main__":

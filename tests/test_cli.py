@@ -49,30 +49,12 @@ def test_fit_then_predict(synth_dir, tmp_path):
         a.write_h5ad(tmp_path / f.split("/")[-1])
     staged = sorted(str(p) for p in tmp_path.glob("section_*.h5ad"))
     model = tmp_path / "m.safetensors"
-    rc = main(
-        [
-            "fit",
-            *staged,
-            "--out",
-            str(model),
-            "--genes",
-            "20",
-            "--epochs",
-            "2",
-            "--width",
-            "16",
-            "--layers",
-            "2",
-            "--spacing",
-            "40",
-            "--lambda-rc",
-            "0",
-            "--quiet",
-        ]
-    )
-    assert rc == 0 and model.exists()
-    # --bands auto (default): one checkpoint per candidate bandwidth
-    assert (tmp_path / "m.safetensors.L2.ckpt").exists() and (tmp_path / "m.safetensors.L4.ckpt").exists()
+    flags = ["--out", str(model), "--genes", "20", "--epochs", "2", "--width", "16", "--layers", "2"]
+    flags += ["--spacing", "40", "--lambda-rc", "0", "--quiet"]
+    assert main(["fit", *staged, *flags, "--keep-checkpoints"]) == 0 and model.exists()
+    # --bands auto (default): one checkpoint per candidate bandwidth, kept on request
+    ckpts = [tmp_path / "m.safetensors.L2.ckpt", tmp_path / "m.safetensors.L4.ckpt"]
+    assert all(p.exists() for p in ckpts)
     coords = tmp_path / "q.csv"
     np.savetxt(coords, np.array([[0, 0, 10], [5, 5, 40.0]]), delimiter=",", header="x,y,z", comments="")
     from inrscrecon.field.model import INRField
@@ -82,31 +64,9 @@ def test_fit_then_predict(synth_dir, tmp_path):
     p = ad.read_h5ad(tmp_path / "p.h5ad")
     assert p.shape == (2, 1) and list(p.var_names) == [gene]
     np.testing.assert_allclose(p.obsm["spatial_3d"][1], [5, 5, 40])
-    assert (
-        main(
-            [
-                "fit",
-                *staged,
-                "--out",
-                str(model),
-                "--genes",
-                "20",
-                "--epochs",
-                "3",
-                "--width",
-                "16",
-                "--layers",
-                "2",
-                "--spacing",
-                "40",
-                "--lambda-rc",
-                "0",
-                "--quiet",
-                "--resume",
-            ]
-        )
-        == 0
-    )
+    # resuming from the kept checkpoints; without --keep-checkpoints they are removed once the model is saved
+    assert main(["fit", *staged, *flags, "--resume"]) == 0 and model.exists()
+    assert not any(p.exists() for p in ckpts)
 
 
 def test_impute_and_bench(synth_dir, tmp_path):

@@ -1,10 +1,21 @@
-"""Read sections (h5ad, backed or in memory; counts-CSV + coordinates-CSV) and write AnnData atomically."""
+"""Read sections (h5ad, backed or in memory; counts-CSV + coordinates-CSV) and write outputs atomically.
+
+Every output is written to a temporary sibling and renamed onto its final path only when complete
+(:func:`atomic_path` / :func:`atomic_output`). Temporaries still pending are removed on error, on SIGINT /
+SIGTERM and at exit, so an interrupted command leaves either the old state or the complete new one.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -12,8 +23,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from inrscrecon.data.validate import validate_section
-from inrscrecon.errors import InputError
+from inrscrecon.data.preprocess import is_counts
+from inrscrecon.data.validate import (
+    check_counts,
+    microns_per_pixel,
+    pixel_like,
+    resolve_input,
+    validate_section,
+)
+from inrscrecon.errors import InputError, InputWarning
 
 
 def _section_name(adata: ad.AnnData, path: Path) -> str:
@@ -24,24 +42,70 @@ def _section_name(adata: ad.AnnData, path: Path) -> str:
     return path.stem
 
 
-def read_section(path: str | Path, spatial_key: str = "spatial", backed: bool = False) -> ad.AnnData:
-    """Read and validate one section from ``.h5ad``; ``uns['section']`` is set to its name.
-
-    ``backed=True`` keeps X on disk (read-only); checks on X then run chunk by chunk.
-    """
-    path = Path(path)
+def _read(path: Path, backed: bool) -> ad.AnnData:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an .h5ad file")
     try:
-        adata = ad.read_h5ad(path, backed="r" if backed else None)
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many types on a non-h5ad file
         raise InputError(f"{path}: not a readable .h5ad file ({type(exc).__name__}: {exc})") from None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, InputWarning, stacklevel=3)
+
+
+def read_section(
+    path: str | Path,
+    spatial_key: str = "spatial",
+    backed: bool = False,
+    input_kind: str = "auto",
+    microns_per_unit: float | None = None,
+    warn_pixels: bool = True,
+) -> ad.AnnData:
+    """Read and validate one section from ``.h5ad``; ``uns['section']`` is set to its name.
+
+    ``input_kind``: what X holds (``auto | counts | normalized | lognorm``, see
+    :func:`~inrscrecon.data.validate.resolve_input`); the result's ``uns['X_kind']`` says how the pipeline
+    reads it. ``microns_per_unit`` sets ``uns['microns_per_pixel']`` (µm per coordinate unit); without it a
+    given ``uns['microns_per_pixel']`` must be a positive number, and pixel-like coordinates without any scale
+    give one :class:`InputWarning` (``warn_pixels``). ``backed=True`` keeps X on disk (read-only); checks on X
+    then run chunk by chunk.
+    """
+    path = Path(path)
+    adata = _read(path, backed)
+    where = f"{path}"
     name = _section_name(adata, path)
-    validate_section(adata, f"{path}", spatial_key)
+    if microns_per_unit is not None:
+        if not np.isfinite(microns_per_unit) or microns_per_unit <= 0:
+            raise InputError(f"--microns-per-unit must be a positive number, got {microns_per_unit}")
+        adata.uns["microns_per_pixel"] = float(microns_per_unit)
+    else:
+        microns_per_pixel(adata, where)
+    validate_section(adata, where, spatial_key)
+    given = adata
+    adata, note = resolve_input(adata, where, input_kind)
+    if note:
+        _warn(note)
+    if adata is not given and adata.X is not given.X:  # counts from layers['counts'] / .raw: check them too
+        validate_section(adata, where, spatial_key)
+    if is_counts(adata):
+        check_counts(adata, where)
+    reason = pixel_like(adata, spatial_key) if "spatial_3d" not in adata.obsm else None
+    if reason and warn_pixels:
+        _warn(_pixel_message([where], reason, spatial_key))
     adata.uns["section"] = name  # backed objects keep uns in memory too
     return adata
+
+
+def _pixel_message(files: list[str], reason: str, spatial_key: str) -> str:
+    which = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} more section(s)"
+    return (
+        f"{which}: obsm[{spatial_key!r}] looks like pixels ({reason}) and no scale is given; treating 1 unit as "
+        "1 µm — pass --microns-per-unit UM or set uns['microns_per_pixel']"
+    )
 
 
 def read_csv_pair(counts_csv: str | Path, coords_csv: str | Path, name: str | None = None) -> ad.AnnData:
@@ -80,12 +144,28 @@ def read_csv_pair(counts_csv: str | Path, coords_csv: str | Path, name: str | No
 
 
 def read_sections(
-    paths: Sequence[str | Path], spatial_key: str = "spatial", backed: bool = False
+    paths: Sequence[str | Path],
+    spatial_key: str = "spatial",
+    backed: bool = False,
+    input_kind: str = "auto",
+    microns_per_unit: float | None = None,
 ) -> list[ad.AnnData]:
-    """Read several sections; names (``uns['section']``) are made unique by suffixing the index."""
+    """Read several sections (see :func:`read_section`); names (``uns['section']``) are made unique by
+    suffixing the index. Coordinate widths must agree (all 2-column xy, or all 3-column xyz); pixel-like
+    coordinates without a scale give one warning for the whole stack."""
     if not paths:
         raise InputError("no section files given")
-    sections = [read_section(p, spatial_key, backed) for p in paths]
+    sections = [
+        read_section(p, spatial_key, backed, input_kind, microns_per_unit, warn_pixels=False) for p in paths
+    ]
+    check_widths(sections, [str(p) for p in paths], spatial_key)
+    pixels = [
+        (str(p), r)
+        for p, s in zip(paths, sections)
+        if (r := pixel_like(s, spatial_key)) and "spatial_3d" not in s.obsm
+    ]
+    if pixels:
+        _warn(_pixel_message([p for p, _ in pixels], pixels[0][1], spatial_key))
     names = [s.uns["section"] for s in sections]
     if len(set(names)) < len(names):
         for i, s in enumerate(sections):
@@ -93,62 +173,272 @@ def read_sections(
     return sections
 
 
-def check_writable(path: str | Path) -> Path:
-    """Raise InputError unless ``path``'s folder exists (or can be made) and is writable."""
+def check_widths(sections: Sequence[ad.AnnData], where: Sequence[str], spatial_key: str = "spatial") -> None:
+    """InputError when some sections have 2-column and others 3-column ``obsm[spatial_key]`` (a third column
+    would silently become z for those sections only)."""
+    widths = [
+        3 if "spatial_3d" in s.obsm else np.shape(s.obsm[spatial_key])[1] if spatial_key in s.obsm else 0
+        for s in sections
+    ]
+    if len(set(widths)) > 1:
+        majority = max(set(widths), key=widths.count)
+        odd = next(i for i, w in enumerate(widths) if w != majority)
+        raise InputError(
+            f"{where[odd]}: obsm[{spatial_key!r}] has {widths[odd]} columns but the other sections have {majority}; "
+            "give every section xy (z from --spacing / --z-key) or every section xyz"
+        )
+
+
+def section_names(sections: Sequence[ad.AnnData]) -> list[str]:
+    """Names of the sections of a stack: ``uns['section']`` per AnnData, or the ``obs['section']`` values of one
+    aligned AnnData (``obsm['spatial_3d']``)."""
+    if len(sections) == 1 and "spatial_3d" in sections[0].obsm and "section" in sections[0].obs:
+        return list(dict.fromkeys(sections[0].obs["section"].astype(str)))
+    return [str(s.uns.get("section", i)) for i, s in enumerate(sections)]
+
+
+def parse_names(values: Sequence[str] | None) -> list[str]:
+    """Names from a repeatable, comma-separated option (``--holdout A --holdout B,C``)."""
+    return [v.strip() for item in (values or []) for v in item.split(",") if v.strip()]
+
+
+def drop_sections(sections: Sequence[ad.AnnData], holdout: Sequence[str]) -> list[ad.AnnData]:
+    """The stack without the sections named in ``holdout`` (see :func:`section_names`); InputError naming an
+    unknown section, or when nothing would be left."""
+    names = section_names(sections)
+    unknown = [h for h in holdout if h not in names]
+    if unknown:
+        raise InputError(f"--holdout {unknown[0]!r}: no such section; sections are {names}")
+    if set(names) <= set(holdout):
+        raise InputError(f"--holdout {list(holdout)} leaves no section to train on")
+    if len(sections) == 1 and "spatial_3d" in sections[0].obsm and "section" in sections[0].obs:
+        a = sections[0]
+        return [a[~a.obs["section"].astype(str).isin(list(holdout)).to_numpy()].copy()]
+    return [s for s, n in zip(sections, names) if n not in set(holdout)]
+
+
+def check_stream_files(
+    paths: Sequence[str | Path], spatial_key: str = "spatial", holdout: Sequence[str] = ()
+) -> list[Path]:
+    """Checks for files that are read from disk in chunks (``fit --stream``), before the streaming pass: the
+    scale ``uns['microns_per_pixel']``, what X holds (declared or integer counts; a transformed X has to be
+    loaded in memory), coordinate widths, pixel-like units (one warning). Returns the paths whose section is
+    not in ``holdout``."""
+    from inrscrecon.data.streaming import _Source
+    from inrscrecon.data.validate import SNIFF_ROWS, _first_non_integer, declared_kind
+
+    shells, names = [], []
+    for p in paths:
+        src = _Source(p)
+        try:
+            shell = src.shell(None)
+            where = str(src.path)
+            microns_per_pixel(shell, where)
+            kind = declared_kind(shell, where) or "raw_counts"
+            if kind == "log_normalized":
+                raise InputError(f"{where}: log-normalised X cannot be streamed; fit without --stream")
+            bad = _first_non_integer(src.rows(0, min(src.shape[0], SNIFF_ROWS)), shell.obs_names)
+            if kind == "raw_counts" and bad is not None:
+                raise InputError(
+                    f"{where}: X must hold non-negative integer counts but has {bad[1]:g} in cell {bad[0]!r}; "
+                    "declare uns['X_kind'] or fit without --stream (reads layers['counts'] / .raw)"
+                )
+        finally:
+            src.close()
+        shells.append(shell)
+        names.append(str(shell.uns["section"]))
+    check_widths(shells, [str(p) for p in paths], spatial_key)
+    pixels = [(str(p), r) for p, s in zip(paths, shells) if (r := pixel_like(s, spatial_key))]
+    if pixels:
+        _warn(_pixel_message([p for p, _ in pixels], pixels[0][1], spatial_key))
+    unknown = [h for h in holdout if h not in names]
+    if unknown:
+        raise InputError(f"--holdout {unknown[0]!r}: no such section; sections are {names}")
+    kept = [Path(p) for p, n in zip(paths, names) if n not in set(holdout)]
+    if not kept:
+        raise InputError(f"--holdout {list(holdout)} leaves no section to train on")
+    return kept
+
+
+# -- outputs: checked before work, written whole or not at all ---------------------------------------------------
+
+_PENDING: set[Path] = set()  # temporaries being written; removed on error, SIGINT/SIGTERM and exit
+_CREATED: list[
+    Path
+] = []  # output folders made by check_writable; removed again by discard_created() if empty
+_LOCK = threading.Lock()
+_HANDLERS_INSTALLED = False
+
+
+def check_writable(path: str | Path, directory: bool = False) -> Path:
+    """Raise InputError unless ``path`` can be written: its folder exists (or can be made) and accepts a file,
+    and (``directory=False``) ``path`` is not an existing folder. Folders made here are recorded so that a
+    failed command can remove them again (:func:`discard_created`)."""
     path = Path(path)
+    if not directory and path.is_dir():
+        raise InputError(f"{path}: is an existing directory; --out must be a file path")
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a directory")
     parent = path.parent if str(path.parent) else Path(".")
+    missing = [p for p in [parent, *parent.parents] if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{path}: cannot create output folder {parent} ({exc.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{path}: output folder {parent} is not writable")
+    with _LOCK:
+        _CREATED.extend(p for p in reversed(missing) if p not in _CREATED)
+    try:  # os.access is not enough (root, read-only mounts, /proc): try it
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{path}: output folder {parent} is not writable ({exc.strerror})") from None
     return path
 
 
-def atomic_path(path: str | Path) -> tuple[Path, Path]:
-    """(final path, temp path in the same folder): write the temp, then ``os.replace`` it onto the final."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return path, Path(tmp)
+def forget_created() -> None:
+    """Start a new command: folders made so far are kept whatever happens next."""
+    with _LOCK:
+        _CREATED.clear()
+
+
+def discard_created() -> None:
+    """Remove the output folders made by :func:`check_writable` that are still empty (deepest first)."""
+    with _LOCK:
+        created, _CREATED[:] = list(_CREATED), []
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass  # not empty (something complete was written there) or already gone
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_pending() -> None:
+    """Remove every temporary output still being written (on error, signal or exit)."""
+    with _LOCK:
+        pending = list(_PENDING)
+        _PENDING.clear()
+    for tmp in pending:
+        _remove(tmp)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM/SIGHUP after the pending temporaries are removed."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    remove_pending()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(128 + signum)
+
+
+def install_cleanup() -> None:
+    """Remove pending temporaries on SIGINT/SIGTERM/SIGHUP and at exit (idempotent; main thread only,
+    elsewhere the exit hook alone is installed)."""
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    _HANDLERS_INSTALLED = True
+    atexit.register(remove_pending)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        current = signal.getsignal(sig)
+        if sig == signal.SIGINT and current is not signal.default_int_handler:
+            continue  # someone else handles Ctrl-C; the finally blocks still remove the temporaries
+        if sig != signal.SIGINT and current not in (signal.SIG_DFL, None):
+            continue
+        signal.signal(sig, _on_signal)
+
+
+def atomic_path(path: str | Path, directory: bool = False) -> tuple[Path, Path]:
+    """(final path, temporary sibling): write the temporary (a file, or a folder with ``directory=True``), then
+    :func:`commit` it. Until then it is pending: removed by :func:`discard`, on SIGINT/SIGTERM and at exit."""
+    path = check_writable(path, directory=directory)
+    install_cleanup()
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    with _LOCK:
+        _PENDING.add(tmp)
+    return path, tmp
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Move a finished temporary onto ``final`` (a folder replaces the old folder as a whole)."""
+    if final.is_dir() and not final.is_symlink():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    with _LOCK:
+        _PENDING.discard(tmp)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temporary that will not be committed (no-op once committed)."""
+    with _LOCK:
+        _PENDING.discard(tmp)
+    if tmp.exists() or tmp.is_symlink():
+        _remove(tmp)
+
+
+@contextmanager
+def atomic_output(path: str | Path, directory: bool = False) -> Iterator[Path]:
+    """``with atomic_output(out) as tmp: write(tmp)``: ``tmp`` replaces ``out`` when the block completes;
+    on an exception (or a signal) it is removed and ``out`` is untouched."""
+    final, tmp = atomic_path(path, directory)
+    try:
+        yield tmp
+        commit(tmp, final)
+    finally:
+        discard(tmp)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     """Write AnnData atomically (temp file + rename): a failed write leaves nothing behind."""
-    path, tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     """Query coordinates [N, 3] (µm) from .csv/.tsv (columns x, y, z or the first three numeric), .npy, or .h5ad
-    (``obsm['spatial_3d']``, or a 3-column ``obsm['spatial']``). Returns (coords, point ids or None)."""
+    (``obsm['spatial_3d']``, or a 3-column ``obsm['spatial']``). Returns (coords, point ids or None).
+
+    InputError for an empty file, no points, text in a coordinate column, a wrong shape, or NaN / inf."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a coordinates file")
+    ids: list[str] | None = None
     if path.suffix == ".npy":
-        xyz = np.load(path, allow_pickle=False)
-        ids = None
+        try:
+            xyz = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+        if not np.issubdtype(xyz.dtype, np.number):
+            raise InputError(f"{path}: coordinates must be numbers, got dtype {xyz.dtype}")
     elif path.suffix in (".csv", ".tsv", ".txt"):
-        df = pd.read_csv(path, sep=None, engine="python")
-        cols = (
-            ["x", "y", "z"]
-            if {"x", "y", "z"} <= set(df.columns)
-            else list(df.select_dtypes("number").columns[:3])
-        )
-        if len(cols) < 3:
-            raise InputError(
-                f"{path}: need columns x, y, z (or three numeric columns), found {list(df.columns)}"
-            )
-        xyz, ids = df[cols].to_numpy(np.float64), None
+        xyz = _coords_table(path)
     elif path.suffix == ".h5ad":
-        a = read_section(path, "spatial_3d" if _has_3d(path) else "spatial")
+        a = read_section(path, "spatial_3d" if _has_3d(path) else "spatial", warn_pixels=False)
         key = "spatial_3d" if "spatial_3d" in a.obsm else "spatial"
         xyz, ids = np.asarray(a.obsm[key], np.float64), list(a.obs_names)
     else:
@@ -156,11 +446,44 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     xyz = np.asarray(xyz, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise InputError(f"{path}: coordinates must have shape (N, 3), got {xyz.shape}")
+    if len(xyz) == 0:
+        raise InputError(f"{path}: no query points (0 rows)")
     if not np.isfinite(xyz).all():
         raise InputError(
             f"{path}: coordinates contain NaN or inf (row {int(np.flatnonzero(~np.isfinite(xyz).all(1))[0])})"
         )
     return xyz, ids
+
+
+def _coords_table(path: Path) -> np.ndarray:
+    """x, y, z columns (or the first three columns) of a delimited text file as float64 [N, 3]."""
+    try:
+        df = pd.read_csv(path, sep=None, engine="python")
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: empty file; expected a header x,y,z and one row per query point") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not readable as CSV ({type(exc).__name__}: {exc})") from None
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    if {"x", "y", "z"} <= set(lower):
+        cols = [lower["x"], lower["y"], lower["z"]]
+    else:
+        numeric = list(df.select_dtypes("number").columns)
+        cols = numeric[:3] if len(numeric) >= 3 else list(df.columns[:3])
+        if len(cols) < 3:
+            raise InputError(
+                f"{path}: need columns x, y, z (or three numeric columns), found {list(df.columns)}"
+            )
+    if df.empty:
+        raise InputError(f"{path}: no query points (header only)")
+    out = np.empty((len(df), 3))
+    for j, c in enumerate(cols):
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() & df[c].notna()
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"{path}: column {c!r} row {i + 1}: {df[c].iloc[i]!r} is not a number")
+        out[:, j] = values.to_numpy(np.float64)
+    return out
 
 
 def _has_3d(path: Path) -> bool:

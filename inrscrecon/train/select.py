@@ -41,6 +41,9 @@ class Selection:
     result: FitResult
     val_rmse: float
     candidates: list[dict] = field(default_factory=list)  # name, val_rmse, epochs, best_epoch, seconds
+    checkpoints: list[Path] = field(
+        default_factory=list
+    )  # each candidate's checkpoint (the caller removes them)
 
     @property
     def model(self):
@@ -77,16 +80,28 @@ def select_encoding(
     cands = list(candidates or DEFAULT_CANDIDATES)
     best: Selection | None = None
     rows = []
+    written: list[Path] = []
     for enc in cands:
         enc = replace(enc, seed=tc.seed)
         t0 = time.time()
         ckpt = checkpoint_for(enc) if checkpoint_for is not None else None
+        if ckpt is not None:
+            written.append(Path(ckpt))
         res = fit(table, enc, width, n_layers, loss_cfg, tc, checkpoint=ckpt, resume=resume)
         val, epoch = best_val(res)
-        rows.append({"name": describe(enc), "val_rmse": val, "epochs": len(res.history), "best_epoch": epoch,
-                     "seconds": time.time() - t0})  # fmt: skip
+        seconds = time.time() - t0
+        rows.append(
+            {
+                "name": describe(enc),
+                "val_rmse": val,
+                "epochs": len(res.history),
+                "best_epoch": epoch,
+                "seconds": seconds,
+            }
+        )
         if best is None or val < best.val_rmse:
             best = Selection(enc, res, val)
     assert best is not None
     best.candidates = rows
+    best.checkpoints = written
     return best
