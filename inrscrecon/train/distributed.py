@@ -26,7 +26,7 @@ from torch import nn
 
 from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import INRField
-from inrscrecon.train.objective import loss_terms
+from inrscrecon.train.objective import SparseTarget, loss_terms
 
 
 @dataclass(frozen=True)
@@ -121,12 +121,13 @@ class ShardLoss(nn.Module):
     def forward(
         self,
         coords: torch.Tensor,  # [n_k, 3] normalised
-        target: torch.Tensor,  # [n_k, M]
+        target: torch.Tensor | SparseTarget,  # [n_k, M] or the shard's CSR rows
         n_global: int,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, global parts [4] float64 in ``PARTS`` order, on the device)."""
         lc = self.loss_cfg
         r, k, rc = loss_terms(self.model, coords, target, lc, self._extractor[0], self.impl, self.precision)
-        n_k, m = coords.shape[0], target.shape[1]
+        n_k, m = coords.shape[0], self.model.cfg.n_genes
         stats = torch.stack(
             [r.detach().double() ** 2 * n_k * m, k.detach().double() * n_k, rc.detach().double() * n_k]
         )
@@ -135,9 +136,9 @@ class ShardLoss(nn.Module):
         frac = self.world * n_k / n_global
         coef = torch.where(big_r > 0, r.detach().double() / big_r, torch.zeros_like(big_r)).float()
         loss = frac * (coef * r + lc.lambda_kl * k + lc.lambda_rc * rc)
-        g_kl, g_rc = float(stats[1]) / n_global, float(stats[2]) / n_global
-        total = float(big_r) + lc.lambda_kl * g_kl + lc.lambda_rc * g_rc
-        return loss, {"loss": total, "rmse": float(big_r), "kl": g_kl, "rc": g_rc}
+        g_kl, g_rc = stats[1] / n_global, stats[2] / n_global
+        total = big_r + lc.lambda_kl * g_kl + lc.lambda_rc * g_rc
+        return loss, torch.stack([total, big_r, g_kl, g_rc])
 
 
 __all__ = [

@@ -1,18 +1,32 @@
 """Training loop: seeded batches from the stacked sections, Adam + cosine schedule, validation split with
-early stopping, progress bar, atomic checkpoints every K steps and exact resume.
+early stopping, progress bar, atomic checkpoints every K steps and a resume that cannot drift.
+
+Data path (``TrainConfig.data``): an in-memory CellTable lives on the training device as CSR
+(:class:`~inrscrecon.data.device_table.DeviceTable`): each epoch's batches are drawn with the seeded CPU
+generator (so CPU and GPU runs see the same batches), copied to the device once, and gathered + normalised
+there into fixed-capacity sparse buffers that the sparse-target loss reads; the loss parts accumulate on the
+device and are read once per epoch (and at checkpoints), so a step never waits for the host and can be
+compiled whole (:mod:`inrscrecon.train.step`). A stack too large for the device streams its CSR batches from
+host memory instead (said once). Streaming tables (:mod:`inrscrecon.data.streaming`) keep their chunk-wise
+order and dense host batches.
 
 Data parallel: when a ``torch.distributed`` process group is initialised (``torchrun``; see
 :mod:`inrscrecon.train.distributed`), every rank builds the same global batch of ``batch_size`` rows, keeps
 its contiguous shard, and trains a DistributedDataParallel copy whose averaged gradient equals the global
 batch's; validation is sharded and all-reduced; only rank 0 writes checkpoints; every rank resumes from them.
-With one process nothing changes. The table may be an in-memory CellTable or a streaming table that offers
-``epoch_order`` (chunk-wise shuffling, :mod:`inrscrecon.data.streaming`).
+
+Resume: the checkpoint records every setting that changes the result (:data:`RESULT_SETTINGS`, the model and
+loss configuration) and a fingerprint of the data; resuming with any of them changed is refused, naming it.
+The epoch's running loss sums are checkpointed, so a resumed epoch logs the loss the uninterrupted one does;
+a finished run (early-stopped or at its last epoch) resumes to its result without training.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from inrscrecon.data.device_table import DeviceTable, HostBatchFeeder, SparseBatch, device_table_or_none
 from inrscrecon.data.stack import CellTable
 from inrscrecon.data.streaming import StreamingTable
 from inrscrecon.errors import InputError
@@ -30,18 +45,44 @@ from inrscrecon.field.losses import LossConfig, ProfileExtractor, pretrain_extra
 from inrscrecon.field.model import FieldConfig, INRField
 from inrscrecon.train import distributed as ddp
 from inrscrecon.train.checkpoint import load_checkpoint, save_checkpoint
-from inrscrecon.train.objective import objective
+from inrscrecon.train.objective import PARTS, objective_tensors
+from inrscrecon.train.step import TrainStep
 
 Table = CellTable | StreamingTable  # anything with coords, targets(rows), n_cells, genes
+
+log = logging.getLogger(__name__)
+
+#: GPU defaults (``batch_size=None`` / ``lr=None`` on CUDA): a large batch, the rate scaled by sqrt(B / 512)
+#: (Adam's square-root rule) and capped. CPU defaults: 512 rows at 2e-3.
+CPU_BATCH, CPU_LR = 512, 2e-3
+GPU_BATCH, GPU_LR_CAP = 32768, 1e-2
+
+#: TrainConfig fields that change the fitted result; a resume with any of them changed is refused.
+RESULT_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "min_lr_ratio",
+    "val_fraction",
+    "patience",
+    "seed",
+    "precision",
+)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``checkpoint_every`` is in optimizer steps; ``patience`` in epochs."""
+    """Optimisation settings. ``checkpoint_every`` is in optimizer steps; ``patience`` in epochs.
+
+    ``batch_size`` / ``lr`` None: device defaults (512 / 2e-3 on CPU; 32768 and a scaled rate on CUDA).
+    ``data``: ``auto`` (device-resident CSR for in-memory tables, host dense batches for streaming tables),
+    ``device``, ``host`` (CSR batches streamed from host memory) or ``dense`` (dense host batches, the
+    reference path). ``compile``: ``auto`` (on CUDA with the device table, one process), ``on``, ``off``.
+    """
 
     epochs: int = 60
-    batch_size: int = 512
-    lr: float = 2e-3
+    batch_size: int | None = CPU_BATCH
+    lr: float | None = CPU_LR
     min_lr_ratio: float = 0.05
     val_fraction: float = 0.1
     patience: int = 8
@@ -50,24 +91,104 @@ class TrainConfig:
     device: str = "cpu"
     backend: str = "torch"
     precision: str = "auto"  # head matmul dtype: auto = bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    data: str = "auto"
+    compile: str = "auto"
     progress: bool = True
     stop_after_steps: int | None = None  # simulate an interruption (tests)
 
 
 @dataclass
 class FitResult:
-    """The trained field (best validation epoch) and the per-epoch history."""
+    """The trained field (best validation epoch), the per-epoch history and how the data were fed."""
 
     model: INRField
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     interrupted: bool = False
+    resumed_finished: bool = False  # the checkpoint held a finished run: returned without training
+    data_info: dict[str, Any] = field(default_factory=dict)
 
 
 def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * frac)) if n >= 20 else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def resolved_batch_lr(tc: TrainConfig, device: str) -> tuple[int, float]:
+    """(batch size, learning rate) after device defaults (see :data:`GPU_BATCH`)."""
+    cuda = torch.device(device).type == "cuda"
+    bs = tc.batch_size if tc.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
+    if tc.lr is not None:
+        return bs, tc.lr
+    return bs, min(CPU_LR * math.sqrt(bs / CPU_BATCH), GPU_LR_CAP) if bs > CPU_BATCH else CPU_LR
+
+
+def data_fingerprint(table: Table) -> str:
+    """BLAKE2 digest of what the fit sees: genes, coordinates, library sizes, the normalisation and, for
+    in-memory tables, every stored count (streaming tables: coordinates + library sizes stand for them)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([list(table.genes), float(table.target_sum), int(table.n_cells)]).encode())
+    for arr in (table.coords, table.totals):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    if isinstance(table, CellTable):
+        c = table.counts
+        for arr in (c.indptr, c.indices, c.data):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def run_record(
+    table: Table,
+    encoding: EncodingConfig | str | None,
+    width: int,
+    n_layers: int,
+    loss_cfg: LossConfig | None,
+    tc: TrainConfig,
+) -> dict[str, Any]:
+    """Every setting that changes a fit's result, plus the data fingerprint (JSON-serialisable)."""
+    bs, lr = resolved_batch_lr(tc, tc.device)
+    settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
+    settings.update(batch_size=bs, lr=lr)
+    enc: Any = encoding if isinstance(encoding, str) else asdict(encoding or EncodingConfig())
+    return {"settings": settings, "encoding": enc, "width": width, "n_layers": n_layers,
+            "loss": asdict(loss_cfg or LossConfig()), "data": data_fingerprint(table)}  # fmt: skip
+
+
+def record_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first setting that differs between two :func:`run_record` results, as ``name: old → new``."""
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        a, b = flat_saved.get(key, "<absent>"), flat_now.get(key, "<absent>")
+        if a != b:
+            name = "data fingerprint (the input data changed)" if key == "data" else key
+            return f"{name}: {a!r} in the checkpoint, {b!r} now"
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = k if prefix in ("", "settings.") else f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out
+
+
+def finished_model(model_path: str | Path, record: dict[str, Any]) -> INRField | None:
+    """The model at ``model_path`` when it exists and was fitted with exactly ``record`` (its training record's
+    ``run``), else None: a resume of a finished run returns it unchanged."""
+    path = Path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        model = INRField.load(path)
+    except InputError:
+        return None
+    saved = getattr(model, "training_record", {}).get("run")
+    return model if saved == json.loads(json.dumps(record)) else None
 
 
 @torch.no_grad()
@@ -95,9 +216,45 @@ def validation_rmse(model: INRField, table: Table, rows: np.ndarray, device: str
     return math.sqrt(sse / max(n, 1))
 
 
+class _SparseValidation:
+    """Validation SSE on the sparse data path: the chunks (rows, capacity) are fixed once; the sum stays on
+    the device until the epoch's one read."""
+
+    def __init__(
+        self, source: DeviceTable | HostBatchFeeder, rows: np.ndarray, device: str, chunk: int = 4096
+    ):
+        self.source = source
+        self.device = device
+        self.chunks = [(rows[s : s + chunk], source.exact_capacity(rows[s : s + chunk]))
+                       for s in range(0, len(rows), chunk)]  # fmt: skip
+        self.dev_rows = (
+            [torch.as_tensor(r, device=device) for r, _ in self.chunks]
+            if isinstance(source, DeviceTable)
+            else []
+        )
+        self.n = sum(len(r) for r, _ in self.chunks) * source.n_genes
+
+    def _batch(self, k: int) -> SparseBatch:
+        rows, cap = self.chunks[k]
+        if isinstance(self.source, DeviceTable):
+            return self.source.gather(self.dev_rows[k], cap)
+        return self.source.gather_host(rows, cap)
+
+    @torch.no_grad()
+    def sse(self, model: INRField) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        model.eval()
+        for k in range(len(self.chunks)):
+            b = self._batch(k)
+            pred = model(model.normalize(b.coords))
+            total += ((pred - b.dense(self.source.n_genes)) ** 2).sum().double()
+        model.train()
+        return total
+
+
 def _epoch_rows(table: Table, train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """Training rows in this epoch's visiting order: the table's own (chunk-wise) order when it has one,
-    else a seeded uniform permutation."""
+    else a seeded uniform permutation (CPU generator: the same on every device)."""
     sampler = getattr(table, "epoch_order", None)
     order = sampler(train_rows, seed, epoch) if sampler is not None else None
     if order is None:
@@ -106,8 +263,44 @@ def _epoch_rows(table: Table, train_rows: np.ndarray, seed: int, epoch: int) -> 
     return order
 
 
+def epoch_batches(order: np.ndarray, steps: int, bs: int, di: ddp.DistInfo) -> np.ndarray:
+    """[steps, B_k] this rank's sorted rows of each step's global batch (contiguous shard of the sorted batch)."""
+    batches = np.sort(order[: steps * bs].reshape(steps, bs), axis=1)
+    return batches if di.world == 1 else np.array_split(batches, di.world, axis=1)[di.rank]
+
+
 def _rng_state() -> dict:
     return {"torch": torch.random.get_rng_state()}
+
+
+def _resume_mode(resume: bool | str) -> str:
+    modes = {False: "no", True: "yes", "no": "no", "yes": "yes", "or_start": "or_start"}
+    if resume not in modes:
+        raise InputError(f"resume must be True, False or 'or_start', got {resume!r}")
+    return modes[resume]
+
+
+def _data_source(
+    table: Table, tc: TrainConfig, device: str
+) -> tuple[DeviceTable | HostBatchFeeder | None, dict]:
+    if tc.data not in ("auto", "device", "host", "dense"):
+        raise InputError(f"TrainConfig.data must be auto, device, host or dense, got {tc.data!r}")
+    if tc.data == "dense" or not isinstance(table, CellTable):
+        if tc.data in ("device", "host"):
+            raise InputError(
+                f"data={tc.data!r} needs an in-memory table; streaming tables feed dense batches"
+            )
+        return None, {"placement": "dense host batches"}
+    source: DeviceTable | None = None
+    if tc.data in ("auto", "device"):
+        source = device_table_or_none(table, device)
+    if source is None:
+        return HostBatchFeeder(table, device), {"placement": "CSR batches streamed from host memory"}
+    info = {"placement": f"CSR resident on {device}", "device_bytes": source.nbytes,
+            "bytes_per_cell": source.bytes_per_cell}  # fmt: skip
+    log.info("stack resident on %s: %.1f MB, %.0f bytes per cell", device, source.nbytes / 1e6,
+             source.bytes_per_cell)  # fmt: skip
+    return source, info
 
 
 def fit(
@@ -118,15 +311,19 @@ def fit(
     loss_cfg: LossConfig | None = None,
     train_cfg: TrainConfig | None = None,
     checkpoint: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> FitResult:
     """Fit a field to ``table``; returns the model at its best validation epoch.
 
-    ``checkpoint``: path written atomically every ``checkpoint_every`` steps and at each epoch end;
-    ``resume=True`` continues from it and reaches the same result as an uninterrupted run.
+    ``checkpoint``: path written atomically every ``checkpoint_every`` steps and at each epoch end.
+    ``resume=True`` continues from it (InputError when it does not exist or was made with other settings or
+    data) and reaches the same result, weights and logged history as an uninterrupted run; ``"or_start"``
+    starts afresh when there is no checkpoint. The model's ``training_record["run"]`` holds
+    :func:`run_record` of this fit.
     """
     loss_cfg = loss_cfg or LossConfig()
     tc = train_cfg or TrainConfig()
+    mode = _resume_mode(resume)
     di = ddp.info()
     device = ddp.device_for(tc.device, di)
     train_rows, val_rows = _split(table.n_cells, tc.val_fraction, tc.seed)
@@ -134,6 +331,14 @@ def fit(
     cfg = FieldConfig(
         len(table.genes), encoding or EncodingConfig(), width, n_layers, center, scale, list(table.genes)
     )
+    record = run_record(table, cfg.encoding, width, n_layers, loss_cfg, tc)
+    ckpt = Path(checkpoint) if checkpoint else None
+    if mode == "yes" and (ckpt is None or not ckpt.exists()):
+        raise InputError(
+            f"{ckpt}: no checkpoint to resume from; run without --resume, or pass --resume-or-start"
+            if ckpt is not None
+            else "resume needs a checkpoint path"
+        )
     torch.manual_seed(tc.seed)
     model = INRField(cfg).to(device)
     init_rows = np.sort(
@@ -147,50 +352,98 @@ def fit(
             torch.as_tensor(table.targets(np.sort(sample))), loss_cfg.rc_dim, seed=tc.seed
         )
         extractor = extractor.to(device)
-    bs = min(tc.batch_size, len(train_rows))
+    bs_req, lr = resolved_batch_lr(tc, device)
+    bs = min(bs_req, len(train_rows))
     if bs < di.world:
         raise InputError(f"batch size {bs} is smaller than the number of processes ({di.world})")
-    step_fn = None
+    source, data_info = _data_source(table, tc, device)
+    ddp_loss = None
     if di.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [torch.device(device).index] if device.startswith("cuda") else None
-        step_fn = DistributedDataParallel(
+        ddp_loss = DistributedDataParallel(
             ddp.ShardLoss(model, loss_cfg, extractor, tc.backend, di.world, tc.precision), device_ids=ids
         )
     steps_per_epoch = max(len(train_rows) // bs, 1)
     total = steps_per_epoch * tc.epochs
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    cuda = torch.device(device).type == "cuda"
+    if tc.compile not in ("auto", "on", "off"):
+        raise InputError(f"TrainConfig.compile must be auto, on or off, got {tc.compile!r}")
+    compiled = tc.compile == "on" or (
+        tc.compile == "auto" and cuda and di.world == 1 and isinstance(source, DeviceTable)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=bool(compiled and cuda))
+    gather_impl = "torch"
+    if cuda and tc.backend != "torch":
+        from inrscrecon.field.fused import _triton_importable
 
-    def lr_at(step: int) -> float:
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * min(step / total, 1.0))
-        )
+        gather_impl = "triton" if _triton_importable() else "torch"
+    cap = source.capacity(train_rows, ddp.shard(np.arange(bs), di).shape[0]) if source is not None else 0
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    def loss_of(xyz: torch.Tensor, target: Any, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if ddp_loss is not None:
+            return ddp_loss(xyz, target, n_global)
+        return objective_tensors(model, xyz, target, loss_cfg, extractor, tc.backend, tc.precision)
+
+    def loss_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # device-table step: rows [B_k]
+        assert isinstance(source, DeviceTable)
+        b = source.gather(rows, cap, gather_impl)
+        return loss_of(model.normalize(b.coords), b, bs)
+
+    def loss_batch(b: SparseBatch) -> tuple[torch.Tensor, torch.Tensor]:  # host-fed sparse step
+        return loss_of(model.normalize(b.coords), b, bs)
+
+    def loss_dense(
+        xyz: torch.Tensor, target: torch.Tensor, n_global: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_of(model.normalize(xyz), target, n_global)
+
+    fn = loss_rows if isinstance(source, DeviceTable) else loss_batch if source is not None else loss_dense
+    stepper = TrainStep(fn, opt, lr, total, tc.min_lr_ratio, compile=compiled, cuda_graphs=compiled and cuda)
+    data_info.update(compiled=compiled, batch_size=bs, lr=lr, capacity=cap)
+    val_sparse = _SparseValidation(source, ddp.shard(val_rows, di), device) if source is not None and len(
+        val_rows) else None  # fmt: skip
     st: dict[str, Any] = {
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
         "best_val": math.inf,
         "bad_epochs": 0,
+        "finished": False,
+        "stopped": False,
     }
     history: list[dict[str, float]] = []
+    acc = torch.zeros(len(PARTS), dtype=torch.float64, device=device)  # running loss sums of the epoch
     best_state = copy.deepcopy(model.state_dict())
-    ckpt = Path(checkpoint) if checkpoint else None
-    if resume and ckpt is not None and ckpt.exists():
+    if mode != "no" and ckpt is not None and ckpt.exists():
         saved = load_checkpoint(ckpt)
-        if saved["field_config"] != cfg.to_json() or saved["loss_config"] != json.dumps(asdict(loss_cfg)):
-            raise InputError(f"{ckpt}: checkpoint was made with another configuration; cannot resume")
+        if "run" not in saved:
+            raise InputError(
+                f"{ckpt}: checkpoint was made by an older version (no run record); cannot resume"
+            )
+        saved_run = json.loads(saved["run"])
+        diff = record_mismatch(saved_run, json.loads(json.dumps(record)))
+        if diff is not None or saved["field_config"] != cfg.to_json():
+            what = diff or "model configuration"
+            raise InputError(
+                f"{ckpt}: checkpoint was made with another configuration ({what}); cannot resume"
+            )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
         if extractor is not None:
             extractor.load_state_dict(saved["extractor"])
         best_state = saved["best_model"]
         st = saved["counters"]
         history = saved["history"]
+        acc.copy_(saved["acc"])
         torch.random.set_rng_state(saved["rng"]["torch"])
+        if st["finished"]:
+            model.load_state_dict(best_state)
+            model.eval()
+            model.training_record = {**getattr(model, "training_record", {}), "run": record}
+            return FitResult(model, history, stopped_early=st["stopped"], resumed_finished=True,
+                             data_info=data_info)  # fmt: skip
 
     def save() -> None:
         if ckpt is None:
@@ -200,38 +453,37 @@ def fit(
             return
         save_checkpoint(
             {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "extractor": extractor.state_dict() if extractor is not None else {}, "best_model": best_state,
-                "counters": dict(st), "history": history, "rng": _rng_state(),
+                "counters": dict(st), "history": history, "rng": _rng_state(), "acc": acc.cpu(),
                 "field_config": cfg.to_json(), "loss_config": json.dumps(asdict(loss_cfg)),
+                "run": json.dumps(record),
             },
             ckpt,
         )  # fmt: skip
         if di.world > 1:
             ddp.barrier()
 
-    stopped = interrupted = False
+    interrupted = False
     show = tc.progress and di.main
     bar = tqdm(total=tc.epochs, initial=st["epoch"], desc="fit", unit="epoch", disable=not show)
     model.train()
-    while st["epoch"] < tc.epochs and not stopped:
+    while st["epoch"] < tc.epochs and not st["stopped"]:
         order = _epoch_rows(table, train_rows, tc.seed, st["epoch"])
-        parts_sum: dict[str, float] = {}
+        mine = epoch_batches(order, steps_per_epoch, bs, di) if source is not None else None
+        rows_dev = torch.as_tensor(mine, device=device) if isinstance(source, DeviceTable) else None
         for step in range(st["step_in_epoch"], steps_per_epoch):
-            rows = np.sort(order[step * bs : (step + 1) * bs])
-            mine = ddp.shard(rows, di)
-            xyz = model.normalize(torch.as_tensor(table.coords[mine], device=device))
-            target = torch.as_tensor(table.targets(mine), device=device)
-            if step_fn is None:
-                loss, parts = objective(model, xyz, target, loss_cfg, extractor, tc.backend, tc.precision)
+            if rows_dev is not None:
+                stepper(acc, st["global_step"], rows_dev[step])
+            elif isinstance(source, HostBatchFeeder) and mine is not None:
+                nxt = mine[step + 1] if step + 1 < steps_per_epoch else None
+                stepper(acc, st["global_step"], source.gather_host(mine[step], cap, nxt))
             else:
-                loss, parts = step_fn(xyz, target, len(rows))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
+                rows = np.sort(order[step * bs : (step + 1) * bs])
+                shard = ddp.shard(rows, di)
+                xyz = torch.as_tensor(table.coords[shard], device=device)
+                target = torch.as_tensor(table.targets(shard), device=device)
+                stepper(acc, st["global_step"], xyz, target, len(rows))
             st["global_step"] += 1
             st["step_in_epoch"] = step + 1
             if tc.stop_after_steps is not None and st["global_step"] >= tc.stop_after_steps:
@@ -243,23 +495,44 @@ def fit(
         if interrupted:
             break
         n_steps = max(steps_per_epoch, 1)
-        record = {k: v / n_steps for k, v in parts_sum.items()}
-        val = validation_rmse(model, table, val_rows, device) if len(val_rows) else record.get("rmse", 0.0)
-        record.update(epoch=float(st["epoch"]), val_rmse=val)
-        history.append(record)
+        if val_sparse is not None:
+            sums = torch.cat([acc, val_sparse.sse(model)[None]]).tolist()  # the epoch's one read
+            sse = sums.pop()
+            if di.world > 1:
+                tot = ddp.allreduce_numpy(np.array([sse, val_sparse.n], dtype=np.float64))
+                sse, n_val = float(tot[0]), int(tot[1])
+            else:
+                n_val = val_sparse.n
+            val: float | None = math.sqrt(sse / max(n_val, 1))
+        else:
+            sums, val = acc.tolist(), None
+        record_ep = {k: v / n_steps for k, v in zip(PARTS, sums)}
+        if val is None:
+            val = (
+                validation_rmse(model, table, val_rows, device)
+                if len(val_rows)
+                else record_ep.get("rmse", 0.0)
+            )
+        record_ep.update(epoch=float(st["epoch"]), val_rmse=val)
+        history.append(record_ep)
+        acc.zero_()
         if val < st["best_val"] - 1e-6:
             st["best_val"], st["bad_epochs"] = val, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             st["bad_epochs"] += 1
-            stopped = st["bad_epochs"] >= tc.patience
+            st["stopped"] = st["bad_epochs"] >= tc.patience
         st["epoch"] += 1
         st["step_in_epoch"] = 0
+        st["finished"] = st["stopped"] or st["epoch"] >= tc.epochs
         save()
         bar.update(1)
-        bar.set_postfix(loss=f"{record.get('loss', 0):.4f}", val_rmse=f"{val:.4f}")
+        bar.set_postfix(loss=f"{record_ep.get('loss', 0):.4f}", val_rmse=f"{val:.4f}")
     bar.close()
     if not interrupted:
         model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, history, stopped_early=stopped, interrupted=interrupted)
+    model.training_record = {**getattr(model, "training_record", {}), "run": record}
+    return FitResult(
+        model, history, stopped_early=st["stopped"], interrupted=interrupted, data_info=data_info
+    )
