@@ -88,4 +88,8 @@ def _extensions() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    package_data={"inrscrecon.field": ["backend_table.json"]},  # the measured backend table
+)

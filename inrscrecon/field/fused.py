@@ -3,12 +3,19 @@
 ``impl`` / ``--backend`` ∈ {"auto", "torch", "triton", "cuda"}:
 
 * ``torch``  — the plain references (``head_loss_reference``, ``Trunk(fourier_encode(...))``); any device.
-* ``triton`` — ``inrscrecon.kernels.triton_head_loss`` / ``inrscrecon.kernels.triton_trunk``; CUDA tensors,
-  or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported (tests).
-* ``cuda``   — head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``); the trunk
-  has no CUDA kernel and uses Triton.
-* ``auto``   — CPU tensors: torch. CUDA tensors: cuda extension (head + loss only) > triton > torch. What
-  was picked and why is logged once per process (logger ``inrscrecon.field.fused``, level INFO).
+* ``triton`` — the fused kernels of ``inrscrecon.kernels`` (sparse head + loss, dense head + loss, encode +
+  trunk), called through their ``torch.library`` ops (:mod:`inrscrecon.kernels.ops`) so that
+  ``torch.compile(fullgraph=True)`` traces them; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
+  set before triton was imported (tests).
+* ``cuda``   — dense head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``, SIMT
+  fp32 tiles); the other ops have no CUDA kernel and use Triton.
+* ``auto``   — CPU tensors: torch. CUDA tensors: the fastest impl *measured* on this device kind, dtype and
+  shape bucket, read from ``backend_table.json`` beside this module (written by
+  ``benchmarks/bench_kernels.py --write-table``); with no entry for the device: triton when importable,
+  else torch. What was picked and why is logged once per process (logger ``inrscrecon.field.fused``, INFO).
+
+Under autocast (bf16 on CUDA, as ``fit`` runs) the fused ops cast their float inputs to the autocast dtype
+(casts are differentiable: fp32 master weights receive the gradients) and accumulate in fp32.
 
 An explicit request that cannot be honoured raises :class:`~inrscrecon.errors.InputError` with the reason;
 only ``auto`` falls back. Kernel modules are imported lazily: importing this module needs torch only.
@@ -19,7 +26,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import logging
+import math
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -29,6 +39,7 @@ from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import fourier_encode
 from inrscrecon.field.losses import KL_EPS, head_loss_reference, sparse_head_loss_reference
 from inrscrecon.field.mlp import Trunk
+from inrscrecon.kernels.ops import compute_dtype
 
 IMPLS = ("auto", "torch", "triton", "cuda")
 OPS = ("head_loss", "sparse_head_loss", "trunk")
@@ -83,11 +94,98 @@ def _announce(op: str, picked: str, why: str) -> None:
     log.info("inrscrecon %s backend: auto picked %r (%s)", op, picked, why)
 
 
-def resolve_impl(impl: str, device: torch.device | str, op: str = "head_loss") -> str:
-    """The concrete impl ("torch" | "triton" | "cuda") for ``op`` ∈ {"head_loss", "trunk"} on ``device``.
+# ------------------------------------------------------------------------------------------------------------
+# The measured backend table (what ``auto`` picks on a GPU)
+# ------------------------------------------------------------------------------------------------------------
 
-    ``auto`` never fails: CPU → torch; CUDA → cuda extension (head_loss only) > triton > torch, logged once.
-    Explicit choices raise InputError when unavailable, except ``cuda`` for the trunk, which means triton.
+TABLE_PATH = Path(__file__).with_name("backend_table.json")
+B_BUCKETS = (256, 65536)  # batch buckets are powers of two clipped to this range
+
+
+def shape_bucket(n_rows: int, width: int, n_genes: int = 0) -> dict[str, int]:
+    """Bucket of a problem shape: each size rounded up to a power of two (B clipped to B_BUCKETS)."""
+
+    def up(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    b = min(max(up(n_rows), B_BUCKETS[0]), B_BUCKETS[1])
+    return {"B": b, "W": up(width), "M": up(n_genes) if n_genes else 0}
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = str(TABLE_PATH)) -> tuple[dict[str, Any], ...]:
+    """Entries of the backend table: ``{"op", "device", "dtype", "bucket": {"B", "W", "M"}, "best",
+    "ms": {impl: ms}, "date", "command"}``; an absent or unreadable file is an empty table (said once)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return tuple(data.get("entries", []))
+    except (OSError, ValueError) as err:
+        log.warning("inrscrecon backend table %s unreadable (%s); auto uses its fallback", path, err)
+        return ()
+
+
+@torch.compiler.assume_constant_result
+def _device_kind(device: str) -> str:
+    """The device kind the table is keyed by: the CUDA device name (e.g. "NVIDIA H200"), else "cpu"."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return dev.type
+
+
+def table_lookup(
+    op: str,
+    device_kind: str,
+    dtype: str,
+    bucket: dict[str, int],
+    entries: tuple[dict[str, Any], ...] | None = None,
+) -> dict[str, Any] | None:
+    """The entry for ``op`` on ``device_kind`` / ``dtype`` whose bucket is nearest to ``bucket`` (sum of
+    |log2| differences over B, W, M); None when the table has nothing for this op, device and dtype."""
+    rows = [
+        e
+        for e in (load_table() if entries is None else entries)
+        if e.get("op") == op and e.get("device") == device_kind and e.get("dtype") == dtype
+    ]
+    if not rows:
+        return None
+
+    def dist(e: dict[str, Any]) -> float:
+        eb = e.get("bucket", {})
+        return sum(abs(math.log2(max(1, eb.get(k, 1))) - math.log2(max(1, bucket.get(k, 1)))) for k in "BWM")
+
+    return min(rows, key=dist)
+
+
+def _available(which: str, op: str, dev: torch.device) -> str:
+    """Why ``which`` cannot run ``op`` on ``dev`` ("" when it can)."""
+    if which == "torch":
+        return ""
+    if which == "triton":
+        return _triton_unavailable(dev)
+    if which == "cuda":
+        if op != "head_loss":
+            return f"no CUDA kernel for {op}"
+        return _cuda_ext()[1] if dev.type == "cuda" else "CUDA kernels need CUDA tensors"
+    return f"unknown impl {which!r} in the backend table"
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device | str,
+    op: str = "head_loss",
+    shape: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
+    """The concrete impl ("torch" | "triton" | "cuda") for ``op`` ∈ OPS on ``device``.
+
+    ``auto`` never fails. CPU tensors → torch. CUDA tensors → the fastest *measured* impl for this device
+    kind, dtype and shape bucket (``shape`` = :func:`shape_bucket`) in ``backend_table.json`` (written by
+    ``benchmarks/bench_kernels.py --write-table``), skipping impls that cannot run here; without an entry
+    for the device, the documented fallback: triton when importable, else torch. The compiled CUDA
+    extension is never picked for merely existing. The choice and its reason are logged once.
+    Explicit choices raise InputError when unavailable, except ``cuda`` for ops without a CUDA kernel,
+    which means triton.
     """
     if impl not in IMPLS:
         raise InputError(f"backend must be one of {IMPLS}, got {impl!r}")
@@ -100,18 +198,24 @@ def resolve_impl(impl: str, device: torch.device | str, op: str = "head_loss") -
         if dev.type != "cuda":
             _announce(op, "torch", f"tensors are on {dev.type}; fused kernels are used on CUDA only")
             return "torch"
-        if op == "head_loss":
-            mod, why_not_cuda = _cuda_ext()
-            if mod is not None:
-                _announce(op, "cuda", "compiled CUDA extension found")
-                return "cuda"
-        else:
-            why_not_cuda = f"no CUDA kernel for {op}"
+        kind = _device_kind(str(dev))
+        dname = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
+        entry = table_lookup(op, kind, dname, shape or {})
+        if entry is not None:
+            ranked = sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1])
+            for which, ms in ranked:
+                if which in ("torch", "triton", "cuda") and not _available(which, op, dev):
+                    _announce(
+                        op,
+                        which,
+                        f"measured fastest on {kind} {dname} bucket {entry.get('bucket')}: {ms:.3g} ms",
+                    )
+                    return which
         why_not_triton = _triton_unavailable(dev)
         if not why_not_triton:
-            _announce(op, "triton", why_not_cuda)
+            _announce(op, "triton", f"no measured entry for {kind} {dname}; fallback triton")
             return "triton"
-        _announce(op, "torch", f"{why_not_cuda}; {why_not_triton}")
+        _announce(op, "torch", f"no measured entry for {kind}; {why_not_triton}")
         return "torch"
     if impl == "cuda" and op == "head_loss":
         mod, why = _cuda_ext()
@@ -120,7 +224,7 @@ def resolve_impl(impl: str, device: torch.device | str, op: str = "head_loss") -
         if dev.type != "cuda":
             raise InputError(f"backend 'cuda' needs CUDA tensors, got device {dev}")
         return "cuda"
-    # impl == "triton", or "cuda" for the trunk (served by Triton)
+    # impl == "triton", or "cuda" for an op without a CUDA kernel (served by Triton)
     why = _triton_unavailable(dev)
     if why:
         raise InputError(f"backend {impl!r} requested for {op} but {why}")
@@ -141,13 +245,14 @@ def head_loss(
     All three outputs carry gradients to hidden, weight and bias with the torch and triton impls (the cuda
     extension defines its own contract for rmse / kl).
     """
-    which = resolve_impl(impl, hidden.device, "head_loss")
+    shape = shape_bucket(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    which = resolve_impl(impl, hidden.device, "head_loss", shape, compute_dtype(hidden, weight))
     if which == "torch":
         return head_loss_reference(hidden, weight, bias, target, lambda_kl, kl_eps)
     if which == "triton":
-        from inrscrecon.kernels.triton_head_loss import triton_head_loss
+        from inrscrecon.kernels.ops import triton_dense_head_loss
 
-        return triton_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
+        return triton_dense_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
     mod, _ = _cuda_ext()
     return mod.cuda_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
 
@@ -195,24 +300,28 @@ def sparse_head_loss(
     kl_eps: float = KL_EPS,
     row_weight: torch.Tensor | None = None,  # [B] fp32, 1 = real row, 0 = padding row
     impl: str = "auto",
+    indices_sorted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softplus(h Wᵀ + b) against a sparse CSR target → (RMSE + λ·KL, RMSE, KL) fp32 scalars.
 
     Equals :func:`head_loss` on the densified target (rows weighted by ``row_weight``; see
     :func:`~inrscrecon.field.losses.sparse_head_loss_reference`). Slots at positions ≥ indptr[B] are
     ignored, so fixed-capacity buffers keep shapes static from step to step. Gradients flow to hidden,
-    weight and bias. The fused impls never build a [B, M] target or prediction in global memory.
+    weight and bias. The fused impls never build a [B, M] target or prediction in global memory; they
+    sort each row's non-zeros by gene on the device unless ``indices_sorted`` says they already are. Under
+    autocast the matmuls run in the autocast dtype with fp32 accumulation.
     """
     _check_sparse(hidden, weight, bias, indptr, indices, values, row_weight)
-    which = resolve_impl(impl, hidden.device, "sparse_head_loss")
+    shape = shape_bucket(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    which = resolve_impl(impl, hidden.device, "sparse_head_loss", shape, compute_dtype(hidden, weight))
     if which == "torch":
         return sparse_head_loss_reference(
             hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
         )
-    from inrscrecon.kernels.triton_sparse_head_loss import triton_sparse_head_loss
+    from inrscrecon.kernels.ops import triton_sparse_head_loss
 
     return triton_sparse_head_loss(
-        hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
+        hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight, indices_sorted
     )
 
 
@@ -227,19 +336,20 @@ def trunk_forward(
     The fused path needs the Fourier encoding with include_input=True, widths ≤ 256 and one weight dtype; for
     other encodings call the torch modules directly.
     """
-    which = resolve_impl(impl, coords.device, "trunk")
+    linears = [cast(nn.Linear, layer) for layer in trunk.layers]
+    shape = shape_bucket(coords.shape[0], linears[-1].out_features)
+    which = resolve_impl(impl, coords.device, "trunk", shape, compute_dtype(*[lin.weight for lin in linears]))
     widths = {cast(nn.Linear, layer).out_features for layer in trunk.layers}
     if which == "triton" and impl == "auto" and (max(widths) > 256 or 3 + 6 * n_bands > 256):
         _announce("trunk", "torch", "width or encoding above the fused kernel's 256 limit")
         which = "torch"
     if which == "torch":
         return trunk(fourier_encode(coords, n_bands, include_input=True))
-    from inrscrecon.kernels.triton_trunk import triton_trunk
+    from inrscrecon.kernels.ops import triton_trunk_op
 
-    linears = [cast(nn.Linear, layer) for layer in trunk.layers]
     weights = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
-    return triton_trunk(coords, n_bands, weights, biases)
+    return triton_trunk_op(coords, n_bands, weights, biases)
 
 
 __all__ = ["IMPLS", "head_loss", "resolve_impl", "sparse_head_loss", "trunk_forward"]

@@ -1,7 +1,8 @@
-"""Rounding helpers shared by the Triton kernels (import only triton)."""
+"""Rounding and dot-precision helpers shared by the Triton kernels (import only torch and triton)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,3 +22,11 @@ def _cast(x, dtype, UPCAST: tl.constexpr):
         if dtype == tl.bfloat16:
             x = _round_bf16(x)
     return x.to(dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of tl.dot for operands of ``dtype``: fp32 follows torch's TF32 switch (exact
+    "ieee" by default); half types ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -55,9 +55,9 @@ import triton
 import triton.language as tl
 
 from inrscrecon.kernels import interpreting
-from inrscrecon.kernels._precision import _cast
+from inrscrecon.kernels._precision import _cast, dot_precision
 
-__all__ = ["HeadLossBlocks", "TritonHeadLoss", "triton_head_loss"]
+__all__ = ["HeadLossBlocks", "TritonHeadLoss", "head_loss_backward", "head_loss_forward", "triton_head_loss"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -404,13 +404,6 @@ def _split(n_tiles: int, other_programs: int, requested: int | None, device: tor
     return math.ceil(n_tiles / tiles_per_prog), tiles_per_prog
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's TF32 switch (exact by default); half types ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _check(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
 ) -> None:
@@ -438,42 +431,117 @@ def _check(
         )
 
 
-class TritonHeadLoss(torch.autograd.Function):
-    """autograd Function; use :func:`triton_head_loss`."""
+def head_loss_forward(
+    hidden: torch.Tensor,  # [B, W]
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    target: torch.Tensor,  # [B, M]
+    lambda_kl: float,
+    kl_eps: float,
+    blocks: HeadLossBlocks | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward kernel → (loss, rmse, kl, rowstat [2, B] = (1/s_b, off_b) for the backward)."""
+    dt = torch.promote_types(hidden.dtype, weight.dtype)
+    h = hidden.to(dt).contiguous()  # [B, W]
+    w = weight.to(dt).contiguous()  # [M, W]
+    b = bias.contiguous() if bias is not None else None  # [M]
+    t = target.contiguous()  # [B, M]
+    n_rows, width = h.shape
+    n_genes = w.shape[0]
+    cfg = blocks or _default_blocks(h.device, width, dt)
+    has_kl = lambda_kl != 0.0
+    common = _common(h, b, has_kl, cfg)
+    row_blocks = triton.cdiv(n_rows, cfg.block_b)
+    splits, per_prog = _split(triton.cdiv(n_genes, cfg.block_m), row_blocks, cfg.splits, h.device)
+    stats = torch.zeros(5, n_rows, device=h.device, dtype=torch.float32)
+    b_arg = b if b is not None else w  # never read without HAS_BIAS
+    _head_stats_kernel[(row_blocks, splits)](
+        h,
+        w,
+        b_arg,
+        t,
+        stats,
+        n_rows,
+        n_genes,
+        width,
+        h.stride(0),
+        w.stride(0),
+        t.stride(0),
+        per_prog,
+        float(kl_eps),
+        ATOMIC=splits > 1,
+        **common,
+    )
+    sse, s, a, c, s_t = stats.unbind(0)
+    rmse = torch.sqrt(sse.sum() / (n_rows * n_genes))
+    if has_kl:
+        kl_rows = a / s - torch.log(s) - c / s + torch.log(s_t)  # [B]
+        kl = kl_rows.mean()
+        rowstat = torch.stack([1.0 / s, torch.log(s_t) - torch.log(s) - kl_rows])  # [2, B]
+    else:
+        kl = torch.zeros((), device=h.device, dtype=torch.float32)
+        rowstat = torch.zeros(2, n_rows, device=h.device, dtype=torch.float32)
+    return rmse + lambda_kl * kl, rmse, kl, rowstat
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, lambda_kl, kl_eps, blocks):  # type: ignore[override]
-        dt = torch.promote_types(hidden.dtype, weight.dtype)
-        h = hidden.to(dt).contiguous()  # [B, W]
-        w = weight.to(dt).contiguous()  # [M, W]
-        b = bias.contiguous() if bias is not None else None  # [M]
-        t = target.contiguous()  # [B, M]
-        n_rows, width = h.shape
-        n_genes = w.shape[0]
-        cfg = blocks or _default_blocks(h.device, width, dt)
-        has_kl = lambda_kl != 0.0
-        common = dict(
-            HAS_BIAS=b is not None,
-            HAS_KL=has_kl,
-            UPCAST=h.device.type != "cuda" or dt == torch.float32,
-            PRECISION=_dot_precision(dt),
-            BLOCK_B=cfg.block_b,
-            BLOCK_M=cfg.block_m,
-            BLOCK_W=max(16, triton.next_power_of_2(width)),
-            num_warps=cfg.num_warps,
-        )
-        if cfg.num_stages is not None:
-            common["num_stages"] = cfg.num_stages
+
+def _common(h: torch.Tensor, b: torch.Tensor | None, has_kl: bool, cfg: HeadLossBlocks) -> dict:
+    common = dict(
+        HAS_BIAS=b is not None,
+        HAS_KL=has_kl,
+        UPCAST=h.device.type != "cuda" or h.dtype == torch.float32,
+        PRECISION=dot_precision(h.dtype),
+        BLOCK_B=cfg.block_b,
+        BLOCK_M=cfg.block_m,
+        BLOCK_W=max(16, triton.next_power_of_2(h.shape[1])),
+        num_warps=cfg.num_warps,
+    )
+    if cfg.num_stages is not None:
+        common["num_stages"] = cfg.num_stages
+    return common
+
+
+def head_loss_backward(
+    hidden: torch.Tensor,  # [B, W]
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    target: torch.Tensor,  # [B, M]
+    rowstat: torch.Tensor,  # [2, B]
+    coef: torch.Tensor,  # [2] fp32 (c_r, c_k)
+    kl_eps: float,
+    has_kl: bool,
+    blocks: HeadLossBlocks | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels → fp32 (∂h [B, W], ∂W [M, W], ∂b [M]); a gradient not needed comes back empty."""
+    dt = torch.promote_types(hidden.dtype, weight.dtype)
+    h = hidden.to(dt).contiguous()
+    w = weight.to(dt).contiguous()
+    b = bias.contiguous() if bias is not None else None
+    t = target.contiguous()
+    n_rows, width = h.shape
+    n_genes = w.shape[0]
+    cfg = blocks or _default_blocks(h.device, width, dt)
+    common = _common(h, b, has_kl, cfg)
+    coef = coef.float().contiguous()
+    rowstat = rowstat.contiguous()
+    b_arg = b if b is not None else w
+    gh = torch.zeros(0, device=h.device, dtype=torch.float32)
+    gw = torch.zeros(0, device=h.device, dtype=torch.float32)
+    gb = torch.zeros(0, device=h.device, dtype=torch.float32)
+    if need_hidden:
         row_blocks = triton.cdiv(n_rows, cfg.block_b)
         splits, per_prog = _split(triton.cdiv(n_genes, cfg.block_m), row_blocks, cfg.splits, h.device)
-        stats = torch.zeros(5, n_rows, device=h.device, dtype=torch.float32)
-        b_arg = b if b is not None else w  # never read without HAS_BIAS
-        _head_stats_kernel[(row_blocks, splits)](
+        alloc = torch.zeros if splits > 1 else torch.empty
+        gh = alloc(n_rows, width, device=h.device, dtype=torch.float32)
+        _head_grad_hidden_kernel[(row_blocks, splits)](
             h,
             w,
             b_arg,
             t,
-            stats,
+            rowstat,
+            coef,
+            gh,
             n_rows,
             n_genes,
             width,
@@ -485,88 +553,72 @@ class TritonHeadLoss(torch.autograd.Function):
             ATOMIC=splits > 1,
             **common,
         )
-        sse, s, a, c, s_t = stats.unbind(0)
-        rmse = torch.sqrt(sse.sum() / (n_rows * n_genes))
-        if has_kl:
-            kl_rows = a / s - torch.log(s) - c / s + torch.log(s_t)  # [B]
-            kl = kl_rows.mean()
-            rowstat = torch.stack([1.0 / s, torch.log(s_t) - torch.log(s) - kl_rows])  # [2, B]
-        else:
-            kl = torch.zeros((), device=h.device, dtype=torch.float32)
-            rowstat = torch.zeros(2, n_rows, device=h.device, dtype=torch.float32)
-        loss = rmse + lambda_kl * kl
-        ctx.save_for_backward(h, w, b, t, rowstat, rmse)
-        ctx.lambda_kl, ctx.kl_eps, ctx.common, ctx.cfg = lambda_kl, float(kl_eps), common, cfg
-        ctx.in_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    if need_weight:
+        gene_blocks = triton.cdiv(n_genes, cfg.block_m)
+        splits, per_prog = _split(triton.cdiv(n_rows, cfg.block_b), gene_blocks, cfg.splits, h.device)
+        alloc = torch.zeros if splits > 1 else torch.empty
+        gw = alloc(n_genes, width, device=h.device, dtype=torch.float32)
+        gb = alloc(n_genes, device=h.device, dtype=torch.float32)
+        _head_grad_weight_kernel[(gene_blocks, splits)](
+            h,
+            w,
+            b_arg,
+            t,
+            rowstat,
+            coef,
+            gw,
+            gb,
+            n_rows,
+            n_genes,
+            width,
+            h.stride(0),
+            w.stride(0),
+            t.stride(0),
+            per_prog,
+            float(kl_eps),
+            ATOMIC=splits > 1,
+            **common,
+        )
+    return gh, gw, gb
+
+
+class TritonHeadLoss(torch.autograd.Function):
+    """autograd Function over :func:`head_loss_forward` / :func:`head_loss_backward` (explicit tiles);
+    the registered op ``inrscrecon::head_loss`` (:mod:`inrscrecon.kernels.ops`) is the traceable twin."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, lambda_kl, kl_eps, blocks):  # type: ignore[override]
+        loss, rmse, kl, rowstat = head_loss_forward(hidden, weight, bias, target, lambda_kl, kl_eps, blocks)
+        ctx.save_for_backward(hidden, weight, bias, target, rowstat, rmse)
+        ctx.lambda_kl, ctx.kl_eps, ctx.blocks = lambda_kl, float(kl_eps), blocks
         return loss, rmse, kl
 
     @staticmethod
     def backward(ctx, g_loss, g_rmse, g_kl):  # type: ignore[override]
-        h, w, b, t, rowstat, rmse = ctx.saved_tensors
-        n_rows, width = h.shape
-        n_genes = w.shape[0]
-        cfg = ctx.cfg
+        hidden, weight, bias, target, rowstat, rmse = ctx.saved_tensors
+        n_rows, n_genes = target.shape
         # c_r, c_k of the module docstring, computed on the device (no host sync).
         denom = n_rows * n_genes * rmse
         c_r = torch.where(rmse > 0, (g_loss + g_rmse) / torch.where(rmse > 0, denom, 1.0), 0.0)
         c_k = (ctx.lambda_kl * g_loss + g_kl) / n_rows
-        coef = torch.stack([c_r, c_k]).float().contiguous()
-        b_arg = b if b is not None else w
-        args = (t.stride(0),)
-        grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            row_blocks = triton.cdiv(n_rows, cfg.block_b)
-            splits, per_prog = _split(triton.cdiv(n_genes, cfg.block_m), row_blocks, cfg.splits, h.device)
-            alloc = torch.zeros if splits > 1 else torch.empty
-            gh = alloc(n_rows, width, device=h.device, dtype=torch.float32)
-            _head_grad_hidden_kernel[(row_blocks, splits)](
-                h,
-                w,
-                b_arg,
-                t,
-                rowstat,
-                coef,
-                gh,
-                n_rows,
-                n_genes,
-                width,
-                h.stride(0),
-                w.stride(0),
-                *args,
-                per_prog,
-                ctx.kl_eps,
-                ATOMIC=splits > 1,
-                **ctx.common,
-            )
-            grad_h = gh.to(ctx.in_dtypes[0])
-        if ctx.needs_input_grad[1] or (b is not None and ctx.needs_input_grad[2]):
-            gene_blocks = triton.cdiv(n_genes, cfg.block_m)
-            splits, per_prog = _split(triton.cdiv(n_rows, cfg.block_b), gene_blocks, cfg.splits, h.device)
-            alloc = torch.zeros if splits > 1 else torch.empty
-            gw = alloc(n_genes, width, device=h.device, dtype=torch.float32)
-            gb = alloc(n_genes, device=h.device, dtype=torch.float32)
-            _head_grad_weight_kernel[(gene_blocks, splits)](
-                h,
-                w,
-                b_arg,
-                t,
-                rowstat,
-                coef,
-                gw,
-                gb,
-                n_rows,
-                n_genes,
-                width,
-                h.stride(0),
-                w.stride(0),
-                *args,
-                per_prog,
-                ctx.kl_eps,
-                ATOMIC=splits > 1,
-                **ctx.common,
-            )
-            grad_w = gw.to(ctx.in_dtypes[1]) if ctx.needs_input_grad[1] else None
-            grad_b = gb.to(ctx.in_dtypes[2]) if b is not None and ctx.needs_input_grad[2] else None
+        coef = torch.stack([c_r, c_k]).float()
+        need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        gh, gw, gb = head_loss_backward(
+            hidden,
+            weight,
+            bias,
+            target,
+            rowstat,
+            coef,
+            ctx.kl_eps,
+            ctx.lambda_kl != 0.0,
+            ctx.blocks,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=need_w,
+        )
+        grad_h = gh.to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = gw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None, None, None
 
 

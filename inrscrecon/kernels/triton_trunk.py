@@ -8,10 +8,12 @@ What is built:
 
 * forward, **fully fused** (``_trunk_fused_fwd_kernel``): one program per row block runs encoding → layer 0
   → … → layer n−1 with the [BLOCK_B, W] activation slab kept in registers across layers (tiny-cuda-nn
-  style); each layer's weights are read whole (W ≤ 256, padded to a power of two by masked loads). In
-  training it also writes each layer's output once (the backward needs them); in inference only the last.
-* forward, **per layer** (``_linear_relu_fwd_kernel``; used when a whole weight tile would not fit in shared
-  memory, e.g. fp32 at W = 256): tiled Linear + bias + ReLU, the encoding fused into layer 0's K loop.
+  style); each layer's weights are read whole (padded to a power of two by masked loads). In training it
+  also writes each layer's output once (the backward needs them); under ``torch.no_grad()`` (or when no
+  parameter needs a gradient) only the last, and nothing is saved for a backward.
+* forward, **per layer** (``_linear_relu_fwd_kernel``; used when a whole weight tile exceeds
+  ``FUSED_TILE_BYTES`` = 64 KiB, i.e. W = 256 in bf16 or fp32): tiled Linear + bias + ReLU, the encoding fused
+  into layer 0's K loop.
 * backward, per layer, from the stored post-ReLU activations y_l (stored, not recomputed)::
 
       y_l = relu(x_l W_lᵀ + b_l),  x_0 = enc(coords),  x_l = y_{l−1}
@@ -40,7 +42,7 @@ import triton
 import triton.language as tl
 
 from inrscrecon.kernels import interpreting
-from inrscrecon.kernels._precision import _cast
+from inrscrecon.kernels._precision import _cast, dot_precision
 
 __all__ = ["TrunkBlocks", "TritonTrunk", "triton_trunk"]
 
@@ -311,11 +313,11 @@ def _launch_opts(cfg: TrunkBlocks) -> dict[str, int]:
     return opts
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
+# Largest weight tile the fused forward stages whole. At W = 256 in bf16 the tile alone is 128 KiB and the
+# kernel needs 144 KiB of shared memory with its activation slab: ptxas for sm_90 spills (≈ 18 KB of spill
+# stores per thread). So by design W > 128 (bf16) or W > 128 (fp32, 64 KiB) runs the per-layer kernels,
+# whose [64, 32] bf16 tiles stay in registers/shared memory and reach tensor cores.
+FUSED_TILE_BYTES = 64 * 1024
 
 _FUSE_WARNED: set[str] = set()
 
@@ -327,19 +329,20 @@ def _forward(
     biases: list[torch.Tensor],  # [W] ...
     cfg: TrunkBlocks,
     store_all: bool,
-) -> list[torch.Tensor]:
-    """Run the forward; returns every layer's output when ``store_all`` else [hidden]."""
+) -> torch.Tensor:
+    """Run the forward → every layer's output [n_layers, B, W] when ``store_all``, else the hidden [1, B, W]
+    (one allocation; under ``store_all=False`` the per-layer path keeps at most two activations alive)."""
     n_rows = coords.shape[0]
     width, d_in = weights[0].shape
     dt = weights[0].dtype
     dev = coords.device
     upcast = dev.type != "cuda" or dt == torch.float32
-    precision = _dot_precision(dt)
+    precision = dot_precision(dt)
     w_pad = max(16, triton.next_power_of_2(width))
     d_pad = max(16, triton.next_power_of_2(d_in))
     fuse = cfg.fuse_layers
-    if fuse is None:  # whole [W, W] (and [W, D]) tiles staged in shared memory: ≤ 128 KiB each
-        fuse = max(w_pad, d_pad) * w_pad * weights[0].element_size() <= 128 * 1024
+    if fuse is None:  # whole [W, W] (and [W, D]) weight tiles staged in shared memory: ≤ FUSED_TILE_BYTES
+        fuse = max(w_pad, d_pad) * w_pad * weights[0].element_size() <= FUSED_TILE_BYTES
     if fuse:
         n_hidden = len(weights) - 1
         wh = torch.stack(weights[1:]).contiguous() if n_hidden else weights[0]
@@ -366,7 +369,7 @@ def _forward(
                 BLOCK_W=w_pad,
                 **_launch_opts(cfg),
             )
-            return list(ys.unbind(0))
+            return ys
         except triton.runtime.OutOfResources as err:  # said once, then the per-layer kernels
             key = f"{width}/{dt}"
             if key not in _FUSE_WARNED:
@@ -376,11 +379,15 @@ def _forward(
                     RuntimeWarning,
                     stacklevel=3,
                 )
-    outs: list[torch.Tensor] = []
+    n_layers = len(weights)
+    out = torch.empty(n_layers if store_all else 1, n_rows, weights[-1].shape[0], device=dev, dtype=dt)
     x = coords
     for i, (w, b) in enumerate(zip(weights, biases)):
         n_out, k_in = w.shape
-        y = torch.empty(n_rows, n_out, device=dev, dtype=dt)
+        if store_all or i == n_layers - 1:
+            y = out[i if store_all else 0]  # contiguous slice of the one output
+        else:
+            y = torch.empty(n_rows, n_out, device=dev, dtype=dt)
         grid = (triton.cdiv(n_rows, cfg.block_b), triton.cdiv(n_out, cfg.block_n))
         _linear_relu_fwd_kernel[grid](
             x,
@@ -400,82 +407,99 @@ def _forward(
             BLOCK_K=cfg.block_k,
             **_launch_opts(cfg),
         )
-        outs.append(y)
-        x = y
-    return outs if store_all else outs[-1:]
+        x = y  # without store_all, the previous activation is freed here
+    return out
+
+
+def _backward(
+    coords: torch.Tensor,  # [B, 3] fp32
+    n_bands: int,
+    weights: list[torch.Tensor],  # as in the forward
+    ys: list[torch.Tensor],  # every layer's stored post-ReLU output [B, W]
+    g_hidden: torch.Tensor,  # [B, W] ∂hidden
+    cfg: TrunkBlocks,
+) -> list[torch.Tensor]:
+    """→ fp32 [∂W_0, ∂b_0, ∂W_1, ∂b_1, …], last layer first in time, from the stored activations."""
+    n = len(weights)
+    n_rows = coords.shape[0]
+    dev = coords.device
+    dt = weights[0].dtype
+    upcast = dev.type != "cuda" or dt == torch.float32
+    common = dict(UPCAST=upcast, PRECISION=dot_precision(dt), BLOCK_B=cfg.block_b, **_launch_opts(cfg))
+    gy = g_hidden.contiguous()
+    grads: list[torch.Tensor] = [coords] * (2 * n)
+    for i in range(n - 1, -1, -1):
+        w, y = weights[i], ys[i]
+        n_out, k_in = w.shape
+        row_tiles = triton.cdiv(n_rows, cfg.block_b)
+        nb, kb = triton.cdiv(n_out, cfg.block_n), triton.cdiv(k_in, cfg.block_k)
+        splits = cfg.splits
+        if splits is None:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+            splits = max(1, math.ceil(4 * sms / (nb * kb)))
+        per_prog = math.ceil(row_tiles / max(1, min(splits, row_tiles)))
+        splits = math.ceil(row_tiles / per_prog)
+        alloc = torch.zeros if splits > 1 else torch.empty
+        gw = alloc(n_out, k_in, device=dev, dtype=torch.float32)
+        gb = alloc(n_out, device=dev, dtype=torch.float32)
+        x = ys[i - 1] if i > 0 else w
+        _relu_linear_bwd_weight_kernel[(nb, kb, splits)](
+            gy,
+            y,
+            x,
+            coords,
+            gw,
+            gb,
+            n_rows,
+            k_in,
+            n_out,
+            max(n_bands, 1),
+            per_prog,
+            ENCODE=i == 0,
+            ATOMIC=splits > 1,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            **common,
+        )
+        grads[2 * i], grads[2 * i + 1] = gw, gb
+        if i > 0:
+            gx = torch.empty(n_rows, k_in, device=dev, dtype=torch.float32)
+            _relu_linear_bwd_input_kernel[(row_tiles, kb)](
+                gy, y, w, gx, n_rows, k_in, n_out, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **common
+            )
+            gy = gx
+    return grads
 
 
 class TritonTrunk(torch.autograd.Function):
-    """autograd Function; use :func:`triton_trunk`. Inputs after ``cfg``: w_0, b_0, w_1, b_1, …"""
+    """autograd Function (explicit tiles); the registered op ``inrscrecon::trunk``
+    (:mod:`inrscrecon.kernels.ops`) is the traceable twin. Inputs after ``store``: w_0, b_0, w_1, b_1, …
+    ``store``: keep every layer's activation for the backward (False under ``torch.no_grad()``)."""
 
     @staticmethod
-    def forward(ctx, coords, n_bands, cfg, *params):  # type: ignore[override]
+    def forward(ctx, coords, n_bands, cfg, store, *params):  # type: ignore[override]
         weights = [p.contiguous() for p in params[0::2]]
         biases = [p.contiguous() for p in params[1::2]]
-        needs_grad = any(ctx.needs_input_grad[3:])
-        ys = _forward(coords, n_bands, weights, biases, cfg, store_all=needs_grad)
-        if needs_grad:
+        ys = list(_forward(coords, n_bands, weights, biases, cfg, store_all=store).unbind(0))
+        if store:
             ctx.save_for_backward(coords, *weights, *ys)
-        ctx.n_layers, ctx.n_bands, ctx.cfg = len(weights), n_bands, cfg
+        ctx.n_layers, ctx.n_bands, ctx.cfg, ctx.store = len(weights), n_bands, cfg, store
         ctx.b_dtypes = [b.dtype for b in biases]
         return ys[-1]
 
     @staticmethod
     def backward(ctx, g_hidden):  # type: ignore[override]
+        if not ctx.store:
+            raise RuntimeError("trunk forward ran without storing activations; cannot differentiate")
         n = ctx.n_layers
         saved = ctx.saved_tensors
-        coords, weights, ys = saved[0], saved[1 : 1 + n], saved[1 + n :]
-        cfg = ctx.cfg
-        n_rows = coords.shape[0]
-        dev = coords.device
-        dt = weights[0].dtype
-        upcast = dev.type != "cuda" or dt == torch.float32
-        precision = _dot_precision(dt)
-        common = dict(UPCAST=upcast, PRECISION=precision, BLOCK_B=cfg.block_b, **_launch_opts(cfg))
-        gy = g_hidden.contiguous()
-        grads = [None] * (2 * n)
-        for i in range(n - 1, -1, -1):
-            w, y = weights[i], ys[i]
-            n_out, k_in = w.shape
-            row_tiles = triton.cdiv(n_rows, cfg.block_b)
-            nb, kb = triton.cdiv(n_out, cfg.block_n), triton.cdiv(k_in, cfg.block_k)
-            splits = cfg.splits
-            if splits is None:
-                sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-                splits = max(1, math.ceil(4 * sms / (nb * kb)))
-            per_prog = math.ceil(row_tiles / max(1, min(splits, row_tiles)))
-            splits = math.ceil(row_tiles / per_prog)
-            alloc = torch.zeros if splits > 1 else torch.empty
-            gw = alloc(n_out, k_in, device=dev, dtype=torch.float32)
-            gb = alloc(n_out, device=dev, dtype=torch.float32)
-            x = ys[i - 1] if i > 0 else w
-            _relu_linear_bwd_weight_kernel[(nb, kb, splits)](
-                gy,
-                y,
-                x,
-                coords,
-                gw,
-                gb,
-                n_rows,
-                k_in,
-                n_out,
-                max(ctx.n_bands, 1),
-                per_prog,
-                ENCODE=i == 0,
-                ATOMIC=splits > 1,
-                BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k,
-                **common,
-            )
-            grads[2 * i] = gw.to(w.dtype) if ctx.needs_input_grad[3 + 2 * i] else None
-            grads[2 * i + 1] = gb.to(ctx.b_dtypes[i]) if ctx.needs_input_grad[4 + 2 * i] else None
-            if i > 0:
-                gx = torch.empty(n_rows, k_in, device=dev, dtype=torch.float32)
-                _relu_linear_bwd_input_kernel[(row_tiles, kb)](
-                    gy, y, w, gx, n_rows, k_in, n_out, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **common
-                )
-                gy = gx
-        return (None, None, None, *grads)
+        coords, weights, ys = saved[0], list(saved[1 : 1 + n]), list(saved[1 + n :])
+        raw = _backward(coords, ctx.n_bands, weights, ys, g_hidden, ctx.cfg)
+        grads: list[torch.Tensor | None] = []
+        for i in range(n):
+            grads.append(raw[2 * i].to(weights[i].dtype) if ctx.needs_input_grad[4 + 2 * i] else None)
+            grads.append(raw[2 * i + 1].to(ctx.b_dtypes[i]) if ctx.needs_input_grad[5 + 2 * i] else None)
+        return (None, None, None, None, *grads)
 
 
 def triton_trunk(
@@ -513,5 +537,6 @@ def triton_trunk(
         )
     cfg = blocks or _default_blocks(coords.device, width)
     params = [t for wb in zip(weights, biases) for t in wb]
-    out = TritonTrunk.apply(coords.detach().float().contiguous(), int(n_bands), cfg, *params)
+    store = torch.is_grad_enabled() and any(p.requires_grad for p in params)  # nothing kept under no_grad
+    out = TritonTrunk.apply(coords.detach().float().contiguous(), int(n_bands), cfg, store, *params)
     return out

@@ -1,0 +1,412 @@
+"""``torch.library`` registrations of the fused kernels, so ``torch.compile(fullgraph=True)`` traces a train
+step through them (each op is one opaque node with a fake implementation for shapes and a registered
+autograd formula; CUDA graphs can capture them).
+
+Ops (namespace ``inrscrecon``):
+
+* ``sparse_head_loss`` / ``sparse_head_loss_backward`` — head + loss against CSR targets
+  (:mod:`inrscrecon.kernels.triton_sparse_head_loss`).
+* ``head_loss`` / ``head_loss_backward`` — head + loss against a dense target
+  (:mod:`inrscrecon.kernels.triton_head_loss`).
+* ``trunk`` / ``trunk_backward`` — Fourier encoding + MLP trunk (:mod:`inrscrecon.kernels.triton_trunk`).
+
+The implementations look the kernel modules up at call time (the tests reload them for the Triton
+interpreter), so importing this module needs torch only. The public entry points are the functions
+below; :mod:`inrscrecon.field.fused` is the switch that calls them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "sort_rows",
+    "triton_dense_head_loss",
+    "triton_sparse_head_loss",
+    "triton_trunk_op",
+]
+
+
+def _mod(name: str) -> ModuleType:
+    return importlib.import_module(f"inrscrecon.kernels.{name}")
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The matmul dtype: the autocast dtype when autocast is on for the tensors' device, else the promoted
+    dtype of the float inputs."""
+    dev = tensors[0].device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _scalar(x: Tensor) -> Tensor:
+    return x.new_empty((), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sparse head + loss
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("inrscrecon::sparse_head_loss", mutates_args=())
+def _sparse_fwd(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    indptr: Tensor,  # [B+1] int64
+    indices: Tensor,  # [CAP], sorted within rows
+    values: Tensor,  # [CAP] fp32
+    row_weight: Tensor | None,  # [B]
+    lambda_kl: float,
+    kl_eps: float,
+    grad_in_forward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _mod("triton_sparse_head_loss").sparse_head_forward(
+        hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward
+    )
+    return tuple(out)  # type: ignore[return-value]
+
+
+@_sparse_fwd.register_fake
+def _sparse_fwd_fake(
+    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward
+):
+    n_rows, width = hidden.shape
+    n_genes = weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    grads = (
+        (hidden.new_empty(n_rows, width, **f32), hidden.new_empty(n_genes, width, **f32))
+        if grad_in_forward
+        else (hidden.new_empty(0, **f32), hidden.new_empty(0, **f32))
+    )
+    gb = hidden.new_empty(n_genes if grad_in_forward else 0, **f32)
+    return (
+        _scalar(hidden),
+        _scalar(hidden),
+        _scalar(hidden),
+        hidden.new_empty(2, n_rows, **f32),
+        _scalar(hidden),
+        *grads,
+        gb,
+    )
+
+
+@torch.library.custom_op("inrscrecon::sparse_head_loss_backward", mutates_args=())
+def _sparse_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    indptr: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    row_weight: Tensor | None,
+    rowstat: Tensor,  # [2, B]
+    coef: Tensor,  # [2] (c_r, c_k)
+    kl_eps: float,
+    has_kl: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _mod("triton_sparse_head_loss").sparse_head_backward(
+        hidden, weight, bias, indptr, indices, values, row_weight, rowstat, coef, kl_eps, has_kl
+    )
+
+
+@_sparse_bwd.register_fake
+def _sparse_bwd_fake(
+    hidden, weight, bias, indptr, indices, values, row_weight, rowstat, coef, kl_eps, has_kl
+):
+    f32 = dict(dtype=torch.float32)
+    return (
+        hidden.new_empty(hidden.shape, **f32),
+        hidden.new_empty(weight.shape, **f32),
+        hidden.new_empty(weight.shape[0], **f32),
+    )
+
+
+def _sparse_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward = inputs
+    _, rmse, _, rowstat, wsum, gh, gw, gb = output
+    ctx.save_for_backward(
+        hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb
+    )
+    ctx.lambda_kl, ctx.kl_eps, ctx.grad_in_forward = float(lambda_kl), float(kl_eps), bool(grad_in_forward)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
+        ctx.saved_tensors
+    )
+    n_genes = weight.shape[0]
+    # c_r, c_k of the kernel module's docstring, on the device (no host sync)
+    c_r = torch.where(rmse > 0, (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
+    c_k = (ctx.lambda_kl * g_loss + g_kl) / wsum
+    if ctx.grad_in_forward:
+        gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
+    else:
+        coef = torch.stack([c_r, c_k]).float()
+        gh, gw, gb = torch.ops.inrscrecon.sparse_head_loss_backward(
+            hidden,
+            weight,
+            bias,
+            indptr,
+            indices,
+            values,
+            row_weight,
+            rowstat,
+            coef,
+            ctx.kl_eps,
+            ctx.lambda_kl != 0,
+        )
+    need = ctx.needs_input_grad
+    return (
+        gh.to(hidden.dtype) if need[0] else None,
+        gw.to(weight.dtype) if need[1] else None,
+        gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_sparse_fwd.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
+def sort_rows(
+    indptr: torch.Tensor,  # [B+1] int64
+    indices: torch.Tensor,  # [CAP]
+    values: torch.Tensor,  # [CAP]
+    n_genes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) with each row's non-zeros sorted by gene; slots past indptr[B] stay at the end.
+    One device sort, static shapes (traceable)."""
+    n_rows = indptr.shape[0] - 1
+    slots = torch.arange(indices.shape[0], device=indices.device)
+    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # B for unused slots
+    key = rows * n_genes + indices.long().clamp(0, max(n_genes - 1, 0))
+    key = torch.where(rows < n_rows, key, n_rows * n_genes + slots)
+    order = torch.sort(key).indices
+    return indices[order].contiguous(), values[order].contiguous()
+
+
+def triton_sparse_head_loss(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    indptr: Tensor,  # [B+1] int64
+    indices: Tensor,  # [CAP] int32/int64
+    values: Tensor,  # [CAP] fp32
+    lambda_kl: float = 0.0,
+    kl_eps: float = 1e-2,
+    row_weight: Tensor | None = None,  # [B]
+    indices_sorted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused Triton head + loss on CSR targets → (loss, rmse, kl) fp32 scalars; contract of
+    ``sparse_head_loss_reference``. Under autocast the matmuls run in the autocast dtype (the casts are
+    differentiable, so fp32 master weights get their gradients). ``indices_sorted`` skips the per-row sort
+    when each row's genes are already ascending."""
+    dt = compute_dtype(hidden, weight)
+    h, w = hidden.to(dt), weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    n_genes = weight.shape[0]
+    if not indices_sorted:
+        indices, values = sort_rows(indptr, indices, values, n_genes)
+    grad_in_forward = lambda_kl == 0 and _needs_grad(h, w, b)
+    rw = row_weight.float() if row_weight is not None else None
+    out = torch.ops.inrscrecon.sparse_head_loss(
+        h, w, b, indptr, indices, values.float(), rw, float(lambda_kl), float(kl_eps), grad_in_forward
+    )
+    return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dense head + loss
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("inrscrecon::head_loss", mutates_args=())
+def _dense_fwd(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, lambda_kl: float, kl_eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _mod("triton_head_loss").head_loss_forward(hidden, weight, bias, target, lambda_kl, kl_eps)
+
+
+@_dense_fwd.register_fake
+def _dense_fwd_fake(hidden, weight, bias, target, lambda_kl, kl_eps):
+    return (
+        _scalar(hidden),
+        _scalar(hidden),
+        _scalar(hidden),
+        hidden.new_empty(2, hidden.shape[0], dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("inrscrecon::head_loss_backward", mutates_args=())
+def _dense_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    rowstat: Tensor,
+    coef: Tensor,
+    kl_eps: float,
+    has_kl: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _mod("triton_head_loss").head_loss_backward(
+        hidden, weight, bias, target, rowstat, coef, kl_eps, has_kl
+    )
+
+
+@_dense_bwd.register_fake
+def _dense_bwd_fake(hidden, weight, bias, target, rowstat, coef, kl_eps, has_kl):
+    f32 = dict(dtype=torch.float32)
+    return (
+        hidden.new_empty(hidden.shape, **f32),
+        hidden.new_empty(weight.shape, **f32),
+        hidden.new_empty(weight.shape[0], **f32),
+    )
+
+
+def _dense_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias, target, lambda_kl, kl_eps = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, output[3], output[1])
+    ctx.lambda_kl, ctx.kl_eps, ctx.has_bias = float(lambda_kl), float(kl_eps), bias is not None
+
+
+def _dense_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, target, rowstat, rmse = ctx.saved_tensors
+    n_rows, n_genes = target.shape
+    c_r = torch.where(rmse > 0, (g_loss + g_rmse) / (n_rows * n_genes * rmse), 0.0)
+    c_k = (ctx.lambda_kl * g_loss + g_kl) / n_rows
+    coef = torch.stack([c_r, c_k]).float()
+    gh, gw, gb = torch.ops.inrscrecon.head_loss_backward(
+        hidden, weight, bias, target, rowstat, coef, ctx.kl_eps, ctx.lambda_kl != 0
+    )
+    need = ctx.needs_input_grad
+    return (
+        gh.to(hidden.dtype) if need[0] else None,
+        gw.to(weight.dtype) if need[1] else None,
+        gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_dense_fwd.register_autograd(_dense_backward, setup_context=_dense_setup)
+
+
+def triton_dense_head_loss(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    target: Tensor,  # [B, M]
+    lambda_kl: float = 1.0,
+    kl_eps: float = 1e-2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The dense-target Triton head + loss as a registered op (autocast-aware like the sparse one)."""
+    dt = compute_dtype(hidden, weight)
+    b = bias.to(dt) if bias is not None else None
+    out = torch.ops.inrscrecon.head_loss(
+        hidden.to(dt), weight.to(dt), b, target, float(lambda_kl), float(kl_eps)
+    )
+    return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# encode + trunk
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("inrscrecon::trunk", mutates_args=())
+def _trunk_fwd(
+    coords: Tensor, weights: list[Tensor], biases: list[Tensor], n_bands: int, store_all: bool
+) -> Tensor:
+    """→ [n_layers, B, W] every layer's activation (store_all) or [1, B, W] the hidden only."""
+    tt = _mod("triton_trunk")
+    cfg = tt._default_blocks(coords.device, weights[0].shape[0])
+    ws = [w.contiguous() for w in weights]
+    return tt._forward(coords, n_bands, ws, [b.contiguous() for b in biases], cfg, store_all)
+
+
+@_trunk_fwd.register_fake
+def _trunk_fwd_fake(coords, weights, biases, n_bands, store_all):
+    n = len(weights) if store_all else 1
+    return coords.new_empty(n, coords.shape[0], weights[-1].shape[0], dtype=weights[0].dtype)
+
+
+@torch.library.custom_op("inrscrecon::trunk_backward", mutates_args=())
+def _trunk_bwd(
+    coords: Tensor, weights: list[Tensor], ys: Tensor, g_hidden: Tensor, n_bands: int
+) -> list[Tensor]:
+    """ys [n_layers, B, W] from the forward → fp32 [∂W_0, ∂b_0, ∂W_1, ∂b_1, …]."""
+    tt = _mod("triton_trunk")
+    cfg = tt._default_blocks(coords.device, weights[0].shape[0])
+    ws = [w.contiguous() for w in weights]
+    return tt._backward(coords, n_bands, ws, list(ys.unbind(0)), g_hidden, cfg)
+
+
+@_trunk_bwd.register_fake
+def _trunk_bwd_fake(coords, weights, ys, g_hidden, n_bands):
+    out = []
+    for w in weights:
+        out += [w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[0], dtype=torch.float32)]
+    return out
+
+
+def _trunk_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    coords, weights, biases, n_bands, store_all = inputs
+    ctx.n_layers, ctx.n_bands, ctx.store_all = len(weights), int(n_bands), bool(store_all)
+    ctx.b_dtypes = [b.dtype for b in biases]
+    if store_all:  # nothing is kept for a forward that will not be differentiated
+        ctx.save_for_backward(coords, output, *weights)
+
+
+def _trunk_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    if not ctx.store_all:
+        raise RuntimeError("trunk op ran with store_all=False (no activations saved); cannot differentiate")
+    n = ctx.n_layers
+    coords, ys, *weights = ctx.saved_tensors
+    g_hidden = grad[-1]  # only the last layer's output is used downstream
+    out = torch.ops.inrscrecon.trunk_backward(coords, weights, ys, g_hidden, ctx.n_bands)
+    gws = [out[2 * i].to(weights[i].dtype) for i in range(n)]
+    gbs = [out[2 * i + 1].to(ctx.b_dtypes[i]) for i in range(n)]
+    return None, gws, gbs, None, None
+
+
+_trunk_fwd.register_autograd(_trunk_backward, setup_context=_trunk_setup)
+
+
+def triton_trunk_op(
+    coords: Tensor,  # [B, 3] in [-1, 1]
+    n_bands: int,
+    weights: Sequence[Tensor],  # [W, 3 + 6·n_bands], then [W, W] …
+    biases: Sequence[Tensor],  # [W] …
+) -> Tensor:
+    """Fused encode + trunk as a registered op → hidden [B, W] in the compute dtype (autocast dtype when
+    autocast is on: the weights are cast, the casts carry the gradients to fp32 masters). Activations are
+    stored for the backward only when a gradient is needed (not under ``torch.no_grad()``)."""
+    dt = compute_dtype(*weights)
+    ws = [w.to(dt) for w in weights]
+    bs = [b.to(dt) for b in biases]
+    store_all = _needs_grad(*ws, *bs)
+    ys = torch.ops.inrscrecon.trunk(coords.detach().float().contiguous(), ws, bs, int(n_bands), store_all)
+    return ys[-1]  # [B, W]
