@@ -54,6 +54,8 @@ class TrainStep:
 
     ``loss_fn(*args)`` → (loss scalar with grad, parts [4] detached); ``acc`` [4] float64 on the device receives
     the parts; ``host_step`` is the number of steps done before this one (eager learning rate).
+    ``compile_backend``: torch.compile's backend (``aot_eager`` traces the same single graph without code
+    generation: what the tests use to prove there is no graph break in seconds).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class TrainStep:
         min_lr_ratio: float,
         compile: bool = False,
         cuda_graphs: bool = False,
+        compile_backend: str = "inductor",
     ):
         self.loss_fn = loss_fn
         self.opt = opt
@@ -77,7 +80,7 @@ class TrainStep:
         if compile:
             init_adam_state(opt)
             mode = "reduce-overhead" if cuda_graphs else None
-            self._fn = torch.compile(self._traced, fullgraph=True, mode=mode)
+            self._fn = torch.compile(self._traced, fullgraph=True, mode=mode, backend=compile_backend)
         else:
             self._fn = self._eager
 
