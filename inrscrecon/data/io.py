@@ -457,8 +457,11 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
 
 def _coords_table(path: Path) -> np.ndarray:
     """x, y, z columns (or the first three columns) of a delimited text file as float64 [N, 3]."""
+    if not path.read_text(errors="replace").strip():
+        raise InputError(f"{path}: empty file; expected a header x,y,z and one row per query point")
+    sep = {".csv": ",", ".tsv": "\t"}.get(path.suffix)
     try:
-        df = pd.read_csv(path, sep=None, engine="python")
+        df = pd.read_csv(path, sep=sep, engine="python")
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: empty file; expected a header x,y,z and one row per query point") from None
     except Exception as exc:

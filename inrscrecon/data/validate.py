@@ -141,8 +141,8 @@ def resolve_input(adata: ad.AnnData, where: str, input_kind: str = "auto") -> tu
     ``input_kind``: ``counts`` (non-negative integers: X, else ``layers['counts']``, else ``.raw``),
     ``normalized`` (library-size normalised, log1p applied later), ``lognorm`` (already log1p-normalised:
     used as is, never logged again), or ``auto``: ``uns['X_kind']`` when declared, else integer X as counts,
-    else the kept counts, else a log-normalised-looking X (values ≤ 20, as after ``sc.pp.log1p``) with a
-    warning. The result's ``uns['X_kind']`` is ``raw_counts`` or ``normalized_expression``; log-normalised X is
+    else the kept counts, else log-normalised when scanpy's ``uns['log1p']`` says so, else a
+    log-normalised-looking X (values ≤ 20) with a warning. The result's ``uns['X_kind']`` is ``raw_counts`` or ``normalized_expression``; log-normalised X is
     stored as ``expm1(X)`` so that the pipeline's log1p gives back exactly the given values.
     """
     if input_kind != "auto" and input_kind not in INPUT_KINDS:
@@ -157,7 +157,9 @@ def resolve_input(adata: ad.AnnData, where: str, input_kind: str = "auto") -> tu
             kind = "raw_counts"
         elif _counts_source(adata) is not None:
             kind = "raw_counts"
-        elif "log1p" in adata.uns or float(np.max(_values(sample), initial=0.0)) <= LOGNORM_MAX:
+        elif "log1p" in adata.uns:  # scanpy's mark of sc.pp.log1p
+            kind = "log_normalized"
+        elif float(np.max(_values(sample), initial=0.0)) <= LOGNORM_MAX:
             kind = "log_normalized"
             note = (
                 f"{where}: X is not integer counts (e.g. {non_int[1]:g} in cell {non_int[0]!r}) and declares no "

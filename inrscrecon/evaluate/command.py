@@ -11,6 +11,8 @@ from inrscrecon.errors import InputError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the CLI's subparsers; returns the parser."""
+    from inrscrecon.cli import count, positive_float, positive_int  # the CLI's range-checked types
+
     p = sub.add_parser(
         "evaluate",
         help="evaluate the INR, its ablations and tuned baselines (inter / intra / 3d) → results.json, table, PNGs",
@@ -29,19 +31,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--label-key", help="obs column with ground-truth domains for ARI (default: k-means domains)"
     )
     z = p.add_mutually_exclusive_group()
-    z.add_argument("--spacing", type=float, help="µm between consecutive sections (z = index × spacing)")
+    z.add_argument(
+        "--spacing", type=positive_float, help="µm between consecutive sections (z = index × spacing)"
+    )
     z.add_argument("--z-key", help="z per section from uns[KEY] or per cell from obs[KEY]")
     p.add_argument(
         "--holdout", action="append", help="section to hold out / thin out (repeatable or comma-separated)"
     )
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    p.add_argument("--genes", type=int, default=500, help="top variable shared genes evaluated (default 500)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per fit (0: use --epochs)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default 3)")
+    p.add_argument(
+        "--genes", type=positive_int, default=500, help="top variable shared genes evaluated (default 500)"
+    )
+    p.add_argument("--steps", type=count, default=1000, help="optimizer steps per fit (0: use --epochs)")
+    p.add_argument("--epochs", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--width", type=positive_int, default=256)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument(
         "--bands", default="2,4", help="Fourier band counts L tried on validation spots (default 2,4)"
     )
@@ -49,14 +55,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--band", default="0.4,0.6", help="3d task: held-out z-band as quantiles LO,HI (default 0.4,0.6)"
     )
     p.add_argument(
-        "--domains", type=int, default=7, help="k of the k-means domains when there is no --label-key"
+        "--domains",
+        type=positive_int,
+        default=7,
+        help="k of the k-means domains when there is no --label-key",
     )
     p.add_argument("--ablations", default="inr,inr_no_rc,inr_rmse", help="INR variants (comma-separated)")
     p.add_argument(
         "--no-neighbours", action="store_true", help="intra: skip the with-neighbouring-sections setting"
     )
-    p.add_argument("--max-cells", type=int, help="subsample each section to this many cells (quick runs)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--max-cells", type=positive_int, help="subsample each section to this many cells (quick runs)"
+    )
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -73,13 +84,12 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print the markdown table."""
+    from inrscrecon.data.io import parse_names
     from inrscrecon.evaluate import evaluate
     from inrscrecon.evaluate.report import markdown_table
     from inrscrecon.evaluate.tasks import INR_METHODS, EvalConfig
     from inrscrecon.field.encoding import EncodingConfig
 
-    if args.seeds < 1:
-        raise InputError(f"--seeds must be at least 1, got {args.seeds}")
     try:
         band = tuple(float(v) for v in args.band.split(","))
     except ValueError:
@@ -90,18 +100,38 @@ def run(args: argparse.Namespace) -> int:
     bad = [a for a in ablations if a not in INR_METHODS]
     if bad:
         raise InputError(f"unknown ablation {bad[0]!r}; choose from {list(INR_METHODS)}")
-    holdout = [h.strip() for item in (args.holdout or []) for h in item.split(",") if h.strip()] or None
+    holdout = parse_names(args.holdout) or None
     cfg = EvalConfig(
-        n_genes=args.genes, width=args.width, n_layers=args.layers, epochs=args.epochs, lr=args.lr,
-        steps=args.steps or None, batch_size=args.batch_size,
+        n_genes=args.genes,
+        width=args.width,
+        n_layers=args.layers,
+        epochs=args.epochs,
+        lr=args.lr,
+        steps=args.steps or None,
+        batch_size=args.batch_size,
         candidates=tuple(EncodingConfig("fourier", n_bands=L) for L in _ints(args.bands, "--bands")),
-        ablations=ablations, band=(band[0], band[1]), n_domains=args.domains, intra_settings=("alone",) if args.no_neighbours else ("alone", "neighbours"),
-        max_cells=args.max_cells, threads=args.threads,
-    )  # fmt: skip
+        ablations=ablations,
+        band=(band[0], band[1]),
+        n_domains=args.domains,
+        intra_settings=("alone",) if args.no_neighbours else ("alone", "neighbours"),
+        max_cells=args.max_cells,
+        threads=args.threads,
+    )
     log = None if args.quiet else (lambda line: print(line, flush=True))
     command = "inrscrecon " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    res = evaluate(args.sections, args.task, args.label_key, args.spacing, args.z_key, holdout, args.seeds,
-                   args.out, cfg, command=command, log=log)  # fmt: skip
+    res = evaluate(
+        args.sections,
+        args.task,
+        args.label_key,
+        args.spacing,
+        args.z_key,
+        holdout,
+        args.seeds,
+        args.out,
+        cfg,
+        command=command,
+        log=log,
+    )
     print(markdown_table(res.results))
     print(
         f"wall time {res.wall_s:.0f} s; results in {res.paths.get('results')}, table in {res.paths.get('markdown')}"
