@@ -53,20 +53,53 @@ def predict(
     return out
 
 
+LOG1P_UNS = {"base": None}  # scanpy's marker of log1p data (natural log): sc.pp.log1p will not log it again
+X_NOTE = "predicted log1p(normalised expression, target_sum 1e4)"
+
+
 def predict_anndata(
     model: INRField,
-    xyz: np.ndarray,
+    xyz: np.ndarray,  # [N, 3] µm
     genes: Sequence[str] | None = None,
     obs_names: Sequence[str] | None = None,
+    obs: pd.DataFrame | None = None,
 ) -> ad.AnnData:
-    """Prediction as AnnData: X [N, K] (log1p-normalised), ``obsm['spatial_3d']``, ``obsm['spatial']`` (x, y)."""
+    """Prediction as AnnData (scverse conventions): X [N, K] log1p-normalised (``uns['log1p']`` set),
+    ``obsm['spatial']`` the query x, y, ``obsm['spatial_3d']`` x, y, z (µm), ``obs`` the query's columns
+    when given; ``uns['inrscrecon']['out_of_domain']`` the fraction of points outside the training tissue
+    (one :class:`~inrscrecon.query.domain_check.OutOfDomainWarning` when above zero)."""
+    from inrscrecon.query.domain_check import check_domain
+
+    xyz = np.asarray(xyz, dtype=np.float64)
+    ood = check_domain(model, xyz) if xyz.ndim == 2 and xyz.shape[-1] == 3 else None
     values = predict(model, xyz, genes)
-    names = list(genes) if genes is not None else list(model.cfg.genes)
-    obs = pd.DataFrame(
-        index=[str(o) for o in obs_names] if obs_names is not None else [f"p{i}" for i in range(len(xyz))]
+    out = ad.AnnData(
+        X=values, obs=query_obs_frame(len(xyz), obs_names, obs), var=pd.DataFrame(index=_names(model, genes))
     )
-    out = ad.AnnData(X=values, obs=obs, var=pd.DataFrame(index=names))
-    out.obsm["spatial_3d"] = np.asarray(xyz, dtype=np.float64)
-    out.obsm["spatial"] = out.obsm["spatial_3d"][:, :2].copy()
-    out.uns["inrscrecon"] = {"X": "predicted log1p(normalised expression, target_sum 1e4)"}
+    out.obsm["spatial_3d"] = xyz
+    out.obsm["spatial"] = xyz[:, :2].copy()
+    out.uns["log1p"] = dict(LOG1P_UNS)
+    out.uns["inrscrecon"] = {"X": X_NOTE, "out_of_domain": ood or {}}
     return out
+
+
+def _names(model: INRField, genes: Sequence[str] | None) -> list[str]:
+    return list(genes) if genes is not None else list(model.cfg.genes)
+
+
+def query_obs_frame(
+    n: int, obs_names: Sequence[str] | None = None, obs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """obs of a prediction: the query's own columns (``obs``, e.g. from the query h5ad or CSV) indexed by
+    ``obs_names`` (default the obs index, else p0, p1, …)."""
+    if obs is not None and len(obs) != n:
+        raise InputError(f"{len(obs)} obs rows for {n} query points")
+    if obs_names is not None:
+        index = pd.Index([str(o) for o in obs_names])
+    elif obs is not None:
+        index = pd.Index(obs.index.astype(str))
+    else:
+        index = pd.Index([f"p{i}" for i in range(n)])
+    frame = obs.copy() if obs is not None else pd.DataFrame(index=index)
+    frame.index = index
+    return frame

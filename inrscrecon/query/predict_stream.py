@@ -2,7 +2,8 @@
 ``.zarr`` so that memory is bounded by the chunk, not by N × genes (1M points × 5000 genes would be 20 GB).
 
 The file is the same AnnData as :func:`~inrscrecon.query.predict.predict_anndata` (X [N, K] float32
-log1p-normalised, ``obsm['spatial_3d']``, ``obsm['spatial']``, var = genes): obs/var/obsm are written first
+log1p-normalised with ``uns['log1p']``, ``obsm['spatial_3d']``, ``obsm['spatial']`` = query x, y, the query's
+obs columns, var = genes): obs/var/obsm are written first
 with anndata, then X is created on disk and filled chunk by chunk. Everything goes to a temporary path that
 is renamed onto ``out`` only when complete.
 """
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from inrscrecon.data.io import check_writable
 from inrscrecon.errors import InputError
 from inrscrecon.field.model import INRField
-from inrscrecon.query.predict import gene_indices, predict
+from inrscrecon.query.domain_check import check_domain
+from inrscrecon.query.predict import LOG1P_UNS, X_NOTE, gene_indices, predict, query_obs_frame
 
 X_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -48,9 +50,12 @@ def predict_to_file(
     ids: Sequence[str] | None = None,
     batch_size: int = 65536,
     progress: bool = False,
+    obs: pd.DataFrame | None = None,
 ) -> Path:
     """Predict ``genes`` (None: all) at ``xyz`` and write an AnnData ``out`` (``.h5ad`` or ``.zarr``) chunk by
-    chunk. Peak memory ≈ batch_size × (K + width) × 4 bytes plus the coordinates."""
+    chunk. ``obs``: the query's own columns, kept (see :func:`query_obs`). Peak memory ≈ batch_size × (K +
+    width) × 4 bytes plus the coordinates. Points outside the training tissue warn once and are recorded in
+    ``uns['inrscrecon']['out_of_domain']``."""
     out = check_writable(out)
     if out.suffix not in (".h5ad", ".zarr"):
         raise InputError(f"{out}: output must end in .h5ad or .zarr, got {out.suffix!r}")
@@ -61,12 +66,13 @@ def predict_to_file(
     names = list(genes) if genes is not None else list(model.cfg.genes)
     gene_indices(model, genes)  # unknown genes fail before anything is written
     n, k = len(xyz), len(names)
-    index = pd.Index([str(i) for i in ids]) if ids is not None else pd.Index([f"p{i}" for i in range(n)])
-    shell = ad.AnnData(obs=pd.DataFrame(index=index), var=pd.DataFrame(index=names))
+    ood = check_domain(model, xyz)
+    shell = ad.AnnData(obs=query_obs_frame(n, ids, obs), var=pd.DataFrame(index=names))
     coords = np.asarray(xyz, dtype=np.float64)
     shell.obsm["spatial_3d"] = coords
     shell.obsm["spatial"] = coords[:, :2].copy()
-    shell.uns["inrscrecon"] = {"X": "predicted log1p(normalised expression, target_sum 1e4)"}
+    shell.uns["log1p"] = dict(LOG1P_UNS)
+    shell.uns["inrscrecon"] = {"X": X_NOTE, "out_of_domain": ood or {}}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)) / out.name
     rows = max(1, min(batch_size, n))
     try:
@@ -104,4 +110,26 @@ def _fill(
         x[s : s + batch_size] = predict(model, np.asarray(xyz[s : s + batch_size]), genes, batch_size)
 
 
-__all__ = ["predict_to_file", "replace_dir"]
+def query_obs(path: str | Path) -> pd.DataFrame | None:
+    """The query's own per-point columns, kept in the prediction: ``obs`` of a query ``.h5ad``, the columns
+    other than x, y, z of a ``.csv`` / ``.tsv`` (None for ``.npy``)."""
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(path, "r") as f:
+            return read_elem(f["obs"]) if "obs" in f else None
+    if path.suffix in (".csv", ".tsv", ".txt"):
+        df = pd.read_csv(path, sep=None, engine="python")
+        coords = (
+            ["x", "y", "z"]
+            if {"x", "y", "z"} <= set(df.columns)
+            else list(df.select_dtypes("number").columns[:3])
+        )
+        rest = df.drop(columns=coords)
+        return rest if rest.shape[1] else None
+    return None
+
+
+__all__ = ["predict_to_file", "query_obs", "replace_dir"]
