@@ -269,13 +269,14 @@ def test_resolve_impl_fallbacks(monkeypatch):
     assert fused.resolve_impl("auto", "cpu", op="trunk") == "torch"
     with pytest.raises(InputError, match="backend must be one of"):
         fused.resolve_impl("cudnn", "cpu")
-    # auto on CUDA: extension > triton > torch (device object only; nothing runs)
+    # auto on CUDA without a measured entry: triton, even where the CUDA extension exists
+    monkeypatch.setattr(fused, "load_table", lambda *a: ())
     monkeypatch.setattr(fused, "_cuda_ext", lambda: (None, "not built"))
     assert fused.resolve_impl("auto", "cuda") == "triton"
     assert fused.resolve_impl("auto", "cuda", op="trunk") == "triton"
     monkeypatch.setattr(fused, "_cuda_ext", lambda: (object(), ""))
-    assert fused.resolve_impl("auto", "cuda") == "cuda"
-    assert fused.resolve_impl("auto", "cuda", op="trunk") == "triton"  # no CUDA trunk kernel
+    assert fused.resolve_impl("auto", "cuda") == "triton"  # "the extension exists" is no reason
+    assert fused.resolve_impl("auto", "cuda", op="sparse_head_loss") == "triton"
     assert fused.resolve_impl("cuda", "cuda", op="trunk") == "triton"
     monkeypatch.setattr(fused, "_triton_importable", lambda: False)
     assert fused.resolve_impl("auto", "cuda", op="trunk") == "torch"
@@ -285,6 +286,59 @@ def test_resolve_impl_fallbacks(monkeypatch):
     monkeypatch.setattr(fused, "_cuda_ext", lambda: (None, "CUDA extension not importable"))
     with pytest.raises(InputError, match="not importable"):
         fused.resolve_impl("cuda", "cuda")
+
+
+def test_auto_follows_the_measured_table(monkeypatch):
+    entries = (
+        {
+            "op": "head_loss",
+            "device": "GPU-X",
+            "dtype": "bf16",
+            "bucket": {"B": 4096, "W": 256, "M": 8192},
+            "ms": {"triton": 2.0, "cuda": 1.5, "torch": 3.0},
+        },
+        {
+            "op": "head_loss",
+            "device": "GPU-X",
+            "dtype": "bf16",
+            "bucket": {"B": 65536, "W": 256, "M": 8192},
+            "ms": {"triton": 9.0, "cuda": 12.0, "torch": 8.0},
+        },
+        {
+            "op": "trunk",
+            "device": "GPU-X",
+            "dtype": "bf16",
+            "bucket": {"B": 4096, "W": 256, "M": 0},
+            "ms": {"triton": 0.9, "torch": 0.4},
+        },
+    )
+    monkeypatch.setattr(fused, "load_table", lambda *a: entries)
+    monkeypatch.setattr(fused, "_device_kind", lambda dev: "GPU-X")
+    monkeypatch.setattr(fused, "_triton_importable", lambda: True)
+    monkeypatch.setattr(fused, "_cuda_ext", lambda: (object(), ""))
+    small = fused.shape_bucket(3000, 256, 5000)
+    assert small == {"B": 4096, "W": 256, "M": 8192}
+    assert fused.resolve_impl("auto", "cuda", "head_loss", small) == "cuda"
+    assert fused.resolve_impl("auto", "cuda", "head_loss", fused.shape_bucket(50000, 256, 5000)) == "torch"
+    assert (
+        fused.resolve_impl("auto", "cuda", "head_loss", fused.shape_bucket(8000, 256, 5000)) == "cuda"
+    )  # nearest
+    assert fused.resolve_impl("auto", "cuda", "trunk", fused.shape_bucket(4096, 256)) == "torch"
+    # the fastest impl cannot run here → the next fastest measured one
+    monkeypatch.setattr(fused, "_cuda_ext", lambda: (None, "not built"))
+    assert fused.resolve_impl("auto", "cuda", "head_loss", small) == "triton"
+    # other dtype or device kind: no entry → documented fallback
+    assert fused.resolve_impl("auto", "cuda", "head_loss", small, torch.float32) == "triton"
+    monkeypatch.setattr(fused, "_device_kind", lambda dev: "GPU-Y")
+    assert fused.resolve_impl("auto", "cuda", "trunk", fused.shape_bucket(4096, 256)) == "triton"
+
+
+def test_backend_table_ships_and_parses():
+    entries = fused.load_table()
+    assert isinstance(entries, tuple)
+    for e in entries:  # whatever was measured has every field auto needs
+        assert {"op", "device", "dtype", "bucket", "ms"} <= set(e)
+        assert e["op"] in fused.OPS
 
 
 def test_resolve_impl_triton_on_cpu_needs_interpreter(monkeypatch):

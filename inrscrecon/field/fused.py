@@ -191,9 +191,19 @@ def resolve_impl(
         raise InputError(f"backend must be one of {IMPLS}, got {impl!r}")
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    dev = torch.device(device)
     if impl == "torch":
         return "torch"
+    bucket = tuple(sorted((shape or {}).items()))
+    return _resolve(impl, str(torch.device(device)), op, bucket, str(dtype))
+
+
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, device: str, op: str, bucket: tuple[tuple[str, int], ...], dtype_name: str) -> str:
+    """resolve_impl's decision; run eagerly even while torch.compile traces (its result is a constant, so
+    the table lookup and the once-only log never break the graph)."""
+    dev = torch.device(device)
+    shape = dict(bucket)
+    dtype = getattr(torch, dtype_name.replace("torch.", ""))
     if impl == "auto":
         if dev.type != "cuda":
             _announce(op, "torch", f"tensors are on {dev.type}; fused kernels are used on CUDA only")
