@@ -1,32 +1,36 @@
-"""Benchmark of the hot path (encode → trunk → head → loss) across implementations.
+"""Benchmark of the hot path in the configuration ``fit`` runs, and the writer of the backend table.
 
-Measures, per (mode, B, W) and implementation:
+What ``fit`` runs: fp32 master weights, bf16 autocast of trunk and head on CUDA (fp32 on CPU), targets as
+CSR rows of the batch, Adam. Per (B, W) this script times, *in the same run*:
 
-* modes — ``train``: forward + backward + Adam step; ``eval``: loss forward under no_grad (validation);
-  ``predict``: trunk + softplus head → [B, M] prediction (inference; the fused head-loss does not apply, so
-  the head is the torch GEMM for every impl and only the trunk differs).
-* impls — ``eager`` (torch references), ``compile`` (torch.compile of the same function, default mode),
-  ``triton`` (fused trunk + fused head/loss), ``cuda`` (CUDA-extension head/loss + Triton trunk; skipped
-  with a reason when the extension is absent).
+* ``sparse-fused`` — fused trunk op + fused sparse head + loss (Triton; the interpreter with ``--smoke``);
+* ``sparse-torch`` — torch trunk + ``sparse_head_loss_reference`` (the CPU path of ``fit``);
+* ``dense-eager``  — torch trunk + the dense ``head_loss_reference`` on a dense [B, M] target;
+* ``dense-compile`` — ``torch.compile`` of that dense step (the reference to beat);
+* ``dense-triton`` / ``dense-cuda`` — the dense fused heads (``--impls`` to add them).
 
-Reports ms per step, cells/s, peak allocated memory (torch.cuda.max_memory_allocated, params included),
-achieved TFLOP/s on *model* FLOPs (forward 2·(D·W + (n−1)·W² + W·M) per cell, train = 3× forward; the fused
-kernels' recomputation is not counted), % of the given bf16 peak, and ratios to eager and compile measured
-in the same run. Appends a markdown table to benchmarks/RESULTS.md with device and date.
+Modes: ``train`` (forward + backward + Adam step) and ``eval`` (loss under no_grad). Reports ms per step,
+cells/s, peak device memory, TFLOP/s on model FLOPs (forward 2·(D·W + (n−1)·W² + W·M) per cell, train = 3×;
+recomputation not counted), % of the bf16 peak (``--peak-tflops``) and the ratios to dense eager and
+dense compile. Appends a markdown table to benchmarks/RESULTS.md (``--results``) with device and date.
 
-Parameters are held in the compute dtype (``--dtype``, pure bf16 training by default) for every impl.
-Imports need torch (+ triton for the triton impl) only. ``--smoke`` runs a tiny config on CPU (Triton in its
-interpreter) to check the script itself; its numbers mean nothing and are not written unless ``--results``.
+``--write-table`` also times each op alone (forward + backward under the fit precision) for every impl
+that runs here and writes the fastest per device kind, dtype and shape bucket into
+``inrscrecon/field/backend_table.json`` — the table ``backend="auto"`` reads. Run it on the GPU itself.
 
-    python benchmarks/bench_kernels.py                    # full grid on a GPU
-    python benchmarks/bench_kernels.py --smoke            # CPU check
+    python benchmarks/bench_kernels.py                                  # GPU: full grid
+    python benchmarks/bench_kernels.py --write-table                    # GPU: also refresh the table
+    python benchmarks/bench_kernels.py --cpu                            # CPU rows (small, no Triton)
+    python benchmarks/bench_kernels.py --smoke                          # tiny CPU check (interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -37,38 +41,47 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TABLE = ROOT / "inrscrecon" / "field" / "backend_table.json"
+IMPLS = ("sparse-fused", "sparse-torch", "dense-eager", "dense-compile", "dense-triton", "dense-cuda")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[4096, 16384, 65536], help="cells per step (B)")
-    p.add_argument("--width", type=int, nargs="+", default=[64, 128, 256], help="trunk width (W)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="cells per step (B)")
+    p.add_argument("--width", type=int, nargs="+", default=None, help="trunk width (W)")
     p.add_argument("--genes", type=int, default=5000, help="head outputs (M)")
     p.add_argument("--layers", type=int, default=4, help="trunk layers")
     p.add_argument("--bands", type=int, default=4, help="Fourier bands L (D = 3 + 6L)")
-    p.add_argument("--lambda-kl", type=float, default=1.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--impls", nargs="+", default=["eager", "compile", "triton", "cuda"])
-    p.add_argument("--modes", nargs="+", default=["train", "eval", "predict"])
+    p.add_argument("--density", type=float, default=0.05, help="fraction of non-zero targets")
+    p.add_argument("--lambda-kl", type=float, default=0.0, help="KL weight (fit's default loss: 0)")
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS)
+    p.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     p.add_argument("--iters", type=int, default=20, help="timed steps")
-    p.add_argument(
-        "--warmup", type=int, default=5, help="untimed steps first (compile / autotune happen here)"
-    )
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (torch and triton)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile happens here)")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak (H200 measured ≈ 790)")
     p.add_argument("--results", type=Path, default=None, help="markdown file to append to")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU config (Triton interpreter)")
+    p.add_argument(
+        "--write-table", action="store_true", help="time each op alone and write the backend table"
+    )
+    p.add_argument("--table", type=Path, default=TABLE, help="backend table to update")
+    p.add_argument("--cpu", action="store_true", help="CPU rows: small shapes, torch impls (+ compile)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU config with Triton in its interpreter")
     args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not (args.cpu or args.smoke)
     if args.smoke:
-        args.batch, args.width, args.genes, args.layers = [64], [16], 37, 2
+        args.batch, args.width, args.genes, args.layers = args.batch or [64], args.width or [16], 37, 2
         args.iters, args.warmup = 2, 1
-        if args.dtype == "bf16" and not torch.cuda.is_available():
-            args.dtype = "fp32"
-        if "compile" in args.impls and not torch.cuda.is_available():
-            args.impls = [i for i in args.impls if i != "compile"]  # inductor on CPU: slow, needs a compiler
-    elif args.results is None:
+        args.impls = args.impls or ["sparse-fused", "sparse-torch", "dense-eager"]
+    elif not cuda:
+        args.batch, args.width = args.batch or [1024], args.width or [256]
+        args.iters, args.warmup = min(args.iters, 5), min(args.warmup, 2)
+        args.impls = args.impls or ["sparse-torch", "dense-eager", "dense-compile"]
+    else:
+        args.batch, args.width = args.batch or [4096, 16384, 65536], args.width or [128, 256]
+        args.impls = args.impls or ["sparse-fused", "sparse-torch", "dense-eager", "dense-compile"]
+    if args.results is None and not args.smoke:
         args.results = ROOT / "benchmarks" / "RESULTS.md"
+    args.device = torch.device("cuda" if cuda else "cpu")
     return args
 
 
@@ -85,7 +98,7 @@ class Row:
 
 
 class Model(torch.nn.Module):
-    """Trunk + head parameters; the step functions choose how they are applied."""
+    """Trunk + head with fp32 (master) parameters, as ``fit`` holds them."""
 
     def __init__(self, n_bands: int, width: int, n_layers: int, n_genes: int):
         super().__init__()
@@ -96,36 +109,81 @@ class Model(torch.nn.Module):
         self.head = torch.nn.Linear(width, n_genes)
 
 
-def _step_fns(model: Model, impl: str, lambda_kl: float) -> dict[str, Callable]:
-    """loss(coords, target) and predict(coords) for one impl (uncompiled)."""
+@dataclass
+class Batch:
+    coords: torch.Tensor  # [B, 3]
+    indptr: torch.Tensor  # [B+1] int64
+    indices: torch.Tensor  # [nnz] int32, sorted within rows
+    values: torch.Tensor  # [nnz] fp32
+    dense: torch.Tensor | None  # [B, M] (dense impls only)
+
+
+def make_batch(n_rows: int, n_genes: int, density: float, device: torch.device, dense: bool) -> Batch:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    coords = (torch.rand(n_rows, 3, generator=g) * 2 - 1).to(device)
+    mask = torch.rand(n_rows, n_genes, generator=g) < density
+    t = torch.where(mask, torch.log1p(torch.rand(n_rows, n_genes, generator=g) * 8), 0.0)
+    csr = t.to_sparse_csr()
+    return Batch(
+        coords,
+        csr.crow_indices().to(device=device, dtype=torch.int64),
+        csr.col_indices().to(device=device, dtype=torch.int32),
+        csr.values().to(device=device, dtype=torch.float32),
+        t.to(device) if dense else None,
+    )
+
+
+def autocast_ctx(device: torch.device):
+    """fit's precision: bf16 autocast on CUDA, fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], torch.Tensor]:
     from inrscrecon.field import fused
     from inrscrecon.field.encoding import fourier_encode
-    from inrscrecon.field.losses import head_loss_reference
+    from inrscrecon.field.losses import head_loss_reference, sparse_head_loss_reference
 
-    if impl in ("eager", "compile"):
+    w, b = model.head.weight, model.head.bias
 
-        def loss_fn(coords, target):
-            h = model.trunk(fourier_encode(coords, model.n_bands).to(model.head.weight.dtype))
-            return head_loss_reference(h, model.head.weight, model.head.bias, target, lambda_kl)[0]
+    def torch_hidden(x: Batch) -> torch.Tensor:
+        return model.trunk(fourier_encode(x.coords, model.n_bands))
 
-        def predict_fn(coords):
-            h = model.trunk(fourier_encode(coords, model.n_bands).to(model.head.weight.dtype))
-            return torch.nn.functional.softplus(model.head(h))
+    if impl == "sparse-fused":
+        fused.resolve_impl("triton", x_dev(model), "sparse_head_loss")  # raises with the reason
+
+        def f(x: Batch) -> torch.Tensor:
+            h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
+            out = fused.sparse_head_loss(h, w, b, x.indptr, x.indices, x.values, lambda_kl, impl="triton",
+                                         indices_sorted=True)  # fmt: skip
+            return out[0]
+
+    elif impl == "sparse-torch":
+
+        def f(x: Batch) -> torch.Tensor:
+            return sparse_head_loss_reference(
+                torch_hidden(x), w, b, x.indptr, x.indices, x.values, lambda_kl
+            )[0]
+
+    elif impl in ("dense-eager", "dense-compile"):
+
+        def f(x: Batch) -> torch.Tensor:
+            assert x.dense is not None
+            return head_loss_reference(torch_hidden(x), w, b, x.dense, lambda_kl)[0]
 
     else:
-        head_impl = "cuda" if impl == "cuda" else "triton"
-        fused.resolve_impl(head_impl, next(model.parameters()).device, "head_loss")  # raises with a reason
+        head = "triton" if impl == "dense-triton" else "cuda"
+        fused.resolve_impl(head, x_dev(model), "head_loss")
 
-        def loss_fn(coords, target):
-            h = fused.trunk_forward(coords, model.n_bands, model.trunk, impl="triton")
-            w, b = model.head.weight, model.head.bias
-            return fused.head_loss(h, w, b, target, lambda_kl, impl=head_impl)[0]
+        def f(x: Batch) -> torch.Tensor:
+            assert x.dense is not None
+            h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
+            return fused.head_loss(h, w, b, x.dense, lambda_kl, impl=head)[0]
 
-        def predict_fn(coords):
-            h = fused.trunk_forward(coords, model.n_bands, model.trunk, impl="triton")
-            return torch.nn.functional.softplus(model.head(h))
+    return f
 
-    return {"loss": loss_fn, "predict": predict_fn}
+
+def x_dev(model: Model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _sync(device: torch.device) -> None:
@@ -133,10 +191,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(
+def time_fn(
     fn: Callable[[], object], device: torch.device, warmup: int, iters: int
 ) -> tuple[float, float | None]:
-    """Mean ms per call and peak allocated MB over the timed calls."""
+    """Mean ms per call and peak allocated MB (CUDA) over the timed calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -161,116 +219,211 @@ def model_flops(mode: str, batch: int, width: int, args: argparse.Namespace) -> 
     return batch * fwd * (3.0 if mode == "train" else 1.0)
 
 
-def bench_one(mode: str, batch: int, width: int, impl: str, args: argparse.Namespace, device) -> Row:
+def bench_one(mode: str, batch: int, width: int, impl: str, args: argparse.Namespace) -> Row:
+    dev = args.device
     row = Row(mode, batch, width, impl)
-    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
-    model = Model(args.bands, width, args.layers, args.genes).to(device=device, dtype=dtype)
-    coords = torch.rand(batch, 3, device=device) * 2 - 1
-    target = torch.log1p(torch.poisson(torch.rand(batch, args.genes, device=device) * 3))
+    model = Model(args.bands, width, args.layers, args.genes).to(dev)
+    x = make_batch(batch, args.genes, args.density, dev, dense=impl.startswith("dense"))
     try:
-        fns = _step_fns(model, impl, args.lambda_kl)
-    except Exception as err:  # e.g. cuda extension not built
-        row.note = f"skipped: {err}"
+        loss_fn = loss_fn_for(model, impl, args.lambda_kl)
+    except Exception as err:  # e.g. the CUDA extension is not built, Triton cannot run here
+        row.note = f"skipped: {str(err)[:100]}"
         return row
-    loss_fn, predict_fn = fns["loss"], fns["predict"]
-    if impl == "compile":
-        loss_fn, predict_fn = torch.compile(loss_fn), torch.compile(predict_fn)
+    if impl == "dense-compile":
+        loss_fn = torch.compile(loss_fn)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def train_step():
-        loss = loss_fn(coords, target)
+    def train_step() -> None:
+        with autocast_ctx(dev):
+            loss = loss_fn(x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def eval_step():
-        with torch.no_grad():
-            loss_fn(coords, target)
+    def eval_step() -> None:
+        with torch.no_grad(), autocast_ctx(dev):
+            loss_fn(x)
 
-    def predict_step():
-        with torch.no_grad():
-            predict_fn(coords)
-
-    step = {"train": train_step, "eval": eval_step, "predict": predict_step}[mode]
     try:
-        row.ms, row.peak_mb = _time(step, device, args.warmup, args.iters)
+        row.ms, row.peak_mb = time_fn(
+            train_step if mode == "train" else eval_step, dev, args.warmup, args.iters
+        )
         row.tflops = model_flops(mode, batch, width, args) / (row.ms * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
         row.note = "OOM"
     except Exception as err:
-        row.note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        row.note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
         traceback.print_exc(limit=3)
     return row
+
+
+# ------------------------------------------------------------------------------------------------------------
+# per-op timings → backend table
+# ------------------------------------------------------------------------------------------------------------
+
+
+def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{op: {impl: ms}} for forward + backward of each op alone under the fit precision."""
+    from inrscrecon.field import fused
+
+    dev = args.device
+    torch.manual_seed(0)
+    model = Model(args.bands, width, args.layers, args.genes).to(dev)
+    x = make_batch(batch, args.genes, args.density, dev, dense=True)
+    h = torch.relu(torch.randn(batch, width, device=dev)).requires_grad_()
+    w, b = model.head.weight, model.head.bias
+    cases: dict[str, dict[str, Callable[[], torch.Tensor]]] = {
+        "sparse_head_loss": {
+            impl: (
+                lambda impl=impl: fused.sparse_head_loss(
+                    h, w, b, x.indptr, x.indices, x.values, args.lambda_kl, impl=impl, indices_sorted=True
+                )[0]
+            )  # fmt: skip
+            for impl in ("torch", "triton")
+        },
+        "head_loss": {
+            impl: (lambda impl=impl: fused.head_loss(h, w, b, x.dense, args.lambda_kl, impl=impl)[0])
+            for impl in ("torch", "triton", "cuda")
+        },
+        "trunk": {
+            impl: (
+                lambda impl=impl: (
+                    fused.trunk_forward(x.coords, args.bands, model.trunk, impl=impl).float().sum()
+                )
+            )
+            for impl in ("torch", "triton")
+        },
+    }
+    out: dict[str, dict[str, float]] = {}
+    for op, impls in cases.items():
+        out[op] = {}
+        for impl, fn in impls.items():
+
+            def step(fn: Callable[[], torch.Tensor] = fn) -> None:
+                with autocast_ctx(dev):
+                    loss = fn()
+                loss.backward()
+
+            try:
+                out[op][impl], _ = time_fn(step, dev, args.warmup, args.iters)
+            except Exception as err:  # not available here: not a candidate
+                print(f"  {op} {impl}: skipped ({type(err).__name__}: {str(err)[:80]})", flush=True)
+    return out
+
+
+def device_kind(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def write_table(path: Path, measured: list[tuple[int, int, dict[str, dict[str, float]]]], args) -> int:
+    """Replace this device's entries for the measured buckets; keep everything else. → entries written."""
+    from inrscrecon.field.fused import shape_bucket
+
+    data = json.loads(path.read_text()) if path.exists() else {"entries": []}
+    kind = device_kind(args.device)
+    dtype = "bf16" if args.device.type == "cuda" else "fp32"
+    command = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
+    new = []
+    for batch, width, ops in measured:
+        for op, ms in ops.items():
+            if not ms:
+                continue
+            bucket = shape_bucket(batch, width, 0 if op == "trunk" else args.genes)
+            new.append({
+                "op": op, "device": kind, "dtype": dtype, "bucket": bucket, "best": min(ms, key=ms.get),
+                "ms": {k: round(v, 4) for k, v in ms.items()}, "date": _dt.date.today().isoformat(),
+                "command": command,
+            })  # fmt: skip
+    keys = {(e["op"], e["device"], e["dtype"], json.dumps(e["bucket"], sort_keys=True)) for e in new}
+    kept = [
+        e for e in data.get("entries", [])
+        if (e.get("op"), e.get("device"), e.get("dtype"), json.dumps(e.get("bucket"), sort_keys=True)) not in keys
+    ]  # fmt: skip
+    data["entries"] = kept + new
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return len(new)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
-def to_markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke, Triton interpreter)"
+def to_markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    dev = args.device
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        name += " (smoke: Triton interpreter, numbers meaningless)" if args.smoke else ""
     try:
         import triton
 
         tri = triton.__version__
     except ImportError:
         tri = "absent"
+    prec = "bf16 autocast, fp32 master weights" if dev.type == "cuda" else "fp32"
     head = (
         f"\n## bench_kernels — {name} — {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
-        f"M = {args.genes}, {args.layers} layers, L = {args.bands} bands, dtype {args.dtype}, λ_KL = "
-        f"{args.lambda_kl}, torch {torch.__version__}, triton {tri}, {args.iters} timed steps after "
-        f"{args.warmup} warm-up; TFLOP/s on model FLOPs (train = 3× forward), % of {args.peak_tflops} "
-        "peak.\n\n"
-        "| mode | B | W | impl | ms | cells/s | peak MB | TFLOP/s | % peak | × eager | × compile | note |\n"
+        f"`python benchmarks/bench_kernels.py {' '.join(sys.argv[1:])}`; fit configuration ({prec}, Adam), "
+        f"M = {args.genes}, {args.layers} layers, L = {args.bands}, target density {args.density}, λ_KL = "
+        f"{args.lambda_kl}; torch {torch.__version__}, triton {tri}; {args.iters} timed steps after {args.warmup} "
+        f"warm-up. TFLOP/s on model FLOPs (train = 3× forward), % of {args.peak_tflops} TFLOP/s.\n\n"
+        "| mode | B | W | impl | ms | cells/s | peak MB | TFLOP/s | % peak | × dense eager | × dense compile | note |\n"
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     base = {(r.mode, r.batch, r.width, r.impl): r.ms for r in rows}
     lines = []
     for r in rows:
-        eager = base.get((r.mode, r.batch, r.width, "eager"))
-        comp = base.get((r.mode, r.batch, r.width, "compile"))
+        eager = base.get((r.mode, r.batch, r.width, "dense-eager"))
+        comp = base.get((r.mode, r.batch, r.width, "dense-compile"))
         x_e = eager / r.ms if eager and r.ms else None
         x_c = comp / r.ms if comp and r.ms else None
         cells = r.batch / (r.ms * 1e-3) if r.ms else None
-        pct = 100 * r.tflops / args.peak_tflops if r.tflops is not None else None
+        pct = 100 * r.tflops / args.peak_tflops if r.tflops is not None and dev.type == "cuda" else None
         lines.append(
             f"| {r.mode} | {r.batch} | {r.width} | {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(cells, '.3g')} | "
-            f"{_fmt(r.peak_mb, '.0f')} | {_fmt(r.tflops, '.1f')} | {_fmt(pct, '.1f')} | {_fmt(x_e, '.2f')} | "
+            f"{_fmt(r.peak_mb, '.0f')} | {_fmt(r.tflops, '.3f')} | {_fmt(pct, '.1f')} | {_fmt(x_e, '.2f')} | "
             f"{_fmt(x_c, '.2f')} | {r.note} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        if not args.smoke:
-            print("no CUDA device: run with --smoke for a CPU check of this script", file=sys.stderr)
-            return 2
+    if "--smoke" in (argv if argv is not None else sys.argv):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and triton) are imported
+    args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     rows: list[Row] = []
-    for mode in args.modes:
-        for batch in args.batch:
-            for width in args.width:
+    measured = []
+    for batch in args.batch:
+        for width in args.width:
+            for mode in args.modes:
                 for impl in args.impls:
-                    row = bench_one(mode, batch, width, impl, args, device)
-                    print(f"{mode:8s} B={batch:6d} W={width:4d} {impl:8s} ms={_fmt(row.ms, '.3f')} "
+                    row = bench_one(mode, batch, width, impl, args)
+                    print(f"{mode:6s} B={batch:6d} W={width:4d} {impl:14s} ms={_fmt(row.ms, '.3f')} "
                           f"peak={_fmt(row.peak_mb, '.0f')}MB {row.note}", flush=True)  # fmt: skip
                     rows.append(row)
-                    if cuda:
-                        torch.cuda.empty_cache()  # the step's tensors are gone with bench_one's frame
-    table = to_markdown(rows, args, device)
+                    if args.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if args.write_table:
+                measured.append((batch, width, op_times(batch, width, args)))
+                print(f"ops B={batch} W={width}: {measured[-1][2]}", flush=True)
+    table = to_markdown(rows, args)
     print(table)
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "a", encoding="utf-8") as fh:
             fh.write(table)
         print(f"appended to {args.results}")
+    if args.write_table:
+        n = write_table(args.table, measured, args)
+        print(f"wrote {n} entries for {device_kind(args.device)} to {args.table}")
     return 0
 
 
