@@ -127,3 +127,95 @@ def test_csv_pair(tmp_path):
     )
     with pytest.raises(InputError, match="no coordinates for 3 cells"):
         read_csv_pair(tmp_path / "counts.csv", tmp_path / "short.csv")
+
+
+def test_atomic_output_commits_whole_or_nothing(tmp_path):
+    from inrscrecon.data.io import atomic_output
+
+    (tmp_path / "out.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "out.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and (tmp_path / "out.txt").read_text() == "old"
+    with atomic_output(tmp_path / "vol.zarr", directory=True) as tmp:
+        (tmp / "0").write_text("chunk")
+    with atomic_output(tmp_path / "vol.zarr", directory=True) as tmp:  # a folder replaces the old one whole
+        (tmp / "1").write_text("chunk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "vol.zarr"]
+    assert [p.name for p in (tmp_path / "vol.zarr").iterdir()] == ["1"]
+
+
+def test_check_writable_refuses_folders_and_undoes_new_folders(tmp_path):
+    from inrscrecon.data.io import check_writable, discard_created, forget_created
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="is an existing directory"):
+        check_writable(tmp_path / "d")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        check_writable(tmp_path / "f", directory=True)
+    forget_created()
+    check_writable(tmp_path / "new" / "deeper" / "out.h5ad")
+    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())
+    discard_created()  # the command failed: the folders it made go again, the older ones stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f"]
+
+
+def test_drop_sections_of_a_stack_and_of_one_aligned_file():
+    from inrscrecon.data.io import drop_sections, parse_names, section_names
+
+    secs = [_section(name=f"s{k}", seed=k) for k in range(3)]
+    for k, s in enumerate(secs):
+        s.uns["section"] = f"s{k}"
+    assert parse_names(["s0", "s1, s2", ""]) == ["s0", "s1", "s2"]
+    assert [s.uns["section"] for s in drop_sections(secs, ["s1"])] == ["s0", "s2"]
+    aligned = ad.concat(secs)
+    aligned.obs["section"] = np.repeat(["s0", "s1", "s2"], 20)
+    aligned.obsm["spatial_3d"] = np.zeros((60, 3))
+    assert section_names([aligned]) == ["s0", "s1", "s2"]
+    (kept,) = drop_sections([aligned], ["s0", "s2"])
+    assert kept.n_obs == 20 and set(kept.obs["section"]) == {"s1"}
+    with pytest.raises(InputError, match="'s7': no such section; sections are"):
+        drop_sections(secs, ["s7"])
+
+
+def test_stream_files_checked_before_the_pass(tmp_path):
+    from inrscrecon.data.io import check_stream_files
+
+    paths = []
+    for k in range(3):
+        a = _section(name=f"s{k}", seed=k)
+        a.uns["section"] = f"s{k}"
+        paths.append(tmp_path / f"s{k}.h5ad")
+        write_h5ad(a, paths[-1])
+    assert check_stream_files(paths, holdout=["s1"]) == [paths[0], paths[2]]
+    with pytest.raises(InputError, match="no such section"):
+        check_stream_files(paths, holdout=["zz"])
+    a = _section(name="s3", seed=3)
+    a.X = sp.csr_matrix(a.X.toarray() * 0.5 + 0.25)
+    write_h5ad(a, tmp_path / "float.h5ad")
+    with pytest.raises(InputError, match="float.h5ad: X must hold non-negative integer counts"):
+        check_stream_files([paths[0], tmp_path / "float.h5ad"])
+
+
+def test_declared_kinds_and_bad_declarations(tmp_path):
+    from inrscrecon.data.preprocess import is_counts
+
+    a = _section()
+    a.uns["X_kind"] = "something_else"
+    write_h5ad(a, tmp_path / "a.h5ad")
+    with pytest.raises(InputError, match=r"uns\['X_kind'\] = 'something_else' is not one of"):
+        read_section(tmp_path / "a.h5ad")
+    b = _section()
+    b.X = b.X * 1.5  # normalised values, declared
+    b.uns["X_kind"] = "normalized_expression"
+    write_h5ad(b, tmp_path / "b.h5ad")
+    assert not is_counts(read_section(tmp_path / "b.h5ad"))
+    assert not is_counts(read_section(tmp_path / "b.h5ad", input_kind="normalized"))
+    with pytest.raises(InputError, match="X must hold non-negative integer counts"):
+        read_section(tmp_path / "b.h5ad", input_kind="counts")
+    c = _section()
+    c.X = c.X * 100.5  # not counts, far above log1p values, undeclared
+    write_h5ad(c, tmp_path / "c.h5ad")
+    with pytest.raises(InputError, match="neither counts nor log-normalised; pass --input normalized"):
+        read_section(tmp_path / "c.h5ad")

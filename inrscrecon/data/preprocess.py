@@ -30,8 +30,12 @@ def shared_genes(sections: Sequence[ad.AnnData]) -> list[str]:
 
 
 def is_counts(adata: ad.AnnData) -> bool:
-    """True unless ``uns['X_kind']`` says the data are already normalised (e.g. MERFISH, ISH levels)."""
-    return str(adata.uns.get("X_kind", "raw_counts")) == "raw_counts"
+    """True unless ``uns['X_kind']`` says the data are already normalised (e.g. MERFISH, ISH levels).
+
+    Sections read with :func:`~inrscrecon.data.io.read_section` carry ``raw_counts`` or
+    ``normalized_expression`` (log-normalised X is stored as expm1(X) there, see
+    :func:`~inrscrecon.data.validate.resolve_input`); for AnnData built by hand, ``counts`` is a synonym."""
+    return str(adata.uns.get("X_kind", "raw_counts")) in ("raw_counts", "counts")
 
 
 def normalize_log1p(x, target_sum: float = TARGET_SUM, totals: np.ndarray | None = None):
