@@ -210,14 +210,32 @@ def _fit(args: argparse.Namespace) -> int:
     )
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
     candidates: list[Path] = []
-    if args.bands == "auto":  # bandwidth (and stopping epoch) chosen on the validation cells
+    # resume: a finished fit with the same settings and data stays as it is; --resume needs a checkpoint
+    from inrscrecon.train.fit import plan_resume, run_record
+    from inrscrecon.train.select import DEFAULT_CANDIDATES
+
+    def checkpoint_for(e: EncodingConfig) -> Path:
+        return ckpt.with_name(f"{ckpt.stem}.L{e.n_bands}{ckpt.suffix}")
+
+    auto = args.bands == "auto"
+    spec = (
+        "auto" if auto else EncodingConfig(args.encoding, int(args.bands), sigma=args.sigma, seed=args.seed)
+    )
+    run = run_record(table, spec, args.width, args.layers, loss, tc)
+    ckpts = [checkpoint_for(e) for e in DEFAULT_CANDIDATES] if auto else [ckpt]
+    resume = plan_resume(out, ckpts, run, args.resume, args.resume_or_start)
+    if resume is None:
+        if di.main:
+            print(f"{out} is already fitted with these settings and data: nothing to do (file unchanged)")
+            for p in ckpts if auto and not args.keep_checkpoints else []:
+                p.unlink(missing_ok=True)
+        distributed.cleanup()
+        return 0
+    if auto:  # bandwidth (and stopping epoch) chosen on the validation cells
         from inrscrecon.train.select import describe, select_encoding
 
-        def checkpoint_for(e: EncodingConfig) -> Path:
-            return ckpt.with_name(f"{ckpt.stem}.L{e.n_bands}{ckpt.suffix}")
-
         sel = select_encoding(
-            table, None, args.width, args.layers, loss, tc, checkpoint_for=checkpoint_for, resume=args.resume
+            table, None, args.width, args.layers, loss, tc, checkpoint_for=checkpoint_for, resume=resume
         )
         result, candidates = sel.result, sel.checkpoints
         if di.main:
@@ -225,12 +243,14 @@ def _fit(args: argparse.Namespace) -> int:
             print(f"encoding chosen on validation RMSE: {describe(sel.encoding)} ({scores})")
     else:
         enc = EncodingConfig(kind=args.encoding, n_bands=int(args.bands), sigma=args.sigma, seed=args.seed)
-        result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=args.resume)
+        result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=resume)
     distributed.barrier()
     if not di.main:  # rank 0 alone writes the model and reports
         distributed.cleanup()
         return 0
-    result.model.save(out, training={"sections": trained_on, "holdout": holdout, "input": args.input})
+    result.model.save(
+        out, training={"sections": trained_on, "holdout": holdout, "input": args.input, "run": run}
+    )
     distributed.cleanup()
     if not args.keep_checkpoints:  # the candidates' checkpoints served the selection; the model is complete
         for p in candidates:
@@ -318,8 +338,18 @@ def _add_fit(sub) -> None:
         "--genes", type=positive_int, default=5000, help="top-M variable shared genes (default 5000)"
     )
     p.add_argument("--epochs", type=positive_int, default=60)
-    p.add_argument("--batch-size", type=positive_int, default=512)
-    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="rows per step (default: 512 on CPU, 32768 on CUDA)",
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="Adam rate (default: 2e-3; on CUDA scaled to the batch)",
+    )
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--encoding", choices=["fourier", "gaussian"], default="fourier")
@@ -360,7 +390,15 @@ def _add_fit(sub) -> None:
         help="head matmul dtype: auto = bf16 inputs with fp32 accumulation on CUDA, fp32 on CPU",
     )
     p.add_argument("--checkpoint", help="checkpoint path (default: OUT.ckpt)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint (an error when there is none); a finished fit with the same "
+        "settings and data is left as it is; a changed setting is refused by name",
+    )
+    p.add_argument(
+        "--resume-or-start", action="store_true", help="like --resume, but start afresh without a checkpoint"
+    )
     p.add_argument(
         "--keep-checkpoints",
         action="store_true",

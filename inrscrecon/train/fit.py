@@ -126,7 +126,11 @@ def resolved_batch_lr(tc: TrainConfig, device: str) -> tuple[int, float]:
 
 def data_fingerprint(table: Table) -> str:
     """BLAKE2 digest of what the fit sees: genes, coordinates, library sizes, the normalisation and, for
-    in-memory tables, every stored count (streaming tables: coordinates + library sizes stand for them)."""
+    in-memory tables, every stored count (streaming tables: coordinates + library sizes stand for them).
+    Cached on the table (tables are not modified after they are built)."""
+    cached = getattr(table, "_fingerprint", None)
+    if cached is not None:
+        return cached
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([list(table.genes), float(table.target_sum), int(table.n_cells)]).encode())
     for arr in (table.coords, table.totals):
@@ -135,7 +139,9 @@ def data_fingerprint(table: Table) -> str:
         c = table.counts
         for arr in (c.indptr, c.indices, c.data):
             h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    table._fingerprint = digest  # type: ignore[union-attr]
+    return digest
 
 
 def run_record(
@@ -189,6 +195,28 @@ def finished_model(model_path: str | Path, record: dict[str, Any]) -> INRField |
         return None
     saved = getattr(model, "training_record", {}).get("run")
     return model if saved == json.loads(json.dumps(record)) else None
+
+
+def plan_resume(
+    model_path: str | Path,
+    checkpoints: list[Path],
+    record: dict[str, Any],
+    resume: bool,
+    resume_or_start: bool = False,
+) -> str | None:
+    """What ``fit --resume`` / ``--resume-or-start`` does: None when ``model_path`` already holds this very run
+    (same :func:`run_record`: nothing to train, the file stays as it is); else the ``resume`` mode for
+    :func:`fit`. ``--resume`` with none of ``checkpoints`` present (and no finished model) is an InputError."""
+    if not (resume or resume_or_start):
+        return "no"
+    if finished_model(model_path, record) is not None:
+        return None
+    if not resume_or_start and not any(Path(c).exists() for c in checkpoints):
+        raise InputError(
+            f"{checkpoints[0]}: --resume but there is no checkpoint to resume from (and {model_path} is not a "
+            "finished fit with these settings); run without --resume, or pass --resume-or-start"
+        )
+    return "or_start"
 
 
 @torch.no_grad()
@@ -328,8 +356,17 @@ def fit(
     device = ddp.device_for(tc.device, di)
     train_rows, val_rows = _split(table.n_cells, tc.val_fraction, tc.seed)
     center, scale = FieldConfig.frame_for(table.coords)
+    from inrscrecon.query.tissue import tissue_frame  # the training tissue, kept in the model file
+
     cfg = FieldConfig(
-        len(table.genes), encoding or EncodingConfig(), width, n_layers, center, scale, list(table.genes)
+        len(table.genes),
+        encoding or EncodingConfig(),
+        width,
+        n_layers,
+        center,
+        scale,
+        list(table.genes),
+        **tissue_frame(table.coords),
     )
     record = run_record(table, cfg.encoding, width, n_layers, loss_cfg, tc)
     ckpt = Path(checkpoint) if checkpoint else None

@@ -66,13 +66,14 @@ def select_encoding(
     loss_cfg: LossConfig | None = None,
     train_cfg: TrainConfig | None = None,
     checkpoint_for: Callable[[EncodingConfig], Path] | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> Selection:
     """Fit ``table`` once per candidate encoding and keep the one with the lowest validation RMSE.
 
     All candidates share ``train_cfg`` (hence the validation split); the encoding seed follows
     ``train_cfg.seed``. ``checkpoint_for(encoding)`` gives each candidate its own checkpoint path (``resume``
-    continues each from it). Raises ValueError when ``train_cfg.val_fraction`` leaves no validation cells.
+    continues each from it, ``"or_start"`` starts a candidate that has none; see ``train.fit.fit``).
+    Raises ValueError when ``train_cfg.val_fraction`` leaves no validation cells.
     """
     tc = train_cfg or TrainConfig()
     if tc.val_fraction <= 0:
