@@ -153,9 +153,8 @@ def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], 
 
         def f(x: Batch) -> torch.Tensor:
             h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
-            out = fused.sparse_head_loss(h, w, b, x.indptr, x.indices, x.values, lambda_kl, impl="triton",
-                                         indices_sorted=True)  # fmt: skip
-            return out[0]
+            csr = (x.indptr, x.indices, x.values)
+            return fused.sparse_head_loss(h, w, b, *csr, lambda_kl, impl="triton", indices_sorted=True)[0]
 
     elif impl == "sparse-torch":
 
@@ -279,7 +278,7 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
                 lambda impl=impl: fused.sparse_head_loss(
                     h, w, b, x.indptr, x.indices, x.values, args.lambda_kl, impl=impl, indices_sorted=True
                 )[0]
-            )  # fmt: skip
+            )
             for impl in ("torch", "triton")
         },
         "head_loss": {
@@ -330,16 +329,19 @@ def write_table(path: Path, measured: list[tuple[int, int, dict[str, dict[str, f
             if not ms:
                 continue
             bucket = shape_bucket(batch, width, 0 if op == "trunk" else args.genes)
-            new.append({
-                "op": op, "device": kind, "dtype": dtype, "bucket": bucket, "best": min(ms, key=ms.get),
-                "ms": {k: round(v, 4) for k, v in ms.items()}, "date": _dt.date.today().isoformat(),
-                "command": command,
-            })  # fmt: skip
-    keys = {(e["op"], e["device"], e["dtype"], json.dumps(e["bucket"], sort_keys=True)) for e in new}
-    kept = [
-        e for e in data.get("entries", [])
-        if (e.get("op"), e.get("device"), e.get("dtype"), json.dumps(e.get("bucket"), sort_keys=True)) not in keys
-    ]  # fmt: skip
+            rounded = {k: round(v, 4) for k, v in ms.items()}
+            best = min(rounded, key=lambda k: rounded[k])
+            today = _dt.date.today().isoformat()
+            new.append(
+                dict(op=op, device=kind, dtype=dtype, bucket=bucket, best=best, ms=rounded, date=today)
+            )
+            new[-1]["command"] = command
+
+    def key(e: dict) -> tuple:
+        return e.get("op"), e.get("device"), e.get("dtype"), json.dumps(e.get("bucket"), sort_keys=True)
+
+    keys = {key(e) for e in new}
+    kept = [e for e in data.get("entries", []) if key(e) not in keys]
     data["entries"] = kept + new
     path.write_text(json.dumps(data, indent=1) + "\n")
     return len(new)
@@ -406,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 for impl in args.impls:
                     row = bench_one(mode, batch, width, impl, args)
-                    print(f"{mode:6s} B={batch:6d} W={width:4d} {impl:14s} ms={_fmt(row.ms, '.3f')} "
-                          f"peak={_fmt(row.peak_mb, '.0f')}MB {row.note}", flush=True)  # fmt: skip
+                    ms, peak = _fmt(row.ms, ".3f"), _fmt(row.peak_mb, ".0f")
+                    print(
+                        f"{mode:6s} B={batch:6d} W={width:4d} {impl:14s} ms={ms} peak={peak}MB {row.note}",
+                        flush=True,
+                    )
                     rows.append(row)
                     if args.device.type == "cuda":
                         torch.cuda.empty_cache()

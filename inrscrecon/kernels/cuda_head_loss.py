@@ -13,6 +13,11 @@ Backward (derivation in the .cu): with upstream gradients (g_loss, g_rmse, g_kl)
     c_kl   = (λ·g_loss + g_kl) / B
 Memory: O(B + M) extra instead of the [B, M] fp32 prediction and its saved activations.
 
+Routing: this kernel is SIMT (32×32 fp32 shared-memory tiles, scalar FMAs, no tensor cores; grids of M/32 or
+B/32 blocks), so ``backend="auto"`` never picks it for existing: only when the measured backend table
+(``inrscrecon/field/backend_table.json``) says it is the fastest on the device and shape. ``backend="cuda"``
+still selects it explicitly. It has no sparse-target variant; the sparse path is Triton.
+
 Imports torch only; the extension is imported lazily so ``inrscrecon.kernels`` needs torch (+ triton) alone.
 """
 

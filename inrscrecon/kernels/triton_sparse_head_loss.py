@@ -403,7 +403,8 @@ def sparse_head_forward(
     stats = torch.zeros(N_STATS, n_tiles, n_rows, device=dev, dtype=torch.float32)
     rw = row_weight.float().contiguous() if row_weight is not None else None
     if grad_in_forward:
-        one = torch.tensor([1.0, 0.0], device=dev)
+        one = torch.zeros(2, device=dev, dtype=torch.float32)  # (c_r, c_k) = (1, 0): no host copy
+        one[0] = 1.0
         gh, gw, gb = _grads_from_dz(
             h, w, b, indptr, indices, values, rw, stats, None, one, kl_eps, False, cfg
         )
