@@ -2,7 +2,11 @@
 :class:`~inrscrecon.data.stack.CellTable` interface over backed ``.h5ad`` files or AnnData ``.zarr`` stores.
 
 * Only per-cell metadata lives in memory: coordinates [N, 3] (µm), library sizes [N] and the per-file
-  ``indptr`` — about 36 bytes a cell. X (CSR) stays on disk and is read in row chunks.
+  ``indptr`` — about 36 bytes a cell. X (CSR) stays on disk and is read in row chunks through anndata's
+  backed sparse dataset (``anndata.io.sparse_dataset``), for ``.h5ad`` and ``.zarr`` alike.
+* The chunk cache has a byte budget (``cache_mb``): chunks shrink below ``chunk_rows`` when the data are so
+  dense that ``2 · window + 1`` chunks would not fit in it, so peak memory is set by the budget, not by N or
+  by the density of X.
 * :func:`open_stack` makes one streaming pass over X: it checks the values (finite, non-negative, column
   indices in range), records library sizes over all genes, and the per-gene moments that pick the top-M
   variable genes (same rule as :func:`~inrscrecon.data.preprocess.select_genes`).
@@ -36,6 +40,7 @@ from inrscrecon.data.validate import coordinates
 from inrscrecon.errors import InputError
 
 CHUNK_ROWS = 16384
+CACHE_MB = 512.0  # default memory budget of the chunk cache
 DIRECT_FRACTION = 1 / 16  # fewer requested rows than this fraction of a chunk: read them row by row
 
 
@@ -45,8 +50,18 @@ def _read_elem(node: Any) -> Any:
     return read_elem(node)
 
 
+def _sparse_dataset(group: Any) -> Any:
+    """anndata's backed CSR/CSC reader (``anndata.io.sparse_dataset``; ``anndata.experimental`` before 0.11)."""
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # pragma: no cover - anndata < 0.11
+        from anndata.experimental import sparse_dataset
+    return sparse_dataset(group)
+
+
 class _Source:
-    """One section file: an open h5py file or zarr group, its X arrays and its indptr (in memory)."""
+    """One section file: an open h5py file or zarr group and its X, read through anndata's backed sparse
+    dataset (CSR rows without loading the matrix; anndata caches the ``indptr``) or as a dense array."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -78,9 +93,9 @@ class _Source:
         try:
             if enc == "csr_matrix":
                 self.sparse = True
-                self.shape = tuple(int(v) for v in x.attrs["shape"])
-                self.data, self.indices = x["data"], x["indices"]
-                self.indptr = np.asarray(x["indptr"][:], dtype=np.int64)
+                self.X: Any = _sparse_dataset(x)
+                self.shape = tuple(int(v) for v in self.X.shape)
+                self._check_structure(x)
             elif enc == "csc_matrix":
                 raise InputError(
                     f"{p}: X is stored column-major (CSC); rows cannot be streamed. Rewrite it as CSR, e.g. "
@@ -89,8 +104,7 @@ class _Source:
             elif hasattr(x, "shape") and len(x.shape) == 2:
                 self.sparse = False
                 self.shape = (int(x.shape[0]), int(x.shape[1]))
-                self.dense = x
-                self.indptr = np.zeros(0, dtype=np.int64)
+                self.X = x
             else:
                 raise InputError(f"{p}: X has encoding {enc!r}; expected a CSR matrix or a dense array")
         except InputError:
@@ -99,45 +113,51 @@ class _Source:
             raise InputError(
                 f"{p}: cannot read X ({type(exc).__name__}: {exc}); file truncated or corrupted?"
             ) from None
-        if self.sparse:
-            ip = self.indptr
-            n_obs = self.shape[0]
-            if (
-                ip.shape[0] != n_obs + 1 or ip[0] != 0 or ip[-1] != self.data.shape[0]
-                or self.indices.shape[0] != self.data.shape[0] or (np.diff(ip) < 0).any()
-            ):  # fmt: skip
-                raise InputError(
-                    f"{p}: X/indptr is inconsistent with X/data (indptr has {ip.shape[0]} entries ending at "
-                    f"{ip[-1] if ip.size else None}, data has {self.data.shape[0]}); file truncated or corrupted?"
-                )
+
+    def _check_structure(self, x: Any) -> None:
+        """indptr against data/indices (one read of indptr, not kept: anndata caches its own)."""
+        ip = np.asarray(x["indptr"][:])
+        n_data, n_idx = int(x["data"].shape[0]), int(x["indices"].shape[0])
+        if (
+            ip.shape[0] != self.shape[0] + 1 or ip[0] != 0 or ip[-1] != n_data or n_idx != n_data
+            or (np.diff(ip) < 0).any()
+        ):  # fmt: skip
+            raise InputError(
+                f"{self.path}: X/indptr is inconsistent with X/data (indptr has {ip.shape[0]} entries ending at "
+                f"{ip[-1] if ip.size else None}, data has {n_data}); file truncated or corrupted?"
+            )
+        self.nnz = n_data
+        self.entry_bytes = x["data"].dtype.itemsize + x["indices"].dtype.itemsize
+
+    def row_bytes(self) -> float:
+        """Mean bytes one row of X takes in memory as CSR (data + indices, as stored)."""
+        if not self.sparse:
+            return float(self.shape[1] * self.X.dtype.itemsize)
+        return self.nnz * self.entry_bytes / max(self.shape[0], 1)
+
+    def _read(self, index: Any, what: str) -> sp.csr_matrix:
+        try:
+            if not self.sparse:
+                return sp.csr_matrix(np.asarray(self.X[index]))
+            block = self.X[index]
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: cannot read X {what} ({type(exc).__name__}: {exc}); file truncated or corrupted?"
+            ) from None
+        return block if isinstance(block, sp.csr_matrix) else sp.csr_matrix(block)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) of X as CSR with all columns, dtype as stored."""
-        try:
-            if not self.sparse:
-                return sp.csr_matrix(np.asarray(self.dense[start:stop]))
-            a, b = int(self.indptr[start]), int(self.indptr[stop])
-            data = np.asarray(self.data[a:b])
-            indices = np.asarray(self.indices[a:b])
-        except Exception as exc:
-            raise InputError(
-                f"{self.path}: cannot read X rows {start}..{stop - 1} ({type(exc).__name__}: {exc}); "
-                "file truncated or corrupted?"
-            ) from None
-        if data.shape[0] != b - a or indices.shape[0] != b - a:
-            raise InputError(
-                f"{self.path}: X rows {start}..{stop - 1} are truncated ({data.shape[0]} of {b - a} values)"
-            )
-        ptr = self.indptr[start : stop + 1] - a
-        return sp.csr_matrix((data, indices, ptr), shape=(stop - start, self.shape[1]), copy=False)
+        return self._read(slice(start, stop), f"rows {start}..{stop - 1}")
 
     def pick(self, local: np.ndarray) -> sp.csr_matrix:
-        """Sorted local rows as CSR [len(local), n_vars], contiguous runs read in one go."""
+        """Sorted unique local rows [K] → CSR [K, n_vars] (anndata reads contiguous runs in one go)."""
+        local = np.asarray(local, dtype=np.int64)
         if not self.sparse:
-            return sp.csr_matrix(np.asarray(self.dense[np.asarray(local)]))
-        breaks = np.flatnonzero(np.diff(local) != 1) + 1
-        parts = [self.rows(int(run[0]), int(run[-1]) + 1) for run in np.split(local, breaks)]
-        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+            return sp.csr_matrix(np.asarray(self.X[local]))
+        mask = np.zeros(self.shape[0], dtype=bool)
+        mask[local] = True
+        return self._read(mask, f"rows {int(local[0])}..{int(local[-1])}")
 
     def elem(self, key: str) -> Any:
         try:
@@ -182,6 +202,13 @@ class _Source:
             self.root.close()
 
 
+def fitted_chunk_rows(sources: Sequence[_Source], chunk_rows: int, n_chunks: int, cache_mb: float) -> int:
+    """Rows per chunk so that ``n_chunks`` chunks of the densest file fit in ``cache_mb`` MiB (≤ ``chunk_rows``)."""
+    row_bytes = max(s.row_bytes() for s in sources)
+    budget_rows = int(cache_mb * 2**20 / max(n_chunks * row_bytes, 1.0))
+    return max(1, min(chunk_rows, budget_rows))
+
+
 def _check_block(block: sp.csr_matrix, src: _Source, start: int) -> None:
     stop = start + block.shape[0] - 1
     if block.nnz:
@@ -203,7 +230,8 @@ class StreamingTable:
 
     ``chunk_rows``: rows per read; ``window``: chunks shuffled together; ``cache_chunks``: chunks kept in memory
     (default ``2 · window + 1``, so a batch straddling two windows never rereads). Memory ≈ cache_chunks ·
-    chunk_rows · nnz-per-row · 8 bytes.
+    chunk_rows · nnz-per-row · (bytes of one value + one index); :func:`open_stack` sizes ``chunk_rows`` so
+    that this stays within its ``cache_mb``.
     """
 
     sources: list[_Source]
@@ -387,6 +415,7 @@ def _stats_pass(
 
 def open_stack(
     paths: Sequence[str | Path],
+    *,
     n_genes: int = 5000,
     genes: Sequence[str] | None = None,
     spacing: float | None = None,
@@ -396,22 +425,46 @@ def open_stack(
     window: int = 4,
     shuffle: str = "window",
     cache_chunks: int | None = None,
+    cache_mb: float = CACHE_MB,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> StreamingTable:
-    """Open section files (``.h5ad`` or AnnData ``.zarr``) without loading X, make one streaming pass over it
-    (checks, library sizes, gene moments) and select genes like ``select_genes(sections, n_genes, genes)``.
+    """Open sections for training without loading X: the streaming counterpart of
+    ``build_cell_table(read_sections(paths), select_genes(sections, n_genes, genes), ...)``.
 
-    z positions and coordinates follow :func:`~inrscrecon.data.stack.build_cell_table` (``spacing``, ``z_key``,
-    ``obsm['spatial_3d']``). Corrupted / truncated files raise InputError naming the file and rows.
+    Args:
+        paths: section files, ``.h5ad`` or AnnData ``.zarr`` (raw counts in X as CSR or dense rows;
+            coordinates in ``obsm[spatial_key]``, or ``obsm['spatial_3d']`` in µm).
+        n_genes: keep the top-``n_genes`` variable genes shared by every section (all when fewer).
+        genes: restrict to these gene names (all must be shared).
+        spacing, z_key: z of each section, as in :func:`~inrscrecon.data.stack.build_cell_table`
+            (µm between sections, or ``uns[z_key]`` / ``obs[z_key]``; default ``uns['z_um']``).
+        spatial_key: obsm key of the xy coordinates.
+        chunk_rows: most rows read at once; ``window``: chunks shuffled together each epoch;
+            ``shuffle``: ``"window"`` (chunk-wise) or ``"global"`` (uniform permutation, random reads).
+        cache_chunks: chunks kept in memory (default ``2 · window + 1``).
+        cache_mb: memory budget (MiB) of the chunk cache; ``chunk_rows`` shrinks so that the cached chunks fit.
+        progress: progress bar for the streaming pass.
+        shard, allreduce: ``(rank, world)`` and a sum over ranks, to split the pass under DDP.
+
+    Returns:
+        a :class:`StreamingTable` (a context manager; ``close()`` closes the files). One streaming pass over X
+        has checked its values and recorded library sizes and gene moments.
+
+    Raises:
+        InputError: missing, truncated or corrupted files, bad values (naming file and rows), inconsistent
+            metadata, or genes not shared.
     """
     if not paths:
         raise InputError("no section files given")
     if chunk_rows < 1 or window < 1:
         raise InputError(f"chunk_rows and window must be ≥ 1, got {chunk_rows}, {window}")
+    if not cache_mb > 0:
+        raise InputError(f"cache_mb must be > 0, got {cache_mb}")
     sources = [_Source(p) for p in paths]
     try:
+        chunk_rows = fitted_chunk_rows(sources, chunk_rows, cache_chunks or 2 * window + 1, cache_mb)
         shells = []
         for src in sources:
             a = src.shell(z_key)
