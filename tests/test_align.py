@@ -280,13 +280,19 @@ def test_cli_command(three_sections, tmp_path):
         )
 
 
-def test_low_confidence_pair_warns_with_its_name(three_sections):
+def test_low_confidence_pair_stops_with_its_name_score_and_what_to_try(three_sections):
     sections, _ = three_sections
     a, b = sections[0].copy(), sections[1].copy()
     rng = np.random.default_rng(0)
     b.X = sp.csr_matrix(b.X)[rng.permutation(b.n_obs)]  # expression no longer tied to position
-    with pytest.warns(UserWarning, match="pair 'section_01' → 'section_00': low alignment confidence"):
+    with pytest.raises(InputError) as err:
         align([a, b], spacing=10.0)
+    msg = str(err.value)
+    assert "pair 'section_01' → 'section_00': low alignment confidence: overlay score" in msg
+    assert "threshold 0.30" in msg and "--allow-reflection" in msg and "--reference" in msg
+    with pytest.warns(UserWarning, match="pair 'section_01' → 'section_00': low alignment confidence"):
+        res = align([a, b], spacing=10.0, accept_low_confidence=True)
+    assert res.transforms[1]["score"] < 0.3
 
 
 # ---------------------------------------------------------------- bad input
@@ -350,5 +356,10 @@ def test_bad_input_no_z_and_bad_spacing():
 
 def test_config_is_respected():
     with pytest.warns(UserWarning, match="low alignment confidence"):  # random data: nothing to match
-        res = align([_tiny("s0", 200), _tiny("s1", 200, seed=1)], spacing=5, config=AlignConfig(n_comps=5))
+        res = align(
+            [_tiny("s0", 200), _tiny("s1", 200, seed=1)],
+            spacing=5,
+            config=AlignConfig(n_comps=5),
+            accept_low_confidence=True,
+        )
     assert res.transforms[1]["z"] == 5.0

@@ -1,4 +1,4 @@
-"""``inrscrecon align``: CLI wiring (the lead registers ``add_parser`` / ``run`` in ``inrscrecon/cli.py``)."""
+"""``inrscrecon align``: the sub-command's parser (``add_parser``) and its action (``run``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--reference", default=None, help="name or index of the section whose frame is kept (default 0)"
     )
     p.add_argument("--allow-reflection", action="store_true", help="allow a section to be flipped")
+    p.add_argument(
+        "--accept-low-confidence",
+        action="store_true",
+        help="keep pairs whose overlay score is below the threshold (default: stop with exit status 2)",
+    )
     p.add_argument("--spatial-key", default="spatial", help="obsm key of the 2D coordinates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -57,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         z_key=args.z_key,
         spatial_key=args.spatial_key,
         progress=not args.no_progress,
+        accept_low_confidence=args.accept_low_confidence,
     )
     result.write(args.out, args.transforms, args.matches)
     out = Path(args.out)
@@ -64,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     paths = result.plot_pairs(plots)
     for pr in result.pairs:
         print(
-            f"{pr.moving} → {pr.fixed}: inlier_fraction {pr.inlier_fraction:.3f}, agreement {pr.agreement:.3f}, "
-            f"overlap {pr.overlap:.2f}, {pr.seconds:.1f} s"
+            f"{pr.moving} → {pr.fixed}: overlay score {pr.score:.2f} ({pr.pose_source} pose), inlier_fraction "
+            f"{pr.inlier_fraction:.3f}, overlap {pr.overlap:.2f}, {pr.seconds:.1f} s"
         )
     print(
         f"wrote {out}, {args.transforms}"

@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from inrscrecon.align.embedding import joint_embedding, section_name, spatial_smooth, unit_rows
+from inrscrecon.align.guard import centroid_pose, overlay_score, score_context
 from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
 from inrscrecon.align.matching import mutual_nn
 from inrscrecon.align.refine import (
@@ -60,8 +61,11 @@ class AlignConfig:
     ransac_iter: int = 1000
     n_hypotheses: int = 4  # distinct RANSAC poses refined and compared
     ransac_threshold: float = 0.06  # inlier residual, fraction of the fixed section's extent
-    min_inlier_fraction: float = 0.1  # below this, warn that the pair may be misaligned
-    min_agreement: float = 0.2  # below this mean nearest-neighbour expression similarity, warn
+    min_score: float = 0.3  # overlay score (align.guard) below which a pair is low-confidence
+    max_mirror_support: float = (
+        1.25  # without --allow-reflection, a mirrored pose this much better: low-confidence
+    )
+    guard_margin: float = 0.01  # identity / centroid must beat the aligned pose's score by this much
 
 
 @dataclass
@@ -78,6 +82,31 @@ class PairResult:
     n_mnn: int
     seconds: float
     matches: pd.DataFrame = field(repr=False)
+    score: float = float("nan")  # overlay score of the kept pose (inrscrecon.align.guard)
+    pose_source: str = "aligned"  # which pose the guard kept: aligned, identity or centroid
+    scores: dict = field(default_factory=dict)  # overlay score of each candidate pose
+    mirror_support: float = (
+        0.0  # RANSAC support of the best mirrored pose over the best proper one (no flips)
+    )
+
+    def low_confidence_message(self, threshold: float, max_mirror: float, allow_reflection: bool) -> str:
+        """What a user reads when this pair is low-confidence: the pair, its score and threshold, what to try."""
+        tries = []
+        if not allow_reflection:
+            hint = (
+                f" (a mirrored pose explains {self.mirror_support:.2f}× the expression matches of the best "
+                f"proper one; limit {max_mirror:.2f})"
+                if self.mirror_support >= max_mirror
+                else ""
+            )
+            tries.append(f"--allow-reflection{hint}")
+        tries += ["another --reference section", "--accept-low-confidence to keep this pose anyway"]
+        others = ", ".join(f"{k} {v:.2f}" for k, v in self.scores.items())
+        return (
+            f"pair {self.moving!r} → {self.fixed!r}: low alignment confidence: overlay score {self.score:.2f} "
+            f"(threshold {threshold:.2f}; kept the {self.pose_source} pose; scores: {others}; inlier_fraction "
+            f"{self.inlier_fraction:.2f}); try " + ", ".join(tries)
+        )
 
 
 def _check_geometry(xy: np.ndarray, name: str, key: str) -> None:
@@ -150,6 +179,26 @@ def align_pair(
     pose, _ = icp_refine(xy_a[si], fa[si], xy_b, fb, pose, spacing, sigmas=(2.0, 1.0), iters=6, tree=tree)
     polished = _polish_both(xy_a, emb_a, xy_b, emb_b, pose, spacing, _spacing(xy_a), tree, rng, cfg)
     pose = _snap_best(xy_a, emb_a, xy_b, emb_b, [pose, polished], spacing, tree, rng, cfg)
+    # the guard: never return a pose that overlays worse than leaving the section where it is, or centring it
+    ctx = score_context(xy_a, fa, xy_b, fb, spacing, np.random.default_rng(seed), tree)
+    options = {"aligned": pose, "identity": Pose.identity(), "centroid": centroid_pose(xy_a, xy_b)}
+    scores = {k: overlay_score(ctx, v).score for k, v in options.items()}
+    chosen = max(scores, key=lambda k: scores[k] + (cfg.guard_margin if k == "aligned" else 0.0))
+    pose = options[chosen]
+    mirror = 0.0
+    if not allow_reflection and hyps:  # would a mirrored section explain the matches far better?
+        both = ransac_poses(
+            p,
+            q,
+            w,
+            thr,
+            n_iter=cfg.ransac_iter,
+            allow_reflection=True,
+            top=2 * cfg.n_hypotheses,
+            rng=np.random.default_rng(seed + 1),
+        )
+        refl = [h.score for h in both if h.pose.reflected]
+        mirror = max(refl, default=0.0) / max(hyps[0].score, 1e-12)
     stats = fit_stats(xy_a[si], fa[si], xy_b, fb, pose, spacing, tree)
     inl = float((np.hypot(*(pose.apply(p) - q).T) < thr).mean())
     rows, cols, dist = hard_matches(pose.apply(xy_a), fa, tree, fb, spacing)
@@ -175,6 +224,10 @@ def align_pair(
         len(ia),
         time.perf_counter() - t0,
         matches,
+        score=scores[chosen],
+        pose_source=chosen,
+        scores=scores,
+        mirror_support=mirror,
     )
 
 
@@ -297,7 +350,8 @@ class AlignmentResult:
         for pr in self.pairs:
             path = out_dir / f"pair_{pr.moving}__{pr.fixed}.png"
             title = (
-                f"{pr.moving} → {pr.fixed}: inliers {pr.inlier_fraction:.2f}, agreement {pr.agreement:.2f}"
+                f"{pr.moving} → {pr.fixed}: overlay score {pr.score:.2f} ({pr.pose_source} pose), "
+                f"inliers {pr.inlier_fraction:.2f}"
             )
             plot_pair(
                 xyz[sec == pr.fixed, :2],
@@ -335,13 +389,16 @@ def align(
     spatial_key: str = "spatial",
     config: AlignConfig | None = None,
     progress: bool = False,
+    accept_low_confidence: bool = False,
 ) -> AlignmentResult:
     """Align consecutive sections pairwise and stack them in the reference section's frame.
 
     sections: AnnData with ``obsm[spatial_key]`` [n, 2] and raw counts (or ``uns['X_kind']`` normalised values).
     spacing: µm between consecutive sections, or ``z_key`` (``uns``/``obs``), else ``uns['z_um']`` of each.
     reference: index or name of the section whose frame is kept (identity); default the first.
-    Returns an AlignmentResult; warns (naming the pair) when a pair's confidence is low.
+    Each pair keeps the best of its aligned, identity and centroid poses by the overlay score
+    (``inrscrecon.align.guard``). A pair whose kept score is below ``config.min_score`` raises InputError naming
+    the pair, its score and what to try, unless ``accept_low_confidence`` (then it warns).
     """
     cfg = config or AlignConfig()
     sections = list(sections)
@@ -374,12 +431,11 @@ def align(
                 seed=seed + k,
                 cfg=cfg,
             )
-        if pr.inlier_fraction < cfg.min_inlier_fraction or pr.agreement < cfg.min_agreement:
-            warnings.warn(
-                f"pair {pr.moving!r} → {pr.fixed!r}: low alignment confidence (inlier_fraction "
-                f"{pr.inlier_fraction:.3f}, agreement {pr.agreement:.3f}, overlap {pr.overlap:.2f}); check its overlay",
-                stacklevel=2,
-            )
+        if pr.score < cfg.min_score or pr.mirror_support >= cfg.max_mirror_support:
+            message = pr.low_confidence_message(cfg.min_score, cfg.max_mirror_support, allow_reflection)
+            if not accept_low_confidence:
+                raise InputError(message)
+            warnings.warn(message, stacklevel=2)
         poses[k] = poses[nb].compose(pr.pose)
         pairs[k] = pr
     transforms = []
@@ -398,7 +454,11 @@ def align(
         }
         if k != ref:
             entry.update(
-                agreement=pairs[k].agreement, residual_um=pairs[k].residual_um, overlap=pairs[k].overlap
+                agreement=pairs[k].agreement,
+                residual_um=pairs[k].residual_um,
+                overlap=pairs[k].overlap,
+                score=pairs[k].score,
+                pose_source=pairs[k].pose_source,
             )
         transforms.append(entry)
     aligned = _stack(sections, names, xys, poses, zs)
