@@ -267,12 +267,13 @@ def _fit(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from inrscrecon.data.io import read_coords
     from inrscrecon.field.model import INRField
-    from inrscrecon.query.predict_stream import predict_to_file
+    from inrscrecon.query.predict_stream import predict_to_file, query_obs
 
     model = INRField.load(args.model, device=args.device)
     xyz, ids = read_coords(args.coords)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
-    predict_to_file(model, xyz, args.out, genes, ids, progress=True)  # chunk by chunk, renamed when complete
+    obs = query_obs(args.coords)  # the query's own columns are kept in the output
+    predict_to_file(model, xyz, args.out, genes, ids, progress=True, obs=obs)  # written chunk by chunk
     print(f"wrote {args.out}: {len(xyz)} points × {len(genes) if genes else model.cfg.n_genes} genes")
     return 0
 

@@ -1,7 +1,9 @@
 """evaluate stage: tasks (inter / intra / 3d), tuned baselines, metrics, results tables and figures.
 
 ``evaluate(sections, task, ...)`` is the public entry point (``inrscrecon evaluate`` on the command line).
-Submodules are imported lazily so ``from inrscrecon.evaluate import metrics`` stays light.
+This module is itself callable as that function, so ``inrscrecon.evaluate(...)`` works whether the name is
+the function or, after ``import inrscrecon.evaluate``, the subpackage. Submodules are imported lazily so
+``from inrscrecon.evaluate import metrics`` stays light.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import datetime
 import platform
 import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,3 +116,14 @@ def evaluate(
                 "n_genes": len(prep.genes), "alignment": prep.info, "figures": [str(p) for p in figs]}  # fmt: skip
         paths = report.write_results(out, results, report.details(splits), meta)
     return EvalResult(results, splits, wall, paths)
+
+
+class _CallableModule(types.ModuleType):
+    """The subpackage, callable as :func:`evaluate` (same arguments, same result)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> EvalResult:
+        return evaluate(*args, **kwargs)
+
+
+__wrapped__ = evaluate  # inspect.signature / help of the module show the function's
+sys.modules[__name__].__class__ = _CallableModule

@@ -128,6 +128,7 @@ def query_obs(path: str | Path) -> pd.DataFrame | None:
             else list(df.select_dtypes("number").columns[:3])
         )
         rest = df.drop(columns=coords)
+        rest.index = pd.Index([f"p{i}" for i in range(len(rest))])  # as predictions without ids are named
         return rest if rest.shape[1] else None
     return None
 
