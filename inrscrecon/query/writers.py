@@ -9,6 +9,7 @@ complete; an exception, SIGINT or SIGTERM removes the folder (:func:`staged_dir`
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,12 @@ def write_ome_zarr(
     pyramid takes block means (``image_is_label``: nearest neighbours, for a label-valued image)."""
     import dask.array as da
     import zarr
-    from ome_zarr.format import FormatV05
-    from ome_zarr.scale import Methods
-    from ome_zarr.writer import write_image, write_labels
+
+    with warnings.catch_warnings():  # ome-zarr-py builds a deprecated Scaler as a default argument at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.format import FormatV05
+        from ome_zarr.scale import Methods
+        from ome_zarr.writer import write_image, write_labels
 
     root = zarr.open_group(str(path), mode="w")
     sf = [{"z": fz, "y": fy, "x": fx} for fz, fy, fx in factors[1:]]
