@@ -5,8 +5,10 @@ CSR rows of the batch, Adam. Per (B, W) this script times, *in the same run*:
 
 * ``sparse-fused`` — fused trunk op + fused sparse head + loss (Triton; the interpreter with ``--smoke``);
 * ``sparse-torch`` — torch trunk + ``sparse_head_loss_reference`` (the CPU path of ``fit``);
+* ``sparse-compile`` — ``torch.compile`` of that sparse torch step;
 * ``dense-eager``  — torch trunk + the dense ``head_loss_reference`` on a dense [B, M] target;
-* ``dense-compile`` — ``torch.compile`` of that dense step (the reference to beat);
+* ``dense-compile`` — ``torch.compile`` of that dense step (the reference to beat). The dense rows get
+  their [B, M] target for free (built before timing); in ``fit`` building it is host work per step.
 * ``dense-triton`` / ``dense-cuda`` — the dense fused heads (``--impls`` to add them).
 
 Modes: ``train`` (forward + backward + Adam step) and ``eval`` (loss under no_grad). Reports ms per step,
@@ -42,7 +44,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "inrscrecon" / "field" / "backend_table.json"
-IMPLS = ("sparse-fused", "sparse-torch", "dense-eager", "dense-compile", "dense-triton", "dense-cuda")
+IMPLS = (
+    "sparse-fused",
+    "sparse-torch",
+    "sparse-compile",
+    "dense-eager",
+    "dense-compile",
+    "dense-triton",
+    "dense-cuda",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,10 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif not cuda:
         args.batch, args.width = args.batch or [1024], args.width or [256]
         args.iters, args.warmup = min(args.iters, 5), min(args.warmup, 2)
-        args.impls = args.impls or ["sparse-torch", "dense-eager", "dense-compile"]
+        args.impls = args.impls or ["sparse-torch", "sparse-compile", "dense-eager", "dense-compile"]
     else:
         args.batch, args.width = args.batch or [4096, 16384, 65536], args.width or [128, 256]
-        args.impls = args.impls or ["sparse-fused", "sparse-torch", "dense-eager", "dense-compile"]
+        args.impls = args.impls or [
+            "sparse-fused",
+            "sparse-torch",
+            "sparse-compile",
+            "dense-eager",
+            "dense-compile",
+        ]
     if args.results is None and not args.smoke:
         args.results = ROOT / "benchmarks" / "RESULTS.md"
     args.device = torch.device("cuda" if cuda else "cpu")
@@ -156,7 +172,7 @@ def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], 
             csr = (x.indptr, x.indices, x.values)
             return fused.sparse_head_loss(h, w, b, *csr, lambda_kl, impl="triton", indices_sorted=True)[0]
 
-    elif impl == "sparse-torch":
+    elif impl in ("sparse-torch", "sparse-compile"):
 
         def f(x: Batch) -> torch.Tensor:
             return sparse_head_loss_reference(
@@ -229,7 +245,7 @@ def bench_one(mode: str, batch: int, width: int, impl: str, args: argparse.Names
     except Exception as err:  # e.g. the CUDA extension is not built, Triton cannot run here
         row.note = f"skipped: {str(err)[:100]}"
         return row
-    if impl == "dense-compile":
+    if impl.endswith("-compile"):
         loss_fn = torch.compile(loss_fn)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 

@@ -128,7 +128,7 @@ def sparse_head_loss_reference(
     rows_c = rows.clamp(max=max(n_rows - 1, 0))
     t = torch.where(live, values.float(), 0.0)  # [CAP]
     flat = rows_c * n_genes + indices.long().clamp(0, max(n_genes - 1, 0))
-    p_nz = torch.where(live, pred.reshape(-1)[flat], 0.0)  # [CAP]
+    p_nz = torch.where(live, pred.reshape(-1).gather(0, flat), 0.0)  # [CAP]
 
     def per_row(x: torch.Tensor) -> torch.Tensor:  # [CAP] → [B] sum over each row's non-zeros
         return torch.zeros(n_rows, device=pred.device, dtype=torch.float32).index_add(0, rows_c, x)
