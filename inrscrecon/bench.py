@@ -1,7 +1,10 @@
-"""``inrscrecon bench``: a quick train-step and inference benchmark of each available backend on this device.
+"""``inrscrecon bench``: a quick train-step benchmark of each available backend on this device, in the
+configuration ``fit`` runs: sparse CSR targets (5 % non-zeros), mixed precision as ``fit`` picks it
+(``precision="auto"``: bf16 head on CUDA, fp32 on CPU), fp32 master weights, Adam.
 
-The full sweep (B, W, torch.compile, TFLOP/s, RESULTS.md) is ``benchmarks/bench_kernels.py``; this command
-answers "how fast is my machine with this model size" in seconds.
+The full sweeps are ``benchmarks/bench_fit.py`` (end-to-end ``fit``, data path included, beside torch eager and
+torch.compile) and ``benchmarks/bench_kernels.py``; this command answers "how fast is my machine with this
+model size" in seconds.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from typing import Any
 
 import torch
 
+from inrscrecon.data.device_table import SparseBatch
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.fused import resolve_impl
 from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import FieldConfig, INRField
-from inrscrecon.train.objective import objective
+from inrscrecon.train.objective import objective_tensors
 
 
 def _sync(device: torch.device) -> None:
@@ -31,13 +35,17 @@ def time_train_step(
     model = INRField(FieldConfig(n_genes, EncodingConfig(n_bands=4), width, 4)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     coords = torch.rand(batch, 3, device=device) * 2 - 1
-    target = torch.rand(batch, n_genes, device=device) * 3
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(batch, n_genes, generator=gen) < 0.05  # the batch's targets as CSR rows
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
+    values = torch.rand(int(mask.sum()), generator=gen) * 3
+    target = SparseBatch(coords, indptr.to(device), mask.nonzero()[:, 1].int().to(device), values.to(device))
     cfg = LossConfig.preset("no_rc")
     times = []
     for i in range(warmup + steps):
         _sync(device)
         t0 = time.perf_counter()
-        loss, _ = objective(model, coords, target, cfg, None, impl)
+        loss, _ = objective_tensors(model, coords, target, cfg, None, impl, precision="auto")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -55,7 +63,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     for impl in ("torch", "triton", "cuda"):
         try:
-            resolved = resolve_impl(impl, dev, "head_loss")
+            resolved = resolve_impl(impl, dev, "sparse_head_loss")
         except Exception as exc:  # unavailable backends are reported, not fatal
             rows.append({"backend": impl, "status": f"unavailable: {exc}"})
             continue
