@@ -119,3 +119,10 @@ def test_triton_gather_equals_torch(target_sum):
     b = dt.gather(rows, cap, impl="triton")
     torch.testing.assert_close(b.indices, a.indices, rtol=0, atol=0)
     torch.testing.assert_close(b.values, a.values, rtol=0, atol=0)
+
+
+def test_too_large_for_the_device_falls_back_and_says_so(caplog):
+    table = _table()
+    with caplog.at_level("WARNING", logger="inrscrecon.data.device_table"):
+        assert device_table_or_none(table, DEV, free_bytes=1000) is None
+    assert len(caplog.records) == 1 and "streaming CSR batches from host memory" in caplog.text

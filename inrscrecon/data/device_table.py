@@ -163,19 +163,22 @@ def normalize_log1p_torch(
     return torch.where(live, torch.log1p(x), 0.0).float()
 
 
-def device_table_or_none(table: CellTable, device: str | torch.device) -> DeviceTable | None:
-    """A DeviceTable of ``table`` on ``device``, or None (said once, INFO-logged and printed to stderr by the
-    caller) when the stack would take more than ``DEVICE_FRACTION`` of the device's free memory."""
+def device_table_or_none(
+    table: CellTable, device: str | torch.device, free_bytes: int | None = None
+) -> DeviceTable | None:
+    """A DeviceTable of ``table`` on ``device``, or None — said once, as a logged warning — when the stack
+    would take more than ``DEVICE_FRACTION`` of the device's free memory (``free_bytes``; default: what CUDA
+    reports; on CPU the table's arrays are already in memory and are shared, not copied, so it always fits)."""
     dev = torch.device(device)
     need = csr_bytes(table.n_cells, int(table.counts.nnz))
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        if need > DEVICE_FRACTION * free:
-            log.warning(
-                "stack needs %.2f GB on %s but %.2f GB are free: streaming CSR batches from host memory instead",
-                need / 1e9, dev, free / 1e9,
-            )  # fmt: skip
-            return None
+    if free_bytes is None and dev.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(dev)
+    if free_bytes is not None and need > DEVICE_FRACTION * free_bytes:
+        log.warning(
+            "stack needs %.2f GB on %s but %.2f GB are free: streaming CSR batches from host memory instead",
+            need / 1e9, dev, free_bytes / 1e9,
+        )  # fmt: skip
+        return None
     return DeviceTable(table, dev)
 
 
