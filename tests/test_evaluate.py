@@ -219,12 +219,29 @@ def test_evaluate_end_to_end(stack, tmp_path):
     for m in ("ari", "ari_gmm", "ssim", "pearson", "rmse"):
         cell = methods["inr"][m]
         assert set(cell) == {"mean", "sd"} and np.isfinite(cell["mean"])
-    assert "| inr |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| INR, paper loss (RMSE + RC + KL) |" in md and "| INR, RMSE loss (fit default) |" in md
+    assert "| inr |" not in md and md.count("(fit default)") == 2  # one row per task marks fit's default
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 4 and all(p.stat().st_size < 300_000 for p in pngs)
     details = json.loads((tmp_path / "details.json").read_text())
     assert details[0]["chosen"]["inr_selection"]["encoding"] in ("fourier L=1", "fourier L=2")
     assert details[0]["chosen"]["knn"]["params"]["k"] in tuning.KNN_KS
+
+
+def test_method_labels_name_the_loss_and_mark_fits_default():
+    from inrscrecon.evaluate.report import METHOD_LABELS, fit_default_method, markdown_table, method_label
+    from inrscrecon.field.losses import LossConfig
+
+    default = fit_default_method()
+    assert (
+        LossConfig.preset({"inr": "full", "inr_no_rc": "no_rc", "inr_rmse": "rmse"}[default]) == LossConfig()
+    )
+    assert method_label(default).endswith("(fit default)")
+    assert [m for m in METHOD_LABELS if method_label(m).endswith("(fit default)")] == [default]
+    cell = {"mean": 0.5, "sd": 0.1}
+    table = markdown_table({"inter": {"inr": {"pearson": cell}, "inr_rmse": {"pearson": cell}}})
+    assert "| INR, paper loss (RMSE + RC + KL) | " in table and "| inr |" not in table
 
 
 def test_evaluate_3d_and_inter(stack):

@@ -38,12 +38,14 @@ def _marker(n: int) -> float:
 
 
 def _frame(ax, title: str | None = None) -> None:
+    import textwrap
+
     ax.set_aspect("equal")
     ax.invert_yaxis()
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title.replace("\n", " "), 34)), fontsize=8)
 
 
 def gene_maps(
@@ -57,14 +59,18 @@ def gene_maps(
     percentile of the first panel). panels: name → [N, G]."""
     cols = list(panels)
     fig, axes = plt.subplots(
-        len(gene_idx), len(cols), figsize=(2.4 * len(cols), 2.3 * len(gene_idx)), squeeze=False
+        len(gene_idx),
+        len(cols),
+        figsize=(2.4 * len(cols) + 0.8, 2.3 * len(gene_idx) + 0.3),
+        squeeze=False,
+        layout="constrained",
     )
     s = _marker(len(xy))
     for r, (g, name) in enumerate(zip(gene_idx, genes)):
         vmin, vmax = np.percentile(panels[cols[0]][:, g], [1, 99])
         for c, col in enumerate(cols):
             ax = axes[r, c]
-            ax.scatter(
+            sc = ax.scatter(
                 xy[:, 0],
                 xy[:, 1],
                 c=panels[col][:, g],
@@ -77,7 +83,9 @@ def gene_maps(
             _frame(ax, col if r == 0 else None)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
+        cb = fig.colorbar(sc, ax=axes[r].tolist(), shrink=0.8, pad=0.02)
+        cb.set_label("log1p expr.", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
     return save_small(fig, path)
 
 
@@ -103,11 +111,18 @@ def label_maps(xy: np.ndarray, panels: dict[str, np.ndarray], path: str | Path) 
     names = sorted({str(v) for lab in panels.values() for v in np.asarray(lab)})
     colour = {n: i for i, n in enumerate(names)}
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(2.6 * len(panels), 3.4), squeeze=False, layout="constrained"
+    )
     s = _marker(len(xy))
     for ax, (title, lab) in zip(axes[0], panels.items()):
         codes = np.array([colour[str(v)] for v in np.asarray(lab)])
         ax.scatter(xy[:, 0], xy[:, 1], c=cmap(codes % cmap.N), s=s, linewidths=0)
         _frame(ax, title)
-    fig.tight_layout()
+    handles = [Patch(color=cmap(colour[n] % cmap.N), label=n) for n in names[:20]]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False
+    )
     return save_small(fig, path)
