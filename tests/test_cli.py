@@ -72,8 +72,8 @@ def test_fit_then_predict(synth_dir, tmp_path):
 def test_impute_and_bench(synth_dir, tmp_path):
     files = sorted(str(p) for p in synth_dir.glob("section_*.h5ad"))
     model = tmp_path / "m.safetensors"
-    assert main(["fit", *files, "--out", str(model), "--genes", "10", "--epochs", "1", "--width", "8",
-                 "--layers", "1", "--lambda-rc", "0", "--quiet"]) == 0  # fmt: skip
+    flags = ["--genes", "10", "--epochs", "1", "--width", "8", "--layers", "1", "--lambda-rc", "0", "--quiet"]
+    assert main(["fit", *files, "--out", str(model), *flags]) == 0
     assert main(["impute", str(model), files[0], "--out", str(tmp_path / "imp.h5ad")]) == 0
     imp = ad.read_h5ad(tmp_path / "imp.h5ad")
     src = ad.read_h5ad(files[0])

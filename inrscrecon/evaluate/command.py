@@ -38,6 +38,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--holdout", action="append", help="section to hold out / thin out (repeatable or comma-separated)"
     )
+    p.add_argument(
+        "--input",
+        choices=["auto", "counts", "normalized", "lognorm"],
+        default="auto",
+        help="what X holds (as for fit; default auto: uns['X_kind'], integer counts, layers['counts'] / .raw)",
+    )
+    p.add_argument(
+        "--microns-per-unit",
+        type=positive_float,
+        help="µm per coordinate unit (overrides uns['microns_per_pixel'])",
+    )
     p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default 3)")
     p.add_argument(
         "--genes", type=positive_int, default=500, help="top variable shared genes evaluated (default 500)"
@@ -84,7 +95,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print the markdown table."""
-    from inrscrecon.data.io import parse_names
+    from inrscrecon.data.io import parse_names, read_sections
     from inrscrecon.evaluate import evaluate
     from inrscrecon.evaluate.report import markdown_table
     from inrscrecon.evaluate.tasks import INR_METHODS, EvalConfig
@@ -119,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
     )
     log = None if args.quiet else (lambda line: print(line, flush=True))
     command = "inrscrecon " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    sections = read_sections(args.sections, input_kind=args.input, microns_per_unit=args.microns_per_unit)
     res = evaluate(
-        args.sections,
+        sections,
         args.task,
         args.label_key,
         args.spacing,
