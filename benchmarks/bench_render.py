@@ -2,8 +2,9 @@
 
     python benchmarks/bench_render.py --size 256 --genes 10 --out /tmp/inrscrecon_bench/render.ome.zarr
 
-Prints wall time, points × genes per second and peak RSS (``ru_maxrss`` of this process). The weights are
-random: the cost of a forward pass does not depend on training. No mask (every voxel is evaluated).
+Prints wall time, points × genes per second, peak RSS (``ru_maxrss`` of this process) and the up-front
+estimate ``render`` prints (so its accuracy can be read off). The weights are random: the cost of a forward
+pass does not depend on training. No mask (every voxel is evaluated).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.model import FieldConfig, INRField
-from inrscrecon.query.render import GridSpec, render
+from inrscrecon.query.render import GridSpec, estimate, render
 
 
 def main() -> None:
@@ -36,9 +37,17 @@ def main() -> None:
     )
     grid = GridSpec.from_bounds([-500, 500, -500, 500, 0, 200], shape=(args.size,) * 3)
     genes = names[:: args.model_genes // args.genes][: args.genes]
+    est = estimate(model.eval(), genes, grid, mask=None, chunk_points=args.chunk_points)
     t0 = time.time()
     res = render(
-        model.eval(), genes, grid, args.out, chunk_points=args.chunk_points, slab=args.slab, png=True
+        model.eval(),
+        genes,
+        grid,
+        args.out,
+        mask=None,
+        chunk_points=args.chunk_points,
+        slab=args.slab,
+        png=True,
     )
     wall = time.time() - t0
     n = grid.n_points
@@ -48,7 +57,7 @@ def main() -> None:
                 "grid": list(grid.shape), "genes": len(genes), "levels": res.levels, "wall_s": round(wall, 1),
                 "points_per_s": round(n / wall), "points_x_genes_per_s": round(n * len(genes) / wall),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "estimated_s": round(est.seconds, 1),
             }
         )
     )  # fmt: skip

@@ -61,7 +61,7 @@ def _through_tissue(tissue: Any | None, shape: tuple[int, int, int]) -> tuple[in
     return idx[0], idx[1], idx[2]
 
 
-def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 6) -> list[Path]:
+def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4) -> list[Path]:
     """Orthogonal views through the tissue of each channel (≤ ``max_channels``) and of the domain labels of
     an OME-Zarr written by :func:`~inrscrecon.query.render.render` → one PNG. Returns [png]."""
     import matplotlib

@@ -58,7 +58,7 @@ class RenderEstimate:
 
     def line(self) -> str:
         return (f"estimate: {self.voxels:.3g} voxels ({self.voxels_inside:.3g} inside the mask) × {self.genes} "
-                f"gene(s) ≈ {_duration(self.seconds)} at {self.points_per_s:.3g} voxels/s measured here; level 0 "
+                f"gene(s): model time ≈ {_duration(self.seconds)} at {self.points_per_s:.3g} voxels/s measured here; level 0 "
                 f"≈ {self.level0_bytes / 1e9:.3g} GB uncompressed")  # fmt: skip
 
 
