@@ -7,7 +7,7 @@ stacks and one-epoch fits keep every test to a few seconds.
 | input | outcome after the change | test |
 |---|---|---|
 | already log-normalised float X, `uns['X_kind']` declared or scanpy's `uns['log1p']` | used as is, never logged again (targets equal X) | test_lognormalised_x_is_not_logged_again |
-| already log-normalised float X, nothing declared | one warning line (treated as log-normalised, says `--input`); `--input counts` → error | test_undeclared_lognorm_warns_once, test_input_counts_refuses_float_x |
+| already log-normalised float X, nothing declared | one warning line (treated as log-normalised, says `--input`); `--input lognorm` → no warning; `--input counts` → error | test_undeclared_lognorm_warns_once, test_input_lognorm_is_taken_as_said, test_input_counts_refuses_float_x |
 | scanpy layout: X transformed, raw counts in `layers['counts']` / `.raw` | the counts are read | test_counts_from_layers_or_raw |
 | `obsm['spatial']` in pixels, no `uns['microns_per_pixel']` | one warning line; `--microns-per-unit` scales, no warning | test_pixel_coordinates_warn_once_and_scale_flag_applies |
 | `uns['microns_per_pixel']` = "abc" / −1 | error naming the file and value | test_bad_microns_per_pixel |
@@ -146,9 +146,21 @@ def test_undeclared_lognorm_warns_once(tmp_path, capsys):
         s.write_h5ad(paths[-1])
     rc, err, _ = run(capsys, "fit", *paths, "--out", tmp_path / "m.safetensors", *TINY_FIT)
     assert rc == 0 and (tmp_path / "m.safetensors").exists()
-    warned = [e for e in err if e.startswith("inrscrecon: warning:")]
-    assert len(warned) == len(paths) and all("treating it as log-normalised" in w for w in warned)
-    assert all("--input" in w for w in warned) and len(err) == len(warned)
+    assert len(err) == 1 and err[0].startswith("inrscrecon: warning:"), err
+    assert "treating it as log-normalised" in err[0] and "--input" in err[0] and "2 more section(s)" in err[0]
+
+
+def test_input_lognorm_is_taken_as_said(tmp_path, capsys):
+    paths = []
+    for s in _sections():
+        s.X = _lognorm(s)
+        del s.uns["X_kind"]
+        paths.append(tmp_path / f"{s.uns['section']}.h5ad")
+        s.write_h5ad(paths[-1])
+    rc, err, _ = run(
+        capsys, "fit", *paths, "--out", tmp_path / "m.safetensors", "--input", "lognorm", *TINY_FIT
+    )
+    assert rc == 0 and err == []
 
 
 def test_input_counts_refuses_float_x(tmp_path, capsys):
@@ -519,8 +531,8 @@ def test_sigterm_during_fit(stack):
 def test_help_does_not_import_torch():
     code = (
         "import sys\nfrom inrscrecon.cli import main\n"
-        "for argv in (['--help'], ['fit', '--help'], ['align', '--help'], ['render', '--help'], "
-        "['evaluate', '--help'], ['bench', '--help']):\n"
+        "cmds = ['demo', 'synth', 'align', 'fit', 'predict', 'impute', 'render', 'evaluate', 'bench']\n"
+        "for argv in [['--help']] + [[c, '--help'] for c in cmds]:\n"
         "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
         "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')\n"
     )

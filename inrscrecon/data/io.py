@@ -63,18 +63,27 @@ def read_section(
     backed: bool = False,
     input_kind: str = "auto",
     microns_per_unit: float | None = None,
-    warn_pixels: bool = True,
+    warn: bool = True,
 ) -> ad.AnnData:
     """Read and validate one section from ``.h5ad``; ``uns['section']`` is set to its name.
 
     ``input_kind``: what X holds (``auto | counts | normalized | lognorm``, see
     :func:`~inrscrecon.data.validate.resolve_input`); the result's ``uns['X_kind']`` says how the pipeline
     reads it. ``microns_per_unit`` sets ``uns['microns_per_pixel']`` (µm per coordinate unit); without it a
-    given ``uns['microns_per_pixel']`` must be a positive number, and pixel-like coordinates without any scale
-    give one :class:`InputWarning` (``warn_pixels``). ``backed=True`` keeps X on disk (read-only); checks on X
-    then run chunk by chunk.
+    given ``uns['microns_per_pixel']`` must be a positive number. Doubtful input (pixel-like coordinates
+    without a scale, an X taken to be log-normalised) gives an :class:`InputWarning` unless ``warn=False``.
+    ``backed=True`` keeps X on disk (read-only); checks on X then run chunk by chunk.
     """
-    path = Path(path)
+    adata, notes = _read_checked(Path(path), spatial_key, backed, input_kind, microns_per_unit)
+    for note in notes if warn else []:
+        _warn(f"{path}: {note}")
+    return adata
+
+
+def _read_checked(
+    path: Path, spatial_key: str, backed: bool, input_kind: str, microns_per_unit: float | None
+) -> tuple[ad.AnnData, list[str]]:
+    """:func:`read_section` without the warnings: (section, notes on doubtful input)."""
     adata = _read(path, backed)
     where = f"{path}"
     name = _section_name(adata, path)
@@ -87,25 +96,34 @@ def read_section(
     validate_section(adata, where, spatial_key)
     given = adata
     adata, note = resolve_input(adata, where, input_kind)
-    if note:
-        _warn(note)
+    notes = [note] if note else []
     if adata is not given and adata.X is not given.X:  # counts from layers['counts'] / .raw: check them too
         validate_section(adata, where, spatial_key)
     if is_counts(adata):
         check_counts(adata, where)
     reason = pixel_like(adata, spatial_key) if "spatial_3d" not in adata.obsm else None
-    if reason and warn_pixels:
-        _warn(_pixel_message([where], reason, spatial_key))
+    if reason:
+        notes.append(_pixel_message(reason, spatial_key))
     adata.uns["section"] = name  # backed objects keep uns in memory too
-    return adata
+    return adata, notes
 
 
-def _pixel_message(files: list[str], reason: str, spatial_key: str) -> str:
-    which = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} more section(s)"
+def _pixel_message(reason: str, spatial_key: str) -> str:
     return (
-        f"{which}: obsm[{spatial_key!r}] looks like pixels ({reason}) and no scale is given; treating 1 unit as "
-        "1 µm — pass --microns-per-unit UM or set uns['microns_per_pixel']"
+        f"obsm[{spatial_key!r}] looks like pixels ({reason}) and no scale is given; treating 1 unit as 1 µm — "
+        "pass --microns-per-unit UM or set uns['microns_per_pixel']"
     )
+
+
+def _warn_grouped(notes: list[tuple[str, str]]) -> None:
+    """One warning per kind of note (its text before the first parenthesis), naming the first file."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for where, note in notes:
+        groups.setdefault(note.split(" (")[0], []).append((where, note))
+    for items in groups.values():
+        where, note = items[0]
+        more = f" and {len(items) - 1} more section(s)" if len(items) > 1 else ""
+        _warn(f"{where}{more}: {note}")
 
 
 def read_csv_pair(counts_csv: str | Path, coords_csv: str | Path, name: str | None = None) -> ad.AnnData:
@@ -151,21 +169,14 @@ def read_sections(
     microns_per_unit: float | None = None,
 ) -> list[ad.AnnData]:
     """Read several sections (see :func:`read_section`); names (``uns['section']``) are made unique by
-    suffixing the index. Coordinate widths must agree (all 2-column xy, or all 3-column xyz); pixel-like
-    coordinates without a scale give one warning for the whole stack."""
+    suffixing the index. Coordinate widths must agree (all 2-column xy, or all 3-column xyz); doubtful input
+    gives one warning per kind for the whole stack, naming the first file."""
     if not paths:
         raise InputError("no section files given")
-    sections = [
-        read_section(p, spatial_key, backed, input_kind, microns_per_unit, warn_pixels=False) for p in paths
-    ]
+    read = [_read_checked(Path(p), spatial_key, backed, input_kind, microns_per_unit) for p in paths]
+    sections = [a for a, _ in read]
     check_widths(sections, [str(p) for p in paths], spatial_key)
-    pixels = [
-        (str(p), r)
-        for p, s in zip(paths, sections)
-        if (r := pixel_like(s, spatial_key)) and "spatial_3d" not in s.obsm
-    ]
-    if pixels:
-        _warn(_pixel_message([p for p, _ in pixels], pixels[0][1], spatial_key))
+    _warn_grouped([(str(p), note) for p, (_, notes) in zip(paths, read) for note in notes])
     names = [s.uns["section"] for s in sections]
     if len(set(names)) < len(names):
         for i, s in enumerate(sections):
@@ -249,8 +260,7 @@ def check_stream_files(
         names.append(str(shell.uns["section"]))
     check_widths(shells, [str(p) for p in paths], spatial_key)
     pixels = [(str(p), r) for p, s in zip(paths, shells) if (r := pixel_like(s, spatial_key))]
-    if pixels:
-        _warn(_pixel_message([p for p, _ in pixels], pixels[0][1], spatial_key))
+    _warn_grouped([(p, _pixel_message(r, spatial_key)) for p, r in pixels])
     unknown = [h for h in holdout if h not in names]
     if unknown:
         raise InputError(f"--holdout {unknown[0]!r}: no such section; sections are {names}")
@@ -438,7 +448,7 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     elif path.suffix in (".csv", ".tsv", ".txt"):
         xyz = _coords_table(path)
     elif path.suffix == ".h5ad":
-        a = read_section(path, "spatial_3d" if _has_3d(path) else "spatial", warn_pixels=False)
+        a = read_section(path, "spatial_3d" if _has_3d(path) else "spatial", warn=False)
         key = "spatial_3d" if "spatial_3d" in a.obsm else "spatial"
         xyz, ids = np.asarray(a.obsm[key], np.float64), list(a.obs_names)
     else:

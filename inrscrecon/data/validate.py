@@ -136,7 +136,7 @@ def _counts_source(adata: ad.AnnData) -> tuple[str, ad.AnnData] | None:
 
 
 def resolve_input(adata: ad.AnnData, where: str, input_kind: str = "auto") -> tuple[ad.AnnData, str]:
-    """Decide what X holds and return (section whose X the pipeline reads, a note on the choice).
+    """Decide what X holds and return (section whose X the pipeline reads, a note on the choice or "").
 
     ``input_kind``: ``counts`` (non-negative integers: X, else ``layers['counts']``, else ``.raw``),
     ``normalized`` (library-size normalised, log1p applied later), ``lognorm`` (already log1p-normalised:
@@ -162,8 +162,8 @@ def resolve_input(adata: ad.AnnData, where: str, input_kind: str = "auto") -> tu
         elif float(np.max(_values(sample), initial=0.0)) <= LOGNORM_MAX:
             kind = "log_normalized"
             note = (
-                f"{where}: X is not integer counts (e.g. {non_int[1]:g} in cell {non_int[0]!r}) and declares no "
-                "uns['X_kind']; treating it as log-normalised (pass --input counts|normalized|lognorm to choose)"
+                "X is not integer counts and declares no uns['X_kind']; treating it as log-normalised "
+                "(pass --input counts|normalized|lognorm to choose)"
             )
         else:
             raise InputError(
@@ -184,7 +184,7 @@ def resolve_input(adata: ad.AnnData, where: str, input_kind: str = "auto") -> tu
             raise InputError(
                 f"{where}: {label} must hold integer counts but has {bad[1]:g} in cell {bad[0]!r}"
             )
-        note = note or f"{where}: X is transformed; reading raw counts from {label}"
+        note = note or f"X is transformed; reading raw counts from {label}"
     if kind == "log_normalized":
         if backed:
             raise InputError(
