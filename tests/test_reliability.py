@@ -20,7 +20,7 @@ stacks and one-epoch fits keep every test to a few seconds.
 | unwritable output (under /proc) | error before any work | test_unwritable_output |
 | model file with tampered config (n_genes, bad JSON, extra key, gene list) | one error each naming the field | test_tampered_model_file (more in tests/test_model_schema.py) |
 | model file with `format: 99` or NaN weights | error naming the format / tensor | test_tampered_model_file |
-| evaluate with a bad `--holdout` / `--label-key` | error, and no (empty) output folder left | test_evaluate_bad_holdout_leaves_no_folder |
+| evaluate with a bad `--holdout` / `--label-key` | error before aligning or fitting, and no (empty) output folder left | test_evaluate_bad_holdout_leaves_no_folder, test_evaluate_checks_holdout_before_aligning |
 | `fit --holdout SECTION` | the section is not trained on, recorded in the model; an unknown name → error | test_fit_holdout |
 | `--bands auto` candidate checkpoints | removed once the model is saved (kept with `--keep-checkpoints`) | tests/test_cli.py::test_fit_then_predict |
 | SIGTERM / SIGINT while an output is written | the temporary is removed: old state or the complete new one | test_signal_removes_temporary, test_sigterm_during_fit |
@@ -439,6 +439,14 @@ def test_evaluate_bad_holdout_leaves_no_folder(tmp_path, capsys):
     common += ["--width", "8", "--layers", "1", "--quiet", "--out", d / "eval" / "run1"]
     assert_error(capsys, d, [*common, "--holdout", "nosuch"], "'nosuch'")
     assert_error(capsys, d, [*common, "--label-key", "nolabel"], "'nolabel'")
+
+
+def test_evaluate_checks_holdout_before_aligning(stack, capsys):
+    d = stack[0].parent
+    argv = ["evaluate", *stack, "--task", "intra", "--holdout", "section_01,nosuch", "--quiet"]
+    t0 = time.time()
+    assert_error(capsys, d, [*argv, "--out", d / "eval"], "unknown holdout section 'nosuch'", "section_00")
+    assert time.time() - t0 < 5
 
 
 def test_fit_holdout(stack, capsys):

@@ -95,7 +95,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print the markdown table."""
-    from inrscrecon.data.io import parse_names, read_sections
+    from inrscrecon.data.io import parse_names, read_sections, section_names
     from inrscrecon.evaluate import evaluate
     from inrscrecon.evaluate.report import markdown_table
     from inrscrecon.evaluate.tasks import INR_METHODS, EvalConfig
@@ -131,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda line: print(line, flush=True))
     command = "inrscrecon " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     sections = read_sections(args.sections, input_kind=args.input, microns_per_unit=args.microns_per_unit)
+    names = section_names(sections)
+    unknown = [h for h in holdout or [] if h not in names]
+    if unknown and args.task in ("inter", "intra"):  # before aligning and fitting, not after
+        raise InputError(f"unknown holdout section {unknown[0]!r}; sections are {names}")
     res = evaluate(
         sections,
         args.task,
