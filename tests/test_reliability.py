@@ -24,6 +24,7 @@ stacks and one-epoch fits keep every test to a few seconds.
 | `fit --holdout SECTION` | the section is not trained on, recorded in the model; an unknown name → error | test_fit_holdout |
 | `--bands auto` candidate checkpoints | removed once the model is saved (kept with `--keep-checkpoints`) | tests/test_cli.py::test_fit_then_predict |
 | SIGTERM / SIGINT while an output is written | the temporary is removed: old state or the complete new one | test_signal_removes_temporary, test_sigterm_during_fit |
+| kill -9 while an output is written | old state; the dead writer's temporary is swept by the next write of that output | test_kill_9_leftovers_are_swept_by_the_next_write |
 | `inrscrecon --help`, `inrscrecon CMD --help` | no torch import | test_help_does_not_import_torch |
 | render `--shape 2000 2000 2000`; SIGTERM during render | see tests/test_render.py | — |
 | a model queried far outside its training tissue | see tests/test_render.py (out-of-domain warning) | — |
@@ -507,6 +508,25 @@ def test_signal_removes_temporary(tmp_path, kind, sig):
         p.kill()
     assert p.returncode != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kill_9_leftovers_are_swept_by_the_next_write(tmp_path):
+    from inrscrecon.data.io import atomic_output
+
+    out = tmp_path / "out.h5ad"
+    out.write_text("old")
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), "file"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "writing"
+        p.kill()  # SIGKILL: no handler runs
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    left = sorted(q.name for q in tmp_path.iterdir())
+    assert len(left) == 2 and out.read_text() == "old"  # the old state, plus the dead writer's temporary
+    with atomic_output(out) as tmp:
+        tmp.write_text("new")
+    assert [q.name for q in tmp_path.iterdir()] == ["out.h5ad"] and out.read_text() == "new"
 
 
 @pytest.mark.slow

@@ -8,9 +8,11 @@ SIGTERM and at exit, so an interrupted command leaves either the old state or th
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import warnings
@@ -371,15 +373,50 @@ def install_cleanup() -> None:
         signal.signal(sig, _on_signal)
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_").replace("/", "_")
+
+
+def _owner_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove temporaries of ``path`` left by a process of this host that no longer runs (``kill -9``, power
+    loss: no handler ran). Temporaries are named ``.NAME.HOST-PID.RANDOM.tmp``. Returns what was removed."""
+    host = _host()
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tag = p.name[len(path.name) + 2 :].split(".", 1)[0]
+        owner, _, pid = tag.rpartition("-")
+        if owner == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
 def atomic_path(path: str | Path, directory: bool = False) -> tuple[Path, Path]:
     """(final path, temporary sibling): write the temporary (a file, or a folder with ``directory=True``), then
-    :func:`commit` it. Until then it is pending: removed by :func:`discard`, on SIGINT/SIGTERM and at exit."""
+    :func:`commit` it. Until then it is pending: removed by :func:`discard`, on SIGINT/SIGTERM and at exit;
+    what a killed process left is swept by the next write of the same output (:func:`sweep_stale`)."""
     path = check_writable(path, directory=directory)
     install_cleanup()
+    sweep_stale(path)
+    prefix = f".{path.name}.{_owner_tag()}."
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     with _LOCK:
