@@ -33,6 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-reflection", action="store_true", help="allow a section to be flipped")
     p.add_argument(
+        "--poses",
+        choices=["global", "chained"],
+        default="global",
+        help="global (default): solve all section poses jointly from every pair up to 3 sections apart, "
+        "weighted by each pair's overlay score; chained: compose consecutive pairs only (faster)",
+    )
+    p.add_argument(
         "--accept-low-confidence",
         action="store_true",
         help="keep pairs whose overlay score is below the threshold (default: stop with exit status 2)",
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         spatial_key=args.spatial_key,
         progress=not args.no_progress,
         accept_low_confidence=args.accept_low_confidence,
+        poses=args.poses,
     )
     result.write(args.out, args.transforms, args.matches)
     out = Path(args.out)

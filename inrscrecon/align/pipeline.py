@@ -28,6 +28,7 @@ from inrscrecon.align.embedding import joint_embedding, section_name, spatial_sm
 from inrscrecon.align.guard import centroid_pose, overlay_score, score_context
 from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
 from inrscrecon.align.matching import mutual_nn
+from inrscrecon.align.posegraph import Edge, chain_poses, solve_pose_graph
 from inrscrecon.align.refine import (
     agreement_score,
     fit_stats,
@@ -65,7 +66,8 @@ class AlignConfig:
     max_mirror_support: float = (
         1.25  # without --allow-reflection, a mirrored pose this much better: low-confidence
     )
-    guard_margin: float = 0.01  # identity / centroid must beat the aligned pose's score by this much
+    guard_margin: float = 0.01
+    pose_window: int = 3  # global poses: pairs up to this many sections apart enter the pose graph  # identity / centroid must beat the aligned pose's score by this much
 
 
 @dataclass
@@ -300,8 +302,10 @@ class AlignmentResult:
 
     reference: str
     transforms: list[dict]
-    pairs: list[PairResult]
+    pairs: list[PairResult]  # the consecutive pairs
     aligned: ad.AnnData
+    poses: str = "chained"  # how section poses were combined: global (pose graph) or chained
+    n_edges: int = 0  # pairwise alignments the poses were solved from
 
     @property
     def matches(self) -> pd.DataFrame:
@@ -309,7 +313,13 @@ class AlignmentResult:
         return pd.concat([p.matches for p in self.pairs], ignore_index=True)
 
     def transforms_json(self) -> dict:
-        return {"reference": self.reference, "units": "µm", "sections": self.transforms}
+        return {
+            "reference": self.reference,
+            "units": "µm",
+            "poses": self.poses,
+            "n_edges": self.n_edges,
+            "sections": self.transforms,
+        }
 
     def write(
         self, aligned_path: str | Path, transforms_path: str | Path, matches_path: str | Path | None = None
@@ -366,6 +376,18 @@ class AlignmentResult:
         return paths
 
 
+def affines(pose: Pose, microns_per_unit: float, z: float) -> dict:
+    """spatialdata-style homogeneous matrices of a section's pose: ``affine_xy`` [3, 3] maps observed (x, y, 1)
+    in the section's own units to common-frame µm; ``affine_xyz`` [4, 4] maps (x, y, 0, 1) to (x, y, z, 1) µm.
+    ``spatialdata.transformations.Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))`` takes the
+    first as it is."""
+    m2 = pose.matrix()
+    m2[:2, :2] *= microns_per_unit
+    m3 = np.eye(4)
+    m3[:2, :2], m3[:2, 3], m3[2, 3] = m2[:2, :2], m2[:2, 2], z
+    return {"affine_xy": m2.tolist(), "affine_xyz": m3.tolist()}
+
+
 def _reference_index(names: list[str], reference: int | str | None) -> int:
     if reference is None:
         return 0
@@ -390,12 +412,15 @@ def align(
     config: AlignConfig | None = None,
     progress: bool = False,
     accept_low_confidence: bool = False,
+    poses: str = "global",
 ) -> AlignmentResult:
     """Align consecutive sections pairwise and stack them in the reference section's frame.
 
     sections: AnnData with ``obsm[spatial_key]`` [n, 2] and raw counts (or ``uns['X_kind']`` normalised values).
     spacing: µm between consecutive sections, or ``z_key`` (``uns``/``obs``), else ``uns['z_um']`` of each.
     reference: index or name of the section whose frame is kept (identity); default the first.
+    poses: ``"global"`` solves a pose graph over every pair within ``config.pose_window`` neighbours, weighted
+    by each pair's overlay score (``inrscrecon.align.posegraph``); ``"chained"`` composes consecutive pairs.
     Each pair keeps the best of its aligned, identity and centroid poses by the overlay score
     (``inrscrecon.align.guard``). A pair whose kept score is below ``config.min_score`` raises InputError naming
     the pair, its score and what to try, unless ``accept_low_confidence`` (then it warns).
@@ -415,32 +440,54 @@ def align(
         xy = coordinates(s, f"section {name!r}", spatial_key)[:, :2] * m
         _check_geometry(xy, name, spatial_key)
         xys.append(xy)
-    # pairs move each section onto its neighbour on the reference side
+    # consecutive pairs move each section onto its neighbour on the reference side
     order = [(k, k - 1) for k in range(ref + 1, len(sections))] + [(k, k + 1) for k in range(ref - 1, -1, -1)]
-    poses: dict[int, Pose] = {ref: Pose.identity()}
+    extra = []
+    if poses == "global":
+        extra = [(i, i - d) for d in range(2, cfg.pose_window + 1) for i in range(d, len(sections))]
+    elif poses != "chained":
+        raise InputError(f"poses={poses!r}: use 'global' or 'chained'")
     pairs: dict[int, PairResult] = {}
-    for k, nb in tqdm(order, desc="align pairs", disable=not progress, unit="pair"):
+    edges: list[Edge] = []
+    rng = np.random.default_rng(seed)
+    for k, nb in tqdm(order + extra, desc="align pairs", disable=not progress, unit="pair"):
+        consecutive = abs(k - nb) == 1
         # the BLAS work here is on thin matrices: one thread is faster, and far faster on a busy machine
         with threadpool_limits(limits=1, user_api="blas"):
-            pr = align_pair(
-                sections[k],
-                sections[nb],
-                xys[k],
-                xys[nb],
-                allow_reflection=allow_reflection,
-                seed=seed + k,
-                cfg=cfg,
-            )
-        if pr.score < cfg.min_score or pr.mirror_support >= cfg.max_mirror_support:
-            message = pr.low_confidence_message(cfg.min_score, cfg.max_mirror_support, allow_reflection)
-            if not accept_low_confidence:
-                raise InputError(message)
-            warnings.warn(message, stacklevel=2)
-        poses[k] = poses[nb].compose(pr.pose)
-        pairs[k] = pr
+            try:
+                pr = align_pair(
+                    sections[k],
+                    sections[nb],
+                    xys[k],
+                    xys[nb],
+                    allow_reflection=allow_reflection,
+                    seed=seed + k + (0 if consecutive else 7919 * abs(k - nb)),
+                    cfg=cfg,
+                )
+            except InputError:
+                if consecutive:
+                    raise
+                continue  # a further neighbour that cannot be matched only loses its edge
+        low = pr.score < cfg.min_score or pr.mirror_support >= cfg.max_mirror_support
+        if consecutive:
+            if low:
+                message = pr.low_confidence_message(cfg.min_score, cfg.max_mirror_support, allow_reflection)
+                if not accept_low_confidence:
+                    raise InputError(message)
+                warnings.warn(message, stacklevel=2)
+            pairs[k] = pr
+        elif low or pr.pose_source != "aligned":
+            continue
+        pts = xys[k][rng.choice(len(xys[k]), min(len(xys[k]), 64), replace=False)]
+        edges.append(Edge(k, nb, pr.pose, max(pr.score, 1e-3), pts))
+    if poses == "global":
+        solved, _ = solve_pose_graph(len(sections), ref, edges)
+    else:
+        solved = chain_poses(len(sections), ref, {(e.i, e.j): e for e in edges})
+    poses_of = dict(enumerate(solved))
     transforms = []
     for k, name in enumerate(names):
-        pose = poses[k]
+        pose = poses_of[k]
         z = float(np.mean(zs[k]))
         entry = {
             "name": name,
@@ -451,6 +498,7 @@ def align(
             "inlier_fraction": 1.0 if k == ref else pairs[k].inlier_fraction,
             "microns_per_unit": mpu[k],
             "aligned_to": None if k == ref else pairs[k].fixed,
+            **affines(pose, mpu[k], z),
         }
         if k != ref:
             entry.update(
@@ -461,9 +509,13 @@ def align(
                 pose_source=pairs[k].pose_source,
             )
         transforms.append(entry)
-    aligned = _stack(sections, names, xys, poses, zs)
-    aligned.uns["align"] = {"reference": names[ref], "transforms_json": json.dumps(transforms)}
-    return AlignmentResult(names[ref], transforms, [pairs[k] for k, _ in order], aligned)
+    aligned = _stack(sections, names, xys, poses_of, zs)
+    aligned.uns["align"] = {
+        "reference": names[ref],
+        "poses": poses,
+        "transforms_json": json.dumps(transforms),
+    }
+    return AlignmentResult(names[ref], transforms, [pairs[k] for k, _ in order], aligned, poses, len(edges))
 
 
 def _stack(
@@ -475,6 +527,9 @@ def _stack(
         part = s.to_memory() if s.isbacked else s.copy()
         xy = poses[k].apply(xys[k])
         z = np.broadcast_to(np.asarray(zs[k], dtype=np.float64), (len(xy),))
+        part.obsm["spatial_aligned"] = (
+            xy  # aligned xy (µm), for spatial plots; obsm['spatial'] stays observed
+        )
         part.obsm["spatial_3d"] = np.column_stack([xy, z])
         part.obs["section"] = name
         parts.append(part)
