@@ -127,6 +127,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _load_stack(args: argparse.Namespace, holdout: list[str]):
     """Sections of ``fit`` / ``impute`` read as the flags say, without the ``holdout`` sections."""
     from inrscrecon.data.io import drop_sections, read_sections
+    from inrscrecon.data.validate import check_z_source
 
     sections = read_sections(
         args.sections,
@@ -134,22 +135,8 @@ def _load_stack(args: argparse.Namespace, holdout: list[str]):
         input_kind=getattr(args, "input", "auto"),
         microns_per_unit=args.microns_per_unit,
     )
-    _check_z_source(sections, args)
+    check_z_source(sections, args.spacing, args.z_key, args.spatial_key)
     return drop_sections(sections, holdout) if holdout else sections
-
-
-def _check_z_source(sections, args: argparse.Namespace) -> None:
-    """3-column coordinates already carry z: a z flag beside them would be ignored, so it is an error."""
-    flag = "--spacing" if args.spacing is not None else "--z-key" if args.z_key is not None else None
-    if flag is None:
-        return
-    for s in sections:
-        if "spatial_3d" in s.obsm or s.obsm[args.spatial_key].shape[1] == 3:
-            key = "spatial_3d" if "spatial_3d" in s.obsm else args.spatial_key
-            raise InputError(
-                f"section {s.uns.get('section')!r}: obsm[{key!r}] already holds z (3 columns); {flag} would "
-                "be ignored — drop it, or give 2-column xy"
-            )
 
 
 def _fit(args: argparse.Namespace) -> int:

@@ -236,3 +236,18 @@ def pixel_like(adata: ad.AnnData, spatial_key: str = "spatial") -> str | None:
     if extent > 1000 and np.all(xy == np.round(xy)):
         return f"integer coordinates spanning {extent:.0f} units"
     return None
+
+
+def check_z_source(sections, spacing: float | None, z_key: str | None, spatial_key: str = "spatial") -> None:
+    """InputError when sections whose coordinates already carry z (3 columns, or ``obsm['spatial_3d']``) are
+    given a z rule as well (``--spacing`` / ``--z-key``): it would be ignored silently."""
+    flag = "--spacing" if spacing is not None else "--z-key" if z_key is not None else None
+    if flag is None:
+        return
+    for s in sections:
+        key = "spatial_3d" if "spatial_3d" in s.obsm else spatial_key
+        if key in s.obsm and np.shape(s.obsm[key])[1] == 3:
+            raise InputError(
+                f"section {s.uns.get('section')!r}: obsm[{key!r}] already holds z (3 columns); {flag} would "
+                "be ignored — drop it, or give 2-column xy"
+            )
