@@ -71,6 +71,7 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
     import zarr
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     root: Any = zarr.open_group(str(volume), mode="r")
     meta = root.attrs.asdict()
@@ -86,6 +87,12 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
         n_lv = len(tg.attrs.asdict()["ome"]["multiscales"][0]["datasets"])
         tissue = (tg, _level_path(tg, n_lv - 1))
     k, j, i = _through_tissue(tissue, (nz, ny, nx))
+    sections = [
+        z for z in meta.get("inrscrecon", {}).get("section_z", []) if tz - vz / 2 <= z <= tz + (nz - 0.5) * vz
+    ]
+    if sections:  # the xy view on a measured section (the one nearest the middle), not between two
+        mid = sections[int(np.argmin(np.abs(np.asarray(sections) - (tz + (nz - 1) * vz / 2))))]
+        k = int(np.clip(round((mid - tz) / vz), 0, nz - 1))
     inside = _planes(tissue[0][_level_path(tissue[0])], (), k, j, i) if tissue is not None else None
     domains = labels["domains"] if labels is not None and "domains" in labels else None
     markers = {p["label-value"]: p.get("markers", "") for p in
@@ -159,7 +166,7 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
         ayz.set_title(f"yz at x = {xc:.0f}", fontsize=8)
         axz.set_title(f"xz at y = {yc:.0f}", fontsize=8, loc="left")
         for a in (axz, ayz):  # z tick labels in µm despite the stretch
-            ticks = np.linspace(z0, z1, 3)
+            ticks = [t for t in MaxNLocator(nbins=3).tick_values(z0, z1) if z0 <= t <= z1]
             (a.set_yticks if a is axz else a.set_xticks)(z0 + (ticks - z0) * stretch)
             (a.set_yticklabels if a is axz else a.set_xticklabels)([f"{t:.0f}" for t in ticks])
         ayz.set_yticklabels([])
@@ -170,12 +177,14 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
         leg.axis("off")
         if is_label:
             handles = [
-                Patch(color=dom_cmap(d - 1), label=f"{d}: {markers.get(d, '')}"[:28])
+                Patch(
+                    color=dom_cmap(d - 1), label=f"{d}: " + ", ".join(str(markers.get(d, "")).split(", ")[:2])
+                )
                 for d in range(1, n_dom + 1)
             ]
             handles.append(Patch(color=OUTSIDE, label="outside tissue"))
-            sub.legend(handles=handles, loc="outside right upper", fontsize=6, frameon=False,
-                       title="domain: markers", title_fontsize=7)  # fmt: skip
+            sub.legend(handles=handles, loc="outside lower center", fontsize=6, frameon=False, ncol=2,
+                       title="domain: top marker genes", title_fontsize=7)  # fmt: skip
         else:
             cb = sub.colorbar(im, ax=[axy, ayz], shrink=0.7, pad=0.02)
             cb.set_label("log1p expr.", fontsize=7)

@@ -212,6 +212,7 @@ def render(
             "mask": tmask.kind if tmask is not None else "none",
             "genes": channels,
             "domain_genes": dom.genes if dom is not None else [],
+            "section_z": [float(z) for z in (tmask.section_z if tmask is not None else model.cfg.section_z)],
             "out_of_domain": ood,
         }  # fmt: skip
         write_ome_zarr(Path(tmp), da.from_zarr(img), channels, grid, factors, labels, chunks, attrs,
