@@ -1,0 +1,303 @@
+"""End-to-end ``fit`` throughput on a synthetic stack, beside bare torch steps of the same network, in one run.
+
+What it times (one process, the same model, seed and batches):
+
+* ``fit-device-csr`` — ``inrscrecon.train.fit.fit`` for one epoch on an in-memory stack: the stack placed on
+  the device as CSR, per-step gather + normalise + log1p there, the sparse-target loss, backward, Adam, the
+  validation pass: everything a user's ``fit`` epoch does (``end_to_end_cells_per_s`` = training cells / wall
+  of the whole call). Its ``step_cells_per_s`` is the steady-state rate of the same step without the loop;
+  the per-phase breakdown (sample, gather, forward, backward, optimizer; synchronised) is printed.
+* ``torch-eager-dense`` — the bare loop: a dense [N, M] target tensor already on the device, rows indexed per
+  step, dense ``head_loss_reference``, backward, ``torch.optim.Adam`` (the CPU target's reference).
+* ``torch-compile-dense`` — the same dense step compiled whole (``torch.compile(fullgraph=True)``).
+
+FLOPs per cell = 3 · 2 · (the network's weight count) (forward + backward, no recomputation); ``pct_of_peak``
+is against the bf16 matmul rate measured here (8192² GEMM) on a GPU, null on CPU. Rows (exact keys) are
+appended to ``benchmarks/results/bench_fit.json``; a markdown table is printed (paste into RESULTS.md).
+
+    python benchmarks/bench_fit.py                                   # CPU: 50k × 5000, batch 2048
+    python benchmarks/bench_fit.py --device cuda --cells 1000000     # GPU target run (batch: GPU default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from inrscrecon.data.device_table import DeviceTable
+from inrscrecon.data.stack import CellTable
+from inrscrecon.field.encoding import EncodingConfig
+from inrscrecon.field.losses import LossConfig
+from inrscrecon.field.model import FieldConfig, INRField
+from inrscrecon.train.fit import GPU_BATCH, TrainConfig, fit
+from inrscrecon.train.objective import objective_tensors
+from inrscrecon.train.step import TrainStep
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_fit.json"
+KEYS = ("device", "date", "command", "backend", "batch", "cells", "genes", "end_to_end_cells_per_s",
+        "step_cells_per_s", "step_tflops", "pct_of_peak")  # fmt: skip
+
+
+def synthetic_table(n: int, m: int, density: float, seed: int = 0, chunk: int = 8192) -> CellTable:
+    """n cells × m genes, ``density`` non-zeros (counts 1 + Poisson(1)), 4 sections 10 µm apart."""
+    rng = np.random.default_rng(seed)
+    indptr, indices, data = [np.zeros(1, np.int64)], [], []
+    total = 0
+    for s in range(0, n, chunk):
+        mask = rng.random((min(chunk, n - s), m), dtype=np.float32) < density
+        r, c = np.nonzero(mask)
+        indices.append(c.astype(np.int32))
+        data.append((1 + rng.poisson(1.0, len(c))).astype(np.float32))
+        counts = np.bincount(r, minlength=mask.shape[0])
+        indptr.append(total + np.cumsum(counts))
+        total += len(c)
+    csr = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)), shape=(n, m))
+    xy = rng.random((n, 2)) * 2000.0
+    z = (np.arange(n) * 4 // n) * 10.0
+    totals = np.asarray(csr.sum(axis=1), dtype=np.float32).ravel() * 1.25  # genes outside the panel
+    return CellTable(np.column_stack([xy, z]), csr, totals, [f"g{i}" for i in range(m)],
+                     np.array([f"s{int(v // 10)}" for v in z], dtype=object), np.arange(n).astype(str))  # fmt: skip
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def bf16_peak_tflops(dev: torch.device) -> float | None:
+    """Measured bf16 GEMM rate (8192³) on CUDA; None on CPU."""
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    _sync(dev)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def _model(table: CellTable, width: int, layers: int, dev: torch.device) -> INRField:
+    torch.manual_seed(0)
+    cfg = FieldConfig(
+        len(table.genes), EncodingConfig(n_bands=4), width, layers, *FieldConfig.frame_for(table.coords)
+    )
+    return INRField(cfg).to(dev)
+
+
+def flops_per_cell(model: INRField) -> float:
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    return 3 * 2 * float(weights)
+
+
+def _peak_mem_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # process peak RSS (KB → MB)
+
+
+def time_steps(step, acc, args_for, n: int, warmup: int, dev: torch.device) -> float:
+    """Seconds per step, steady state (one sync at the end)."""
+    for i in range(warmup):
+        step(acc, i, *args_for(i))
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(n):
+        step(acc, warmup + i, *args_for(warmup + i))
+    _sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cells", type=int, default=50_000)
+    ap.add_argument("--genes", type=int, default=5000)
+    ap.add_argument("--density", type=float, default=0.05)
+    ap.add_argument("--batch", type=int, default=None, help="default: 2048 on CPU, the GPU default on CUDA")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per step-rate measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile row (slow to build on CPU)"
+    )
+    ap.add_argument("--backend", default="auto", help="fit --backend for the fit row")
+    ap.add_argument("--results", default=str(RESULTS), help="JSON list to append rows to ('' = do not write)")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    batch = args.batch or (GPU_BATCH if dev.type == "cuda" else 2048)
+    command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:])
+    date = _dt.date.today().isoformat()
+    t0 = time.perf_counter()
+    table = synthetic_table(args.cells, args.genes, args.density)
+    print(
+        f"synthetic stack {args.cells} × {args.genes}, {table.counts.nnz} non-zeros ({time.perf_counter() - t0:.1f} s)"
+    )
+    peak = bf16_peak_tflops(dev)
+    precision = "auto"
+    loss_cfg = LossConfig()
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    def row(backend: str, e2e: float, step_rate: float, fpc: float) -> None:
+        tflops = step_rate * fpc / 1e12
+        rows.append(dict(device=_device_name(dev), date=date, command=command, backend=backend, batch=batch,
+                         cells=args.cells, genes=args.genes, end_to_end_cells_per_s=e2e,
+                         step_cells_per_s=step_rate, step_tflops=tflops,
+                         pct_of_peak=None if peak is None else 100 * tflops / peak))  # fmt: skip
+
+    # Every measurement is repeated in --rounds interleaved rounds and the best is kept: on a shared machine
+    # the least disturbed run is the closest to the machine's rate, and interleaving exposes each variant to
+    # the same background load.
+    small = TrainConfig(epochs=1, batch_size=64, device=args.device, progress=False)
+    fit(synthetic_table(300, 20, 0.2, seed=1), EncodingConfig(n_bands=4), 8, 1, loss_cfg, small)  # imports
+    tc = TrainConfig(epochs=1, batch_size=batch, lr=None, seed=0, device=args.device, backend=args.backend,
+                     precision=precision, progress=False, val_fraction=0.1)  # fmt: skip
+    n_train = (int(round(args.cells * 0.9)) // batch) * batch
+    n_ep = n_train // batch
+    perm = torch.randperm(args.cells, generator=torch.Generator().manual_seed(0)).numpy()
+    n_batches = args.cells // batch
+    rows_dev = torch.as_tensor(
+        np.sort(perm[: n_batches * batch].reshape(n_batches, batch), axis=1), device=dev
+    )
+    dt = DeviceTable(table, dev)
+    cap = dt.capacity(np.arange(args.cells), batch)
+    targets = torch.as_tensor(table.targets(np.arange(args.cells)), device=dev)  # [N, M] dense, in memory
+    coords = torch.as_tensor(table.coords, dtype=torch.float32, device=dev)
+    backend = args.backend
+    fit_compiled = dev.type == "cuda"  # what fit's compile="auto" picks for this stack on this device
+
+    def make(kind: str):
+        model = _model(table, args.width, args.layers, dev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if kind == "fit-device-csr":
+
+            def loss_fn(r, model=model):
+                b = dt.gather(r, cap)
+                return objective_tensors(
+                    model, model.normalize(b.coords), b, loss_cfg, None, backend, precision
+                )
+
+            compiled = fit_compiled
+        else:
+
+            def loss_fn(r, model=model):
+                x, t = coords[r], targets[r]
+                return objective_tensors(model, model.normalize(x), t, loss_cfg, None, "torch", precision)
+
+            compiled = kind == "torch-compile-dense"
+        step = TrainStep(loss_fn, opt, 1e-3, 10**6, 0.05, compile=compiled,
+                         cuda_graphs=compiled and dev.type == "cuda")  # fmt: skip
+        return model, opt, step
+
+    kinds = ["fit-device-csr", "torch-eager-dense"] + ([] if args.no_compile else ["torch-compile-dense"])
+    steppers = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        steppers[kind] = make(kind)
+        acc = torch.zeros(4, dtype=torch.float64, device=dev)
+        time_steps(steppers[kind][2], acc, lambda i: (rows_dev[i % n_batches],), 1, 2, dev)
+        notes.append(f"{kind}: warm-up (incl. compile) {time.perf_counter() - t0:.1f} s")
+    step_sec = {k: math.inf for k in kinds}
+    epoch_sec = {k: math.inf for k in kinds}
+    info: dict = {}
+    for _ in range(args.rounds):
+        for kind in kinds:
+            acc = torch.zeros(4, dtype=torch.float64, device=dev)
+            sec = time_steps(steppers[kind][2], acc, lambda i: (rows_dev[i % n_batches],), args.steps, 0, dev)
+            step_sec[kind] = min(step_sec[kind], sec)
+            _sync(dev)
+            t0 = time.perf_counter()
+            if kind == "fit-device-csr":  # the whole fit call: placement, setup, epoch, validation
+                res = fit(table, EncodingConfig(n_bands=4), args.width, args.layers, loss_cfg, tc)
+                info = res.data_info
+            else:  # the bare loop's epoch
+                for i in range(n_ep):
+                    steppers[kind][2](acc, i, rows_dev[i % n_batches])
+            _sync(dev)
+            epoch_sec[kind] = min(epoch_sec[kind], time.perf_counter() - t0)
+    fpc = flops_per_cell(steppers[kinds[0]][0])
+    for kind in kinds:
+        row(kind, n_train / epoch_sec[kind], batch / step_sec[kind], fpc)
+    fit_e2e = n_train / epoch_sec["fit-device-csr"]
+    notes.append(f"fit: {epoch_sec['fit-device-csr']:.2f} s (best of {args.rounds}) for the whole call: one epoch "
+                 f"of {n_train} training cells + validation of {args.cells - int(round(args.cells * 0.9))}; "
+                 f"{info.get('placement')}, {info.get('bytes_per_cell', float('nan')):.0f} B/cell on device, "
+                 f"compiled={info.get('compiled')}, peak mem {_peak_mem_mb(dev):.0f} MB")  # fmt: skip
+    model, opt, _ = steppers["fit-device-csr"]
+    phases = {k: 0.0 for k in ("sample", "gather", "forward", "backward", "optimizer")}
+    for i in range(3):  # eager phases of the fit step, synchronised after each
+        marks = [time.perf_counter()]
+        r = rows_dev[i % n_batches]
+        _sync(dev)
+        marks.append(time.perf_counter())
+        b = dt.gather(r, cap)
+        _sync(dev)
+        marks.append(time.perf_counter())
+        loss, _ = objective_tensors(model, model.normalize(b.coords), b, loss_cfg, None, backend, precision)
+        _sync(dev)
+        marks.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(dev)
+        marks.append(time.perf_counter())
+        opt.step()
+        _sync(dev)
+        marks.append(time.perf_counter())
+        for k, a, z in zip(phases, marks[:-1], marks[1:]):
+            phases[k] += (z - a) / 3
+    notes.append("fit step phases (ms, eager, synchronised): "
+                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in phases.items()) + f"; CSR capacity {cap} slots")  # fmt: skip
+    print(f"device: {_device_name(dev)}; bf16 peak: {'n/a' if peak is None else f'{peak:.0f} TFLOP/s'}")
+    print("| backend | batch | end-to-end cells/s | step cells/s | step TFLOP/s | % of bf16 peak |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        pct = "–" if r["pct_of_peak"] is None else f"{r['pct_of_peak']:.1f}"
+        print(f"| {r['backend']} | {r['batch']} | {r['end_to_end_cells_per_s']:.3g} | {r['step_cells_per_s']:.3g} "
+              f"| {r['step_tflops']:.3g} | {pct} |")  # fmt: skip
+    eager = next(r for r in rows if r["backend"] == "torch-eager-dense")
+    print(f"fit epoch / bare torch step rate: {fit_e2e / eager['step_cells_per_s']:.2f} "
+          f"(vs the bare epoch: {fit_e2e / eager['end_to_end_cells_per_s']:.2f}); "
+          f"1M-cell epoch at the fit rate: {1e6 / fit_e2e:.2f} s")  # fmt: skip
+    for n in notes:
+        print("-", n)
+    if args.results:
+        path = Path(args.results)
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(old + [{k: r[k] for k in KEYS} for r in rows], indent=1) + "\n")
+        print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
