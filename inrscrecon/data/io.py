@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -280,6 +282,7 @@ _CREATED: list[
 ] = []  # output folders made by check_writable; removed again by discard_created() if empty
 _LOCK = threading.Lock()
 _HANDLERS_INSTALLED = False
+_TERMINATING: list[int] = []  # exit status once SIGTERM/SIGHUP arrived: no new output is started after it
 
 
 def check_writable(path: str | Path, directory: bool = False) -> Path:
@@ -349,7 +352,21 @@ def _on_signal(signum: int, frame: object) -> None:
     remove_pending()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
+    _TERMINATING.append(128 + signum)
+    _exit_soon(128 + signum)
     raise Terminated(128 + signum)
+
+
+def _exit_soon(code: int, grace_s: float = 5.0) -> None:
+    """Exit with ``code`` after ``grace_s`` unless the process has ended by then: an exception raised by a
+    signal handler is swallowed when it lands in a finaliser (``__del__``, weakref callbacks)."""
+
+    def later() -> None:
+        time.sleep(grace_s)
+        remove_pending()
+        os._exit(code)
+
+    threading.Thread(target=later, name="inrscrecon-exit", daemon=True).start()
 
 
 def install_cleanup() -> None:
@@ -360,6 +377,13 @@ def install_cleanup() -> None:
         return
     _HANDLERS_INSTALLED = True
     atexit.register(remove_pending)
+    previous_hook = sys.unraisablehook
+
+    def quiet_termination(unraisable) -> None:  # a signal landing in a finaliser: _exit_soon ends the process
+        if not isinstance(unraisable.exc_value, Terminated | KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_termination
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -409,6 +433,8 @@ def atomic_path(path: str | Path, directory: bool = False) -> tuple[Path, Path]:
     """(final path, temporary sibling): write the temporary (a file, or a folder with ``directory=True``), then
     :func:`commit` it. Until then it is pending: removed by :func:`discard`, on SIGINT/SIGTERM and at exit;
     what a killed process left is swept by the next write of the same output (:func:`sweep_stale`)."""
+    if _TERMINATING:  # the signal's exception was swallowed somewhere: stop at the next write instead
+        raise Terminated(_TERMINATING[0])
     path = check_writable(path, directory=directory)
     install_cleanup()
     sweep_stale(path)
