@@ -126,3 +126,19 @@ def test_too_large_for_the_device_falls_back_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="inrscrecon.data.device_table"):
         assert device_table_or_none(table, DEV, free_bytes=1000) is None
     assert len(caplog.records) == 1 and "streaming CSR batches from host memory" in caplog.text
+
+
+@pytest.mark.triton
+def test_csr_gather_op_passes_opcheck():
+    pytest.importorskip("triton", reason="triton is not installed")
+    mod = load_interpreted("inrscrecon.kernels.triton_csr_gather", "_csr_gather_kernel")
+    table = _table(n=60, g=11)
+    dt = DeviceTable(table, DEV)
+    rows = torch.as_tensor(np.array([1, 5, 7, 20, 59]), device=DEV)
+    starts = dt.indptr[rows].contiguous()
+    indptr = torch.cat(
+        [torch.zeros(1, dtype=torch.int64, device=DEV), torch.cumsum(dt.indptr[rows + 1] - starts, 0)]
+    )
+    cap = int(indptr[-1]) + 7
+    row = torch.searchsorted(indptr[1:].contiguous(), torch.arange(cap, device=DEV), right=True)
+    torch.library.opcheck(mod.csr_gather_op, (row, indptr, starts, dt.indices, dt.data, dt.totals[rows], 1e4))

@@ -12,7 +12,8 @@ buffer. Arithmetic in float64 (product rounded to float32 first) as in the C++ C
 the torch path of :class:`inrscrecon.data.device_table.DeviceTable` bit for bit. log1p is evaluated as
 log(u) · x / (u − 1), u = 1 + x (exact to a few ulp in float64; Triton has no portable log1p).
 
-No autograd: targets carry no gradient. Imports only torch and triton.
+Registered as the custom op ``inrscrecon::csr_gather`` (with a fake implementation for shapes), so a compiled
+training step traces through it. No autograd: targets carry no gradient. Imports only torch and triton.
 """
 
 from __future__ import annotations
@@ -63,6 +64,36 @@ def _csr_gather_kernel(
     tl.store(out_val_ptr + slots, val.to(tl.float32), mask=in_cap)
 
 
+@torch.library.custom_op("inrscrecon::csr_gather", mutates_args=())
+def csr_gather_op(
+    row: torch.Tensor,
+    indptr: torch.Tensor,
+    starts: torch.Tensor,
+    stack_indices: torch.Tensor,
+    stack_data: torch.Tensor,
+    totals: torch.Tensor,
+    target_sum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel as a registered op (opaque to torch.compile, traced through its fake implementation)."""
+    cap = row.shape[0]
+    n_rows = indptr.shape[0] - 1
+    out_idx = torch.empty(cap, dtype=torch.int32, device=row.device)
+    out_val = torch.empty(cap, dtype=torch.float32, device=row.device)
+    if cap == 0:
+        return out_idx, out_val
+    grid = (triton.cdiv(cap, BLOCK),)
+    _csr_gather_kernel[grid](
+        row, indptr, starts, stack_indices, stack_data, totals, out_idx, out_val, cap, n_rows,
+        float(target_sum), NORMALIZE=bool(target_sum > 0), BLOCK=BLOCK,
+    )  # fmt: skip
+    return out_idx, out_val
+
+
+@csr_gather_op.register_fake
+def _csr_gather_fake(row, indptr, starts, stack_indices, stack_data, totals, target_sum):
+    return torch.empty_like(row, dtype=torch.int32), torch.empty_like(row, dtype=torch.float32)
+
+
 def triton_csr_gather(
     row: torch.Tensor,  # [CAP] int64 batch row of each slot (B = padding)
     indptr: torch.Tensor,  # [B+1] int64 batch CSR offsets
@@ -78,18 +109,7 @@ def triton_csr_gather(
                         ("stack_data", stack_data, torch.float32), ("totals", totals, torch.float32)):  # fmt: skip
         if t.dtype != dt or not t.is_contiguous():
             raise ValueError(f"triton_csr_gather: {name} must be contiguous {dt}, got {t.dtype}")
-    cap = row.shape[0]
-    n_rows = indptr.shape[0] - 1
-    out_idx = torch.empty(cap, dtype=torch.int32, device=row.device)
-    out_val = torch.empty(cap, dtype=torch.float32, device=row.device)
-    if cap == 0:
-        return out_idx, out_val
-    grid = (triton.cdiv(cap, BLOCK),)
-    _csr_gather_kernel[grid](
-        row, indptr, starts, stack_indices, stack_data, totals, out_idx, out_val, cap, n_rows,
-        float(target_sum), NORMALIZE=bool(target_sum > 0), BLOCK=BLOCK,
-    )  # fmt: skip
-    return out_idx, out_val
+    return csr_gather_op(row, indptr, starts, stack_indices, stack_data, totals, float(target_sum))
 
 
-__all__ = ["triton_csr_gather"]
+__all__ = ["csr_gather_op", "triton_csr_gather"]

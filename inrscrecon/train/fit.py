@@ -134,11 +134,11 @@ def data_fingerprint(table: Table) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([list(table.genes), float(table.target_sum), int(table.n_cells)]).encode())
     for arr in (table.coords, table.totals):
-        h.update(np.ascontiguousarray(arr))  # the buffer itself: no copy
+        h.update(np.ascontiguousarray(arr).data.cast("B"))  # the buffer itself: no copy
     if isinstance(table, CellTable):
         c = table.counts
         for arr in (c.indptr, c.indices, c.data):
-            h.update(np.ascontiguousarray(arr))  # the buffer itself: no copy
+            h.update(np.ascontiguousarray(arr).data.cast("B"))  # the buffer itself: no copy
     digest = h.hexdigest()
     table._fingerprint = digest  # type: ignore[union-attr]
     return digest
