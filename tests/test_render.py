@@ -304,3 +304,44 @@ def test_sigterm_leaves_old_or_new_volume_and_no_temporary(framed, tmp_path, del
         assert shape == (2, 200, 100, 100)
     else:
         assert proc.returncode == 143 and b"terminated" in err and shape == (1, 2, 4, 4)  # the old one
+
+
+def test_domains_only_volume(framed, tmp_path):
+    grid = GridSpec.from_bounds([-110, 110, -110, 110, -20, 140], voxel=20)
+    res = render(framed, [], grid, tmp_path / "d.ome.zarr", domains=2, slab=4)
+    root, labels = _validate(res.path)
+    assert res.channels == ["domains"] and sorted(labels) == ["domains", "tissue"]
+    img = np.asarray(_read(res.path)[0].data[0])
+    lab = np.asarray(root["labels"]["domains"]["s0"])
+    assert img.dtype == np.uint16 and (img[0] == lab).all() and set(np.unique(lab)) == {0, 1, 2}
+    assert res.pngs[0].exists()
+
+
+@pytest.mark.realdata
+def test_dlpfc_section_outline_covers_its_spots():
+    import anndata as ad
+    from conftest import require_data
+
+    from inrscrecon.query.domain_check import check_domain
+
+    data = require_data("dlpfc_151673.h5ad")
+    a = ad.read_h5ad(data / "dlpfc_151673.h5ad", backed="r")
+    xy = np.asarray(a.obsm["spatial"], dtype=np.float64) * float(a.uns["microns_per_pixel"])
+    cells = np.column_stack([xy, np.zeros(len(xy))])
+    frame = tissue_frame(cells)
+    mask = TissueMask.build(cells)
+    assert mask.contains(cells).mean() > 0.97  # the outline follows the spots (a few edge spots on it)
+    hull = TissueMask.build(cells, "hull")
+    box = GridSpec.from_bounds(model_bounds_like(frame), voxel=(50, 5)).points()
+    assert 0.6 < mask.contains(box).mean() <= hull.contains(box).mean()
+    cfg = FieldConfig(1, genes=["g"], **frame)
+    far = cells[:50] + [20000.0, 0.0, 0.0]  # another tissue's coordinates
+    model = INRField(cfg)
+    assert check_domain(model, cells, warn=False)["fraction"] < 0.005  # only stray spots off the tissue
+    d = TissueMask.from_config(cfg).distance(far)
+    assert (d > 15000).all()
+
+
+def model_bounds_like(frame: dict) -> list[float]:
+    (x0, y0, z0), (x1, y1, z1) = frame["bounds"]
+    return [x0, x1, y0, y1, z0 - 5, z1 + 5]
