@@ -107,7 +107,14 @@ def match_labels(reference: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def label_maps(xy: np.ndarray, panels: dict[str, np.ndarray], path: str | Path) -> Path:
     """Categorical maps side by side (e.g. true domains, clusters of the prediction), one colour per category
-    name across all panels."""
+    name across all panels. A panel whose names are not the first panel's (cluster ids) is matched to it
+    first (:func:`match_labels`), so that the same region has the same colour and the legend lists each
+    category once."""
+    first = next(iter(panels.values())) if panels else None
+    if first is not None:
+        ref = {str(v) for v in np.asarray(first)}
+        panels = {k: (v if {str(x) for x in np.asarray(v)} <= ref else match_labels(np.asarray(first), v))
+                  for k, v in panels.items()}  # fmt: skip
     names = sorted({str(v) for lab in panels.values() for v in np.asarray(lab)})
     colour = {n: i for i, n in enumerate(names)}
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
