@@ -139,12 +139,12 @@ def make_batch(n_rows: int, n_genes: int, density: float, device: torch.device, 
     coords = (torch.rand(n_rows, 3, generator=g) * 2 - 1).to(device)
     mask = torch.rand(n_rows, n_genes, generator=g) < density
     t = torch.where(mask, torch.log1p(torch.rand(n_rows, n_genes, generator=g) * 8), 0.0)
-    csr = t.to_sparse_csr()
-    return Batch(
+    csr = t.to_sparse_csr()  # rows sorted by gene
+    return Batch(  # clones: plain tensors, not views into the sparse tensor (torch.compile cannot fake those)
         coords,
-        csr.crow_indices().to(device=device, dtype=torch.int64),
-        csr.col_indices().to(device=device, dtype=torch.int32),
-        csr.values().to(device=device, dtype=torch.float32),
+        csr.crow_indices().to(device=device, dtype=torch.int64).clone(),
+        csr.col_indices().to(device=device, dtype=torch.int32).clone(),
+        csr.values().to(device=device, dtype=torch.float32).clone(),
         t.to(device) if dense else None,
     )
 

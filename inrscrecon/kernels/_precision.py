@@ -1,4 +1,5 @@
-"""Rounding and dot-precision helpers shared by the Triton kernels (import only torch and triton)."""
+"""Helpers shared by the Triton kernels: bf16 rounding, the stable softplus, dot precision (import only
+torch and triton)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def _cast(x, dtype, UPCAST: tl.constexpr):
         if dtype == tl.bfloat16:
             x = _round_bf16(x)
     return x.to(dtype)
+
+
+@triton.jit
+def _softplus_and_sigmoid(z):
+    """softplus(z) and its derivative sigmoid(z), both stable for any z (fp32 in, fp32 out)."""
+    e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow
+    pred = tl.maximum(z, 0.0) + tl.log(1.0 + e)
+    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return pred, sig
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from inrscrecon.kernels import interpreting
-from inrscrecon.kernels._precision import _cast, dot_precision
+from inrscrecon.kernels._precision import _cast, _softplus_and_sigmoid, dot_precision
 
 __all__ = ["HeadLossBlocks", "TritonHeadLoss", "head_loss_backward", "head_loss_forward", "triton_head_loss"]
 
@@ -63,15 +63,6 @@ __all__ = ["HeadLossBlocks", "TritonHeadLoss", "head_loss_backward", "head_loss_
 # ------------------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softplus_and_sigmoid(z):
-    """softplus(z) and its derivative sigmoid(z), both stable for any z (fp32 in, fp32 out)."""
-    e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow
-    pred = tl.maximum(z, 0.0) + tl.log(1.0 + e)
-    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return pred, sig
 
 
 @triton.jit

@@ -8,9 +8,10 @@ matching target tile in registers from the batch's CSR rows and reduces both at 
 Target tile from CSR. The wrapper (``inrscrecon.kernels.ops.sort_rows``) sorts each row's non-zeros by gene (one device sort of
 the CAP slots, skipped with ``indices_sorted=True``). A program covering genes [g0, g0 + BLOCK_M) finds, per row, the first
 non-zero with gene ≥ g0 by a vectorised binary search (SEARCH_STEPS = ⌈log2(M + 1)⌉ + 1 gathers of BLOCK_B
-indices), then reads the row's non-zeros in chunks of KCH and scatters them into the tile with a
-[BLOCK_B, KCH, BLOCK_M] compare-and-sum (registers only) until no row has more in the tile. At 5 % density
-and BLOCK_M = 64 that is ≈ 1 chunk of 4: ≈ 4 compare-selects per tile element beside its W MACs.
+indices), then reads the rows' non-zeros one per row at a time (KCH of them per loop step, unrolled) and
+scatters each into the tile with a [BLOCK_B, BLOCK_M] compare-select (registers only) until no row has more
+in the tile. At 5 % density and BLOCK_M = 64 (≈ 3 non-zeros per row and tile) that is ≈ KCH·⌈max/KCH⌉ ≈ 8
+compare-selects per tile element beside its W MACs.
 
 Notation (row b, gene g, w_b the row weight, sums over all M genes)::
 
@@ -56,7 +57,7 @@ import triton
 import triton.language as tl
 
 from inrscrecon.kernels import interpreting
-from inrscrecon.kernels._precision import _cast, dot_precision
+from inrscrecon.kernels._precision import _cast, _softplus_and_sigmoid, dot_precision
 
 __all__ = ["SparseHeadBlocks", "sparse_head_backward", "sparse_head_forward"]
 
@@ -67,13 +68,6 @@ CHUNK_BYTES = 64 * 1024 * 1024  # budget of the dz chunk
 # ------------------------------------------------------------------------------------------------------------
 # Kernel
 # ------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softplus_sigmoid(z):
-    """softplus(z) and sigmoid(z), stable for any z (fp32)."""
-    e = tl.exp(-tl.abs(z))
-    return tl.maximum(z, 0.0) + tl.log(1.0 + e), tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -103,19 +97,18 @@ def _csr_target_tile(
         hi = tl.where(active & (g_mid >= g0), mid, hi)
     ptr = lo
     g_end = g0 + BLOCK_M
-    k = tl.arange(0, KCH)
     cols = tl.arange(0, BLOCK_M)
     t = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
     more = tl.sum(row_ok.to(tl.int32), axis=0) > 0
     while more:
-        pos = ptr[:, None] + k[None, :]  # [BLOCK_B, KCH]
-        valid = pos < end[:, None]
-        g = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int32)
-        inside = valid & (g < g_end)  # sorted: a prefix of the chunk
-        v = tl.load(val_ptr + pos, mask=inside, other=0.0).to(tl.float32)
-        hit = inside[:, :, None] & ((g - g0)[:, :, None] == cols[None, None, :])
-        t += tl.sum(tl.where(hit, v[:, :, None], 0.0), axis=1)
-        cnt = tl.sum(inside.to(tl.int32), axis=1)
+        cnt = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for k in tl.static_range(KCH):  # one non-zero per row at a time: 2-D [BLOCK_B, BLOCK_M] work only
+            pos = ptr + k
+            g = tl.load(idx_ptr + pos, mask=pos < end, other=0).to(tl.int32)
+            inside = (pos < end) & (g < g_end)  # sorted: the in-tile entries are a prefix
+            v = tl.load(val_ptr + pos, mask=inside, other=0.0).to(tl.float32)
+            t += tl.where(inside[:, None] & ((g - g0)[:, None] == cols[None, :]), v[:, None], 0.0)
+            cnt += inside.to(tl.int32)
         ptr += cnt
         more = tl.max(cnt, axis=0) == KCH
     return t
@@ -153,7 +146,7 @@ def _sparse_head_kernel(
     KCH: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One tile of rows [row0 + pid_b·BLOCK_B, …) ∩ [.., row_end) × genes [pid_m·BLOCK_M, …): logits on chip,
     target tile from CSR; writes its per-row statistics (STATS) and/or its dz tile (DZ)."""
@@ -164,22 +157,24 @@ def _sparse_head_kernel(
     g0 = pid_m * BLOCK_M
     genes = g0 + tl.arange(0, BLOCK_M)
     g_ok = genes < M
-    cw = tl.arange(0, BLOCK_W)
-    w_ok = cw < W
-    h = tl.load(
-        h_ptr + rows[:, None] * stride_hb + cw[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0.0
-    )
-    wt = tl.load(
-        w_ptr + genes[None, :] * stride_wm + cw[:, None], mask=w_ok[:, None] & g_ok[None, :], other=0.0
-    )
-    out_dtype = wt.dtype
-    if UPCAST:
-        h = h.to(tl.float32)
-        wt = wt.to(tl.float32)
-    z = tl.dot(h, wt, input_precision=PRECISION)
+    out_dtype = w_ptr.dtype.element_ty
+    z = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, W, BLOCK_K):  # K loop: small register tiles, pipelined through shared memory
+        ck = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ck < W
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hb + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + genes[None, :] * stride_wm + ck[:, None], mask=k_ok[:, None] & g_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            wt = wt.to(tl.float32)
+        z += tl.dot(h, wt, input_precision=PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + genes, mask=g_ok, other=0.0).to(tl.float32)[None, :]
-    pred, sig = _softplus_sigmoid(z)
+    pred, sig = _softplus_and_sigmoid(z)
     t = _csr_target_tile(indptr_ptr, idx_ptr, val_ptr, rows, row_ok, g0, SEARCH_STEPS, KCH, BLOCK_B, BLOCK_M)
     ok = row_ok[:, None] & g_ok[None, :]
     diff = tl.where(ok, pred - t, 0.0)
@@ -219,24 +214,28 @@ def _sparse_head_kernel(
 
 @dataclass(frozen=True)
 class SparseHeadBlocks:
-    """Tile sizes; ``kch``: non-zeros per row read per step of the target-tile loop; ``chunk_rows``: rows per
-    dz chunk (None: as many as fit in 64 MiB)."""
+    """Tile sizes; ``block_k``: width slice per step of the logits' K loop; ``kch``: non-zeros per row read
+    per step of the target-tile loop; ``chunk_rows``: rows per dz chunk (None: as many as fit in 64 MiB)."""
 
     block_b: int
     block_m: int
     kch: int = 4
+    block_k: int = 64
     num_warps: int = 4
     num_stages: int | None = None
     chunk_rows: int | None = None
 
 
 def default_blocks(device: torch.device, width: int, dtype: torch.dtype) -> SparseHeadBlocks:
-    """Tiles that keep h [BLOCK_B, W] and Wᵀ [W, BLOCK_M] on chip at W ≤ 256 (≤ 64 KiB bf16)."""
-    if device.type != "cuda":  # interpreter: cost is per program, so few large programs
-        return SparseHeadBlocks(block_b=64, block_m=256, kch=8)
-    if dtype == torch.float32 or width > 128:
-        return SparseHeadBlocks(block_b=64, block_m=64, kch=4, num_warps=4, num_stages=2)
-    return SparseHeadBlocks(block_b=64, block_m=128, kch=4, num_warps=8, num_stages=2)
+    """Interpreter: few large programs (its cost is per program). GPU: 64 × 64 tiles, 8 warps, K slices of
+    64 and KCH = 4 (bf16) or 32 and 2 (fp32): compiled for sm_90 without spills (143–188 registers per
+    thread, 16 KiB of shared memory; ``python -m inrscrecon.kernels.aot`` reports it). Chosen by resource
+    count, not yet tuned by time on a GPU (``blocks`` overrides it)."""
+    if device.type != "cuda":
+        return SparseHeadBlocks(block_b=64, block_m=256, kch=8, block_k=1024)
+    if dtype == torch.float32:  # KCH = 4 or K slices of 64 spill in fp32 (≈ 180 B of stack per thread)
+        return SparseHeadBlocks(block_b=64, block_m=64, kch=2, block_k=32, num_warps=8, num_stages=2)
+    return SparseHeadBlocks(block_b=64, block_m=64, kch=4, block_k=64, num_warps=8, num_stages=2)
 
 
 def _check(hidden: torch.Tensor) -> None:
@@ -304,7 +303,7 @@ def _launch(
         KCH=cfg.kch,
         BLOCK_B=cfg.block_b,
         BLOCK_M=cfg.block_m,
-        BLOCK_W=max(16, triton.next_power_of_2(width)),
+        BLOCK_K=min(cfg.block_k, max(16, triton.next_power_of_2(width))),
         **opts,
     )
 
