@@ -554,7 +554,7 @@ def _one_line_warnings() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, 130 / 128+N when interrupted by a signal)."""
     args = build_parser().parse_args(argv)
-    from inrscrecon.data import io
+    from inrscrecon.data import atomic as io
 
     io.forget_created()
     io.install_cleanup()

@@ -146,7 +146,7 @@ def test_atomic_output_commits_whole_or_nothing(tmp_path):
 
 
 def test_check_writable_refuses_folders_and_undoes_new_folders(tmp_path):
-    from inrscrecon.data.io import check_writable, discard_created, forget_created
+    from inrscrecon.data.atomic import check_writable, discard_created, forget_created
 
     (tmp_path / "d").mkdir()
     with pytest.raises(InputError, match="is an existing directory"):

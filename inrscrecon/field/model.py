@@ -114,7 +114,7 @@ class INRField(nn.Module):
         """Weights + config in one safetensors file (config JSON in its metadata), written atomically.
 
         ``training``: JSON-serialisable record of how the model was fitted (default :attr:`training_record`)."""
-        from inrscrecon.data.io import atomic_output
+        from inrscrecon.data.atomic import atomic_output
 
         record = self.training_record if training is None else training
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
