@@ -26,6 +26,7 @@ stacks and one-epoch fits keep every test to a few seconds.
 | SIGTERM / SIGINT while an output is written | the temporary is removed: old state or the complete new one | test_signal_removes_temporary, test_sigterm_during_fit |
 | kill -9 while an output is written | old state; the dead writer's temporary is swept by the next write of that output | test_kill_9_leftovers_are_swept_by_the_next_write |
 | `inrscrecon --help`, `inrscrecon CMD --help` | no torch import | test_help_does_not_import_torch |
+| the shared real files; a Visium section without its scale | no word; one pixel warning | test_shared_data_reads_quietly_and_visium_pixels_without_scale_warn |
 | render `--shape 2000 2000 2000`; SIGTERM during render | see tests/test_render.py | — |
 | a model queried far outside its training tissue | see tests/test_render.py (out-of-domain warning) | — |
 | `--resume` without a checkpoint; resume of a finished run | see tests/test_train.py (resume) | — |
@@ -566,3 +567,29 @@ def test_help_does_not_import_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.realdata
+def test_shared_data_reads_quietly_and_visium_pixels_without_scale_warn(tmp_path):
+    """The shared real files (counts, normalised values, pixels with a scale, a 3D cloud) read without a word;
+    the same Visium section without its µm-per-pixel scale warns once and reads as pixels."""
+    import warnings
+
+    from conftest import require_data
+
+    from inrscrecon.data.io import read_section, read_sections
+
+    names = ["dlpfc_151673.h5ad", "paste_bc_layer1.h5ad", "merfish_hypothalamus_bregma0.26.h5ad"]
+    names.append("bdtnp_drosophila_stage5.h5ad")
+    data = require_data(*names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in names:
+            read_sections([data / n])
+    assert [str(w.message) for w in caught] == []
+    a = ad.read_h5ad(data / names[0])
+    del a.uns["microns_per_pixel"]
+    a.write_h5ad(tmp_path / "px.h5ad")
+    with pytest.warns(UserWarning, match=r"looks like pixels \(uns\['spatial_units'\]") as rec:
+        read_section(tmp_path / "px.h5ad")
+    assert len(rec) == 1
