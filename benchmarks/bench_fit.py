@@ -10,6 +10,11 @@ What it times (one process, the same model, seed and batches):
 * ``torch-eager-dense`` — the bare loop: a dense [N, M] target tensor already on the device, rows indexed per
   step, dense ``head_loss_reference``, backward, ``torch.optim.Adam`` (the CPU target's reference).
 * ``torch-compile-dense`` — the same dense step compiled whole (``torch.compile(fullgraph=True)``).
+* ``fit-device-csr-compiled`` (CUDA, or ``--compile-fit``) — ``fit`` with its whole step compiled
+  (``compile="on"``; CUDA graphs on CUDA); its end-to-end wall includes the compilation, as a user pays it.
+
+Every measurement is repeated in ``--rounds`` interleaved rounds and the best kept (a shared machine).
+``--defaults-check [H5AD ...]`` instead compares ``fit`` with the CPU defaults and the device defaults.
 
 FLOPs per cell = 3 · 2 · (the network's weight count) (forward + backward, no recomputation); ``pct_of_peak``
 is against the bf16 matmul rate measured here (8192² GEMM) on a GPU, null on CPU. Rows (exact keys) are
@@ -17,6 +22,7 @@ appended to ``benchmarks/results/bench_fit.json``; a markdown table is printed (
 
     python benchmarks/bench_fit.py                                   # CPU: 50k × 5000, batch 2048
     python benchmarks/bench_fit.py --device cuda --cells 1000000     # GPU target run (batch: GPU default)
+    python benchmarks/bench_fit.py --device cuda --defaults-check ../shared/data/dlpfc_1516*.h5ad
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +48,7 @@ from inrscrecon.data.stack import CellTable
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import FieldConfig, INRField
-from inrscrecon.train.fit import GPU_BATCH, TrainConfig, fit
+from inrscrecon.train.fit import CPU_BATCH, CPU_LR, TrainConfig, _split, fit, resolved_batch_lr
 from inrscrecon.train.objective import objective_tensors
 from inrscrecon.train.step import TrainStep
 
@@ -137,6 +144,41 @@ def time_steps(step, acc, args_for, n: int, warmup: int, dev: torch.device) -> f
     return (time.perf_counter() - t0) / n
 
 
+def defaults_check(files: list[str], device: str, epochs: int) -> None:
+    """Best validation RMSE and wall time of ``fit`` with the CPU defaults (512 rows, 2e-3) and with the
+    device defaults (``batch_size=None, lr=None``: the GPU batch and scaled rate on CUDA), same data and seed."""
+    from inrscrecon.data.io import read_sections
+    from inrscrecon.data.preprocess import select_genes
+    from inrscrecon.data.stack import build_cell_table
+    from inrscrecon.data.synthetic import SynthConfig, make_sections
+
+    if files:
+        sections = read_sections(files)
+        what = ", ".join(Path(f).name for f in files)
+    else:
+        sections, truth = make_sections(
+            SynthConfig(n_sections=6, cells_per_section=20000, n_genes=2000, seed=0)
+        )
+        for k, sec in enumerate(sections):
+            sec.obsm["spatial_3d"] = truth.xyz(k)
+        what = "synthetic 6 × 20000 cells × 2000 genes"
+    table = build_cell_table(sections, select_genes(sections, 5000))
+    print(f"defaults check on {what}: {table.n_cells} cells, {len(table.genes)} genes, device {device}")
+    best = {}
+    for name, bs, lr in (("CPU defaults", CPU_BATCH, CPU_LR), ("device defaults", None, None)):
+        tc = TrainConfig(epochs=epochs, batch_size=bs, lr=lr, device=device, progress=False)
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        res = fit(table, EncodingConfig(n_bands=2), 256, 4, LossConfig(), tc)
+        _sync(torch.device(device))
+        wall = time.perf_counter() - t0
+        best[name] = min(h["val_rmse"] for h in res.history)
+        print(f"| {name} | batch {res.data_info['batch_size']} | lr {res.data_info['lr']:.2e} | "
+              f"{len(res.history)} epochs | best val RMSE {best[name]:.5f} | {wall:.1f} s |")  # fmt: skip
+    rel = best["device defaults"] / best["CPU defaults"] - 1
+    print(f"device defaults vs CPU defaults: {100 * rel:+.2f} % validation RMSE (target: within 1 %)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -152,10 +194,32 @@ def main() -> None:
         "--no-compile", action="store_true", help="skip the torch.compile row (slow to build on CPU)"
     )
     ap.add_argument("--backend", default="auto", help="fit --backend for the fit row")
+    ap.add_argument(
+        "--compile-fit",
+        action="store_true",
+        help="also the compiled fit rows on CPU (always on CUDA; ~1.5 min of compilation on a 2-core CPU)",
+    )
+    ap.add_argument(
+        "--defaults-check",
+        nargs="*",
+        metavar="H5AD",
+        default=None,
+        help="instead: fit these sections (none: a synthetic 6 × 20k-cell stack) with the CPU and with "
+        "the GPU defaults on --device; print both best validation RMSEs and wall times",
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=60, help="epochs of --defaults-check fits (early stopping on)"
+    )
     ap.add_argument("--results", default=str(RESULTS), help="JSON list to append rows to ('' = do not write)")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    batch = args.batch or (GPU_BATCH if dev.type == "cuda" else 2048)
+    if args.defaults_check is not None:
+        defaults_check(args.defaults_check, args.device, args.epochs)
+        return
+    n_fit = len(_split(args.cells, 0.1, 0)[0])
+    batch = args.batch or (
+        resolved_batch_lr(TrainConfig(batch_size=None), "cuda", n_fit)[0] if dev.type == "cuda" else 2048
+    )
     command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:])
     date = _dt.date.today().isoformat()
     t0 = time.perf_counter()
@@ -195,32 +259,36 @@ def main() -> None:
     targets = torch.as_tensor(table.targets(np.arange(args.cells)), device=dev)  # [N, M] dense, in memory
     coords = torch.as_tensor(table.coords, dtype=torch.float32, device=dev)
     backend = args.backend
-    fit_compiled = dev.type == "cuda"  # what fit's compile="auto" picks for this stack on this device
+
+    gather_impl = "triton" if dev.type == "cuda" and backend != "torch" else "torch"  # as fit picks it
 
     def make(kind: str):
         model = _model(table, args.width, args.layers, dev)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        if kind == "fit-device-csr":
+        compiled = kind in ("torch-compile-dense", "fit-device-csr-compiled")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=compiled and dev.type == "cuda")
+        if kind.startswith("fit-device-csr"):
 
             def loss_fn(r, model=model):
-                b = dt.gather(r, cap)
+                b = dt.gather(r, cap, gather_impl)
                 return objective_tensors(
                     model, model.normalize(b.coords), b, loss_cfg, None, backend, precision
                 )
 
-            compiled = fit_compiled
         else:
 
             def loss_fn(r, model=model):
                 x, t = coords[r], targets[r]
                 return objective_tensors(model, model.normalize(x), t, loss_cfg, None, "torch", precision)
 
-            compiled = kind == "torch-compile-dense"
         step = TrainStep(loss_fn, opt, 1e-3, 10**6, 0.05, compile=compiled,
                          cuda_graphs=compiled and dev.type == "cuda")  # fmt: skip
         return model, opt, step
 
-    kinds = ["fit-device-csr", "torch-eager-dense"] + ([] if args.no_compile else ["torch-compile-dense"])
+    kinds = ["fit-device-csr", "torch-eager-dense"]
+    if not args.no_compile:
+        kinds += ["torch-compile-dense"] + (
+            ["fit-device-csr-compiled"] if dev.type == "cuda" or args.compile_fit else []
+        )
     steppers = {}
     for kind in kinds:
         t0 = time.perf_counter()
@@ -238,8 +306,9 @@ def main() -> None:
             step_sec[kind] = min(step_sec[kind], sec)
             _sync(dev)
             t0 = time.perf_counter()
-            if kind == "fit-device-csr":  # the whole fit call: placement, setup, epoch, validation
-                res = fit(table, EncodingConfig(n_bands=4), args.width, args.layers, loss_cfg, tc)
+            if kind.startswith("fit-device-csr"):  # the whole fit call: placement, setup, epoch, validation
+                run_tc = replace(tc, compile="on" if kind.endswith("compiled") else "off")
+                res = fit(table, EncodingConfig(n_bands=4), args.width, args.layers, loss_cfg, run_tc)
                 info = res.data_info
             else:  # the bare loop's epoch
                 for i in range(n_ep):
@@ -261,7 +330,7 @@ def main() -> None:
         r = rows_dev[i % n_batches]
         _sync(dev)
         marks.append(time.perf_counter())
-        b = dt.gather(r, cap)
+        b = dt.gather(r, cap, gather_impl)
         _sync(dev)
         marks.append(time.perf_counter())
         loss, _ = objective_tensors(model, model.normalize(b.coords), b, loss_cfg, None, backend, precision)

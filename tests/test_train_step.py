@@ -119,3 +119,5 @@ def test_gpu_defaults_scale_batch_and_rate():
         pytest.approx(CPU_LR * 8**0.5),
     )
     assert resolved_batch_lr(TrainConfig(), "cuda") == (512, 2e-3)  # explicit settings are kept
+    assert resolved_batch_lr(auto, "cuda", n_train=900_000)[0] == 16384  # ≥ 32 steps per epoch
+    assert resolved_batch_lr(auto, "cuda", n_train=13_000) == (CPU_BATCH, CPU_LR)  # a small stack: CPU batch

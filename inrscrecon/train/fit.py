@@ -52,10 +52,16 @@ Table = CellTable | StreamingTable  # anything with coords, targets(rows), n_cel
 
 log = logging.getLogger(__name__)
 
-#: GPU defaults (``batch_size=None`` / ``lr=None`` on CUDA): a large batch, the rate scaled by sqrt(B / 512)
-#: (Adam's square-root rule) and capped. CPU defaults: 512 rows at 2e-3.
+#: GPU defaults (``batch_size=None`` / ``lr=None`` on CUDA): a large batch — the largest power of two ≤ 32768
+#: that still leaves ``MIN_STEPS`` steps per epoch (a small stack keeps the CPU batch: few, huge steps would
+#: train less per epoch) — and the rate scaled by sqrt(B / 512) (Adam's square-root rule), capped.
+#: CPU defaults: 512 rows at 2e-3.
 CPU_BATCH, CPU_LR = 512, 2e-3
-GPU_BATCH, GPU_LR_CAP = 32768, 1e-2
+GPU_BATCH, GPU_LR_CAP, MIN_STEPS = 32768, 1e-2, 32
+
+#: ``compile="auto"`` compiles the step on CUDA when the fit trains at least this many cells (steps × batch):
+#: compilation costs ~0.5–1 min, an eager GPU step ~1 µs per cell, so below this it cannot pay.
+COMPILE_MIN_CELLS = 10**8
 
 #: TrainConfig fields that change the fitted result; a resume with any of them changed is refused.
 RESULT_SETTINGS = (
@@ -77,7 +83,8 @@ class TrainConfig:
     ``batch_size`` / ``lr`` None: device defaults (512 / 2e-3 on CPU; 32768 and a scaled rate on CUDA).
     ``data``: ``auto`` (device-resident CSR for in-memory tables, host dense batches for streaming tables),
     ``device``, ``host`` (CSR batches streamed from host memory) or ``dense`` (dense host batches, the
-    reference path). ``compile``: ``auto`` (on CUDA with the device table, one process), ``on``, ``off``.
+    reference path). ``compile``: ``auto`` (on CUDA with the device table, one process, ≥ COMPILE_MIN_CELLS
+    cells trained), ``on``, ``off``.
     """
 
     epochs: int = 60
@@ -115,10 +122,17 @@ def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def resolved_batch_lr(tc: TrainConfig, device: str) -> tuple[int, float]:
-    """(batch size, learning rate) after device defaults (see :data:`GPU_BATCH`)."""
+def resolved_batch_lr(tc: TrainConfig, device: str, n_train: int | None = None) -> tuple[int, float]:
+    """(batch size, learning rate) after the device defaults (:data:`GPU_BATCH`) for ``n_train`` training
+    cells (None: a stack large enough for the full GPU batch)."""
     cuda = torch.device(device).type == "cuda"
-    bs = tc.batch_size if tc.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
+    if tc.batch_size is not None:
+        bs = tc.batch_size
+    elif not cuda:
+        bs = CPU_BATCH
+    else:
+        room = GPU_BATCH if n_train is None else max(n_train // MIN_STEPS, 1)
+        bs = max(CPU_BATCH, min(GPU_BATCH, 1 << max(room.bit_length() - 1, 0)))
     if tc.lr is not None:
         return bs, tc.lr
     return bs, min(CPU_LR * math.sqrt(bs / CPU_BATCH), GPU_LR_CAP) if bs > CPU_BATCH else CPU_LR
@@ -153,7 +167,8 @@ def run_record(
     tc: TrainConfig,
 ) -> dict[str, Any]:
     """Every setting that changes a fit's result, plus the data fingerprint (JSON-serialisable)."""
-    bs, lr = resolved_batch_lr(tc, tc.device)
+    n_train = len(_split(table.n_cells, tc.val_fraction, tc.seed)[0])
+    bs, lr = resolved_batch_lr(tc, tc.device, n_train)
     settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
     settings.update(batch_size=bs, lr=lr)
     enc: Any = encoding if isinstance(encoding, str) else asdict(encoding or EncodingConfig())
@@ -389,7 +404,7 @@ def fit(
             torch.as_tensor(table.targets(np.sort(sample))), loss_cfg.rc_dim, seed=tc.seed
         )
         extractor = extractor.to(device)
-    bs_req, lr = resolved_batch_lr(tc, device)
+    bs_req, lr = resolved_batch_lr(tc, device, len(train_rows))
     bs = min(bs_req, len(train_rows))
     if bs < di.world:
         raise InputError(f"batch size {bs} is smaller than the number of processes ({di.world})")
@@ -408,7 +423,11 @@ def fit(
     if tc.compile not in ("auto", "on", "off"):
         raise InputError(f"TrainConfig.compile must be auto, on or off, got {tc.compile!r}")
     compiled = tc.compile == "on" or (
-        tc.compile == "auto" and cuda and di.world == 1 and isinstance(source, DeviceTable)
+        tc.compile == "auto"
+        and cuda
+        and di.world == 1
+        and isinstance(source, DeviceTable)
+        and total * bs >= COMPILE_MIN_CELLS
     )
     opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=bool(compiled and cuda))
     gather_impl = "torch"
