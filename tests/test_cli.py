@@ -138,3 +138,37 @@ def test_parser_lists_commands():
     text = build_parser().format_help()
     for cmd in COMMANDS:
         assert cmd in text
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        ([], "the following arguments are required: command"),
+        (["fitt"], "invalid choice: 'fitt'"),
+        (["fit", "a.h5ad", "--out", "m.safetensors", "--input", "bogus"], "argument --input: invalid choice"),
+        (["synth", "--out", "d", "--flip-prob", "1.5"], "expected a probability in [0, 1], got '1.5'"),
+        (["evaluate", "a.h5ad", "--task", "inter", "--out", "d", "--seeds", "0"], "argument --seeds"),
+    ],
+)
+def test_argparse_errors_are_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        e.value.code == 2
+        and len(err) == 1
+        and err[0].startswith("inrscrecon: error: ")
+        and fragment in err[0]
+    )
+    assert "usage:" not in err[0]
+
+
+def test_stream_fit_with_holdout(synth_dir, tmp_path, capsys):
+    from inrscrecon.field.model import INRField
+
+    files = sorted(str(p) for p in synth_dir.glob("section_*.h5ad"))
+    out = tmp_path / "m.safetensors"
+    flags = ["--genes", "10", "--epochs", "1", "--width", "8", "--layers", "1", "--bands", "2", "--quiet"]
+    assert main(["fit", *files, "--out", str(out), "--stream", "--holdout", "section_02", *flags]) == 0
+    assert "from 2 sections" in capsys.readouterr().out
+    assert INRField.load(out).training_record["holdout"] == ["section_02"]
