@@ -242,6 +242,11 @@ def _fit(args: argparse.Namespace) -> int:
     if not args.keep_checkpoints:  # the candidates' checkpoints served the selection; the model is complete
         for p in candidates:
             p.unlink(missing_ok=True)
+    info = result.data_info  # where the stack lived while training, and its size there
+    if "bytes_per_cell" in info:
+        print(f"training data: {info['placement']}, {info['bytes_per_cell']:.0f} bytes per cell")
+    elif info:
+        print(f"training data: {info['placement']}")
     last = result.history[-1] if result.history else {}
     best = min((h["val_rmse"] for h in result.history), default=float("nan"))
     print(
