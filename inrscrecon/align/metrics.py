@@ -35,6 +35,31 @@ def layer_agreement(
     return float((np.mean(la == lb[ja]) + np.mean(lb == la[jb])) / 2)
 
 
+def composition_ceiling(labels_a: np.ndarray, labels_b: np.ndarray, ignore: str = "unknown") -> float:
+    """Largest fraction of mass any coupling with equal mass per spot can put on same-label pairs:
+    Σ_l min(p_a(l), p_b(l)) over the label proportions of both sections (``ignore`` dropped)."""
+    la, lb = np.asarray(labels_a), np.asarray(labels_b)
+    la, lb = la[la != ignore], lb[lb != ignore]
+    labels = np.union1d(la, lb)
+    pa = np.array([np.mean(la == v) for v in labels])
+    pb = np.array([np.mean(lb == v) for v in labels])
+    return float(np.minimum(pa, pb).sum())
+
+
+def paste_accuracy(
+    xy_a: np.ndarray, labels_a: np.ndarray, xy_b: np.ndarray, labels_b: np.ndarray, ignore: str = "unknown"
+) -> tuple[float, float]:
+    """PASTE's alignment accuracy (fraction of matched mass joining same-label spots) for the matching that
+    sends each spot's mass to its nearest spot in the other section, both directions, equal mass per spot
+    (half the mass from each side), with its ceiling from label composition: (accuracy, ceiling).
+
+    With that matching the accuracy equals ``layer_agreement``; the ceiling is ``composition_ceiling``.
+    """
+    return layer_agreement(xy_a, labels_a, xy_b, labels_b, ignore), composition_ceiling(
+        labels_a, labels_b, ignore
+    )
+
+
 def centroid_only(xy: np.ndarray) -> np.ndarray:
     """Naive baseline: translate the section's centroid to the origin."""
     return xy - xy.mean(axis=0)
