@@ -18,7 +18,7 @@ from inrscrecon.align import AlignConfig, align
 from inrscrecon.align.embedding import randomized_pca
 from inrscrecon.align.kabsch import FLIP, Pose, fit_pose, ransac_poses, rotation, weighted_kabsch
 from inrscrecon.align.matching import mutual_nn
-from inrscrecon.align.metrics import layer_agreement, pose_errors
+from inrscrecon.align.metrics import composition_ceiling, layer_agreement, paste_accuracy, pose_errors
 from inrscrecon.data.synthetic import SynthConfig, iter_sections
 from inrscrecon.errors import InputError
 
@@ -165,6 +165,19 @@ def test_layer_agreement():
     # b's L3 cell finds a's L2 cell (a's unknown cell is dropped): b → a scores 2/3
     assert layer_agreement(xy, la, xy + 0.1, np.array(["L1", "L2", "L3"])) == pytest.approx((1 + 2 / 3) / 2)
     assert layer_agreement(xy, la, xy + 0.1, np.array(["L2", "L1", "L1"])) == 0.0
+
+
+def test_paste_accuracy_and_composition_ceiling():
+    la = np.array(["L1", "L1", "L1", "L2", "unknown"])
+    lb = np.array(["L1", "L2", "L2", "L2"])
+    # proportions (3/4, 1/4) and (1/4, 3/4): at most 1/4 + 1/4 of equal-mass couplings join the same layer
+    assert composition_ceiling(la, lb) == pytest.approx(0.5)
+    assert composition_ceiling(la, la) == 1.0
+    xa = np.array([[0.0, 0], [1, 0], [2, 0], [3, 0], [9, 9]])
+    xb = np.array([[0.0, 0.1], [1, 0.1], [2, 0.1], [3, 0.1]])
+    acc, ceiling = paste_accuracy(xa, la, xb, lb)
+    assert acc == pytest.approx(layer_agreement(xa, la, xb, lb)) and ceiling == pytest.approx(0.5)
+    assert acc == pytest.approx((2 / 4 + 2 / 4) / 2)  # a: L1→L1, L1→L2, L1→L2, L2→L2; b: the same pairs
 
 
 # ---------------------------------------------------------------- synthetic accuracy
