@@ -215,7 +215,8 @@ def test_trunk_autocast_bf16_with_fp32_masters():
 
 
 def test_wide_bf16_trunk_runs_per_layer_by_design(monkeypatch):
-    """W = 256 in bf16 (a 128 KiB weight tile) takes the per-layer kernels; W = 128 stays fused."""
+    """W = 256 and 128 in bf16 (weight tiles that spill when staged whole) take the per-layer kernels;
+    W = 64 stays fused."""
     launched: list[str] = []
     for name in ("_trunk_fused_fwd_kernel", "_linear_relu_fwd_kernel"):
         kernel = getattr(tt, name)
@@ -229,7 +230,11 @@ def test_wide_bf16_trunk_runs_per_layer_by_design(monkeypatch):
                 return self.k[grid]
 
         monkeypatch.setattr(tt, name, Spy(kernel, name))
-    for width, expect in ((256, "_linear_relu_fwd_kernel"), (128, "_trunk_fused_fwd_kernel")):
+    for width, expect in (
+        (256, "_linear_relu_fwd_kernel"),
+        (128, "_linear_relu_fwd_kernel"),
+        (64, "_trunk_fused_fwd_kernel"),
+    ):
         launched.clear()
         ws = [torch.randn(width, 15, device=DEV).bfloat16(), torch.randn(width, width, device=DEV).bfloat16()]
         bs = [torch.zeros(width, device=DEV).bfloat16() for _ in ws]

@@ -202,6 +202,7 @@ TRUNK_CASES = [  # (B, W, n_bands, n_layers, fuse_layers)
     (129, 100, 10, 3, None),
     (300, 256, 6, 4, None),
     (129, 100, 2, 3, False),  # per-layer kernels, encoding fused into layer 0
+    (129, 64, 4, 4, True),  # the fused kernel forced where the default would run per layer
     (65, 16, 0, 1, None),  # no bands: encoding = raw coordinates; single layer
 ]
 
@@ -210,9 +211,9 @@ TRUNK_CASES = [  # (B, W, n_bands, n_layers, fuse_layers)
 def test_trunk_fp32(b, width, n_bands, n_layers, fuse):
     trunk, coords, grad_out = _trunk_inputs(b, width, n_bands, n_layers)
     blocks = None
-    if fuse is False:
+    if fuse is not None:
         blocks = tt.TrunkBlocks(
-            block_b=64, block_n=64, block_k=32, fused_block_b=64, fuse_layers=False, splits=2
+            block_b=64, block_n=64, block_k=32, fused_block_b=64, fuse_layers=fuse, splits=2
         )
     out, grads = _run_trunk_triton(trunk, coords, n_bands, grad_out, blocks)
     ref, ref_grads = _run_trunk_torch(trunk, coords, n_bands, grad_out)

@@ -12,8 +12,8 @@ What is built:
   also writes each layer's output once (the backward needs them); under ``torch.no_grad()`` (or when no
   parameter needs a gradient) only the last, and nothing is saved for a backward.
 * forward, **per layer** (``_linear_relu_fwd_kernel``; used when a whole weight tile exceeds
-  ``FUSED_TILE_BYTES`` = 64 KiB, i.e. W = 256 in bf16 or fp32): tiled Linear + bias + ReLU, the encoding fused
-  into layer 0's K loop.
+  ``FUSED_TILE_BYTES`` = 8 KiB, i.e. W > 64 in bf16, W > 32 in fp32 — wider fused tiles spill on sm_90):
+  tiled Linear + bias + ReLU, the encoding fused into layer 0's K loop.
 * backward, per layer, from the stored post-ReLU activations y_l (stored, not recomputed)::
 
       y_l = relu(x_l W_lᵀ + b_l),  x_0 = enc(coords),  x_l = y_{l−1}
@@ -313,11 +313,13 @@ def _launch_opts(cfg: TrunkBlocks) -> dict[str, int]:
     return opts
 
 
-# Largest weight tile the fused forward stages whole. At W = 256 in bf16 the tile alone is 128 KiB and the
-# kernel needs 144 KiB of shared memory with its activation slab: ptxas for sm_90 spills (≈ 18 KB of spill
-# stores per thread). So by design W > 128 (bf16) or W > 128 (fp32, 64 KiB) runs the per-layer kernels,
-# whose [64, 32] bf16 tiles stay in registers/shared memory and reach tensor cores.
-FUSED_TILE_BYTES = 64 * 1024
+# Largest weight tile the fused forward stages whole. Compiled for sm_90 (``inrscrecon.kernels.aot`` style,
+# registers / stack bytes per thread): bf16 W = 64: 188 / 0 (fused, no spill); bf16 W = 128: 255 / 296–1320
+# (spills at every block size and warp count tried); bf16 W = 256: 144 KiB of shared memory and 10.9 KB of
+# stack; fp32 W = 64: 255 / 80. So by design only tiles ≤ 8 KiB (bf16 W ≤ 64, fp32 W ≤ 32) run fused; wider
+# trunks run the per-layer kernels, whose [64, 32] bf16 tiles reach tensor cores (168 registers, no spill;
+# the encoding layer 173 / 32).
+FUSED_TILE_BYTES = 8 * 1024
 
 _FUSE_WARNED: set[str] = set()
 
