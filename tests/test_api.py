@@ -40,6 +40,14 @@ def test_every_public_name_resolves(name):
     assert name in vars(ir)  # bound once: the next lookup does not go through __getattr__
 
 
+def test_align_is_callable_after_importing_its_subpackage():
+    code = (
+        "import inrscrecon.align; import inrscrecon as ir; from inrscrecon.errors import InputError\n"
+        "try:\n    ir.align([])\nexcept (InputError, ValueError, IndexError) as e:\n    print('called')"
+    )
+    assert _run(code) == "called"
+
+
 def test_import_is_light():
     out = _run("import sys, inrscrecon; print('torch' in sys.modules, len(dir(inrscrecon)) > 20)")
     assert out == "False True"

@@ -272,7 +272,7 @@ def test_render_budget_refuses_without_force(framed, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("inrscrecon: error:") == 1 and "8e+09 voxels" in err and "--force" in err
-    assert "estimate:" in err and " h at " in err  # the cost, in hours at the measured rate
+    assert "estimate:" in err and "model time ≈" in err and "measured here" in err  # the cost up front
     assert sorted(os.listdir(tmp_path)) == before
     small = ["render", str(tmp_path / "f.safetensors"), "--genes", "g1", "--shape", "4", "8", "8", "--no-png",
              "--max-voxels", "100", "--out", str(out), "--quiet"]  # fmt: skip

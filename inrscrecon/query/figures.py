@@ -11,13 +11,12 @@ never the colour of low expression; domains use categorical colours with a legen
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from inrscrecon.data.io import atomic_path
+from inrscrecon.data.io import atomic_output
 
 OUTSIDE = "#d0d0d0"
 
@@ -27,10 +26,10 @@ def _level_path(group: Any, level: int = 0) -> str:
     return meta["multiscales"][0]["datasets"][level]["path"]
 
 
-def _frame(group: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, translation) of level 0 along z, y, x."""
+def _frame(group: Any, level: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, translation) of ``level`` along z, y, x."""
     meta = group.attrs.asdict().get("ome", group.attrs.asdict())
-    ct = meta["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    ct = meta["multiscales"][0]["datasets"][level]["coordinateTransformations"]
     s = np.asarray(ct[0]["scale"], dtype=float)[-3:]
     t = np.asarray(ct[1]["translation"], dtype=float)[-3:] if len(ct) > 1 else np.zeros(3)
     return s, t
@@ -61,9 +60,23 @@ def _through_tissue(tissue: Any | None, shape: tuple[int, int, int]) -> tuple[in
     return idx[0], idx[1], idx[2]
 
 
-def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4) -> list[Path]:
+def _view_level(group: Any, max_side: int) -> int:
+    """The finest pyramid level whose y and x sides are at most ``max_side`` voxels (else the coarsest)."""
+    meta = group.attrs.asdict().get("ome", group.attrs.asdict())
+    paths = [d["path"] for d in meta["multiscales"][0]["datasets"]]
+    for lvl, p in enumerate(paths):
+        if max(group[p].shape[-2:]) <= max_side:
+            return lvl
+    return len(paths) - 1
+
+
+def write_slices_png(
+    volume: str | Path, png: str | Path, max_channels: int = 4, max_side: int = 1024
+) -> list[Path]:
     """Orthogonal views through the tissue of each channel (≤ ``max_channels``) and of the domain labels of
-    an OME-Zarr written by :func:`~inrscrecon.query.render.render` → one PNG. Returns [png]."""
+    an OME-Zarr written by :func:`~inrscrecon.query.render.render` → one PNG. Views come from the finest
+    pyramid level with at most ``max_side`` voxels along y and x, so a large volume is never read whole.
+    Returns [png]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,8 +89,11 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
     root: Any = zarr.open_group(str(volume), mode="r")
     meta = root.attrs.asdict()
     ome = meta.get("ome", meta)
-    img = root[_level_path(root)]
-    (vz, vy, vx), (tz, ty, tx) = _frame(root)
+    lvl = _view_level(root, max_side)
+    img = root[_level_path(root, lvl)]
+    scale, trans = _frame(root, lvl)
+    vz, vy, vx = (float(v) for v in scale)
+    tz, ty, tx = (float(v) for v in trans)
     _, nz, ny, nx = img.shape
     names = [c["label"] for c in ome.get("omero", {}).get("channels", [])]
     labels = root["labels"] if "labels" in root else None
@@ -93,7 +109,7 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
     if sections:  # the xy view on a measured section (the one nearest the middle), not between two
         mid = sections[int(np.argmin(np.abs(np.asarray(sections) - (tz + (nz - 1) * vz / 2))))]
         k = int(np.clip(round((mid - tz) / vz), 0, nz - 1))
-    inside = _planes(tissue[0][_level_path(tissue[0])], (), k, j, i) if tissue is not None else None
+    inside = _planes(tissue[0][_level_path(tissue[0], lvl)], (), k, j, i) if tissue is not None else None
     domains = labels["domains"] if labels is not None and "domains" in labels else None
     markers = {p["label-value"]: p.get("markers", "") for p in
                (domains.attrs.asdict()["ome"]["image-label"].get("properties", []) if domains else [])}  # fmt: skip
@@ -110,7 +126,7 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
             continue  # a domains-only volume: the label block below shows it
         blocks.append((names[c] if c < len(names) else f"c{c}", _planes(img, (c,), k, j, i), False))
     if domains is not None:
-        blocks.append(("domains", _planes(domains[_level_path(domains)], (), k, j, i), True))
+        blocks.append(("domains", _planes(domains[_level_path(domains, lvl)], (), k, j, i), True))
 
     ncol = min(len(blocks), 3)
     nrow = -(-len(blocks) // ncol)
@@ -167,7 +183,7 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
         axz.set_title(f"xz at y = {yc:.0f}", fontsize=8, loc="left")
         for a in (axz, ayz):  # z tick labels in µm despite the stretch
             ticks = [t for t in MaxNLocator(nbins=3).tick_values(z0, z1) if z0 <= t <= z1]
-            (a.set_yticks if a is axz else a.set_xticks)(z0 + (ticks - z0) * stretch)
+            (a.set_yticks if a is axz else a.set_xticks)(z0 + (np.asarray(ticks) - z0) * stretch)
             (a.set_yticklabels if a is axz else a.set_xticklabels)([f"{t:.0f}" for t in ticks])
         ayz.set_yticklabels([])
         axy.set_xticklabels([])
@@ -192,14 +208,12 @@ def write_slices_png(volume: str | Path, png: str | Path, max_channels: int = 4)
             if inside is not None:
                 leg.add_patch(Rectangle((0.05, 0.6), 0.2, 0.25, color=OUTSIDE, transform=leg.transAxes))
                 leg.text(0.3, 0.72, "outside\ntissue", transform=leg.transAxes, fontsize=6, va="center")
-    final, tmp = atomic_path(png)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, final)
+        with atomic_output(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return [final]
+    return [Path(png)]
 
 
 __all__ = ["write_slices_png"]
