@@ -28,9 +28,9 @@ stacks and one-epoch fits keep every test to a few seconds.
 | `inrscrecon --help`, `inrscrecon CMD --help` | no torch import | test_help_does_not_import_torch |
 | the shared real files; a Visium section without its scale | no word; one pixel warning | test_shared_data_reads_quietly_and_visium_pixels_without_scale_warn |
 | render `--shape 2000 2000 2000`; SIGTERM during render | see tests/test_render.py | — |
-| a model queried far outside its training tissue | see tests/test_render.py (out-of-domain warning) | — |
-| `--resume` without a checkpoint; resume of a finished run | see tests/test_train.py (resume) | — |
-| alignment that would make the stack worse than the input | see tests/test_align.py (alignment guard) | — |
+| a model queried far outside its training tissue | see tests/test_ood.py (out-of-domain warning) | — |
+| `--resume` without a checkpoint; resume of a finished run | see tests/test_resume.py | — |
+| alignment that would make the stack worse than the input | see tests/test_align_guard.py | — |
 """
 
 from __future__ import annotations
