@@ -398,3 +398,30 @@ def test_sparse_head_tiles_compile_for_sm90_without_spills():
         shared, regs, stack = map(int, row[-3:])
         assert stack == 0, f"spills: {row}"
         assert shared <= 64 * 1024 and regs <= 255, row
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke_and_table(tmp_path):
+    """benchmarks/bench_kernels.py --smoke runs every CPU impl without error and writes a parseable table."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    results, table = tmp_path / "results.md", tmp_path / "table.json"
+    args = ["--smoke", "--results", str(results), "--write-table", "--table", str(table)]
+    assert bench.main(args) == 0
+    text = results.read_text()
+    for impl in ("sparse-fused", "sparse-torch", "dense-eager"):
+        rows = [line for line in text.splitlines() if f"| {impl} |" in line]
+        assert len(rows) == 2 and not any("error" in r or "skipped" in r for r in rows), rows
+    entries = json.loads(table.read_text())["entries"]
+    assert {e["op"] for e in entries} == {"sparse_head_loss", "head_loss", "trunk"}
+    for e in entries:
+        assert e["device"] == "cpu" and e["best"] in e["ms"] and "torch" in e["ms"]
