@@ -5,13 +5,14 @@ Reference: :func:`inrscrecon.field.losses.sparse_head_loss_reference` (equal to 
 written to global memory: each program computes a logit tile [BLOCK_B, BLOCK_M] on the chip, builds the
 matching target tile in registers from the batch's CSR rows and reduces both at once.
 
-Target tile from CSR. The wrapper (``inrscrecon.kernels.ops.sort_rows``) sorts each row's non-zeros by gene (one device sort of
-the CAP slots, skipped with ``indices_sorted=True``). A program covering genes [g0, g0 + BLOCK_M) finds, per row, the first
-non-zero with gene ≥ g0 by a vectorised binary search (SEARCH_STEPS = ⌈log2(M + 1)⌉ + 1 gathers of BLOCK_B
-indices), then reads the rows' non-zeros one per row at a time (KCH of them per loop step, unrolled) and
-scatters each into the tile with a [BLOCK_B, BLOCK_M] compare-select (registers only) until no row has more
-in the tile. At 5 % density and BLOCK_M = 64 (≈ 3 non-zeros per row and tile) that is ≈ KCH·⌈max/KCH⌉ ≈ 8
-compare-selects per tile element beside its W MACs.
+Target tile from CSR. The wrapper (``inrscrecon.kernels.ops.sort_rows``) sorts each row's non-zeros by
+gene (one device sort of the CAP slots, skipped with ``indices_sorted=True``). A program covering genes
+[g0, g0 + BLOCK_M) finds, per row, the first non-zero with gene ≥ g0 by a vectorised binary search
+(SEARCH_STEPS = ⌈log2(M + 1)⌉ + 1 gathers of BLOCK_B indices), then reads the rows' non-zeros one per row
+at a time (KCH of them per loop step, unrolled) and scatters each into the tile with a [BLOCK_B, BLOCK_M]
+compare-select (registers only) until no row has more in the tile. At 5 % density and BLOCK_M = 64 (≈ 3
+non-zeros per row and tile, ≈ 8 for the fullest of 64 rows) that is ≈ 8 compare-selects per tile element
+beside its W MACs.
 
 Notation (row b, gene g, w_b the row weight, sums over all M genes)::
 
@@ -38,9 +39,9 @@ gradient GEMMs (Liger / Cut Cross-Entropy style): the kernel writes dz for a chu
   backward recomputes the logits once: **4 GEMM passes**.
 
 Memory: statistics [4, M/BLOCK_M, B] fp32 (summed once), per-row constants [2, B], the dz chunk
-[CHUNK, M] in the compute dtype (≤ 64 MiB: CHUNK = 6 710 rows at M = 5 000 bf16) and the gradients; the
-torch reference keeps ≈ 6 fp32 [B, M] tensors for autograd (8 GB at B = 65 536, M = 5 000) plus the
-dense target the dense path needs (1.3 GB). With λ = 0 the forward also holds the unscaled gradients
+[CHUNK, M] in the compute dtype (≤ 64 MiB: CHUNK = 6 656 rows at M = 5 000 bf16) and the gradients; the
+torch references keep several fp32 [B, M] tensors for autograd (1.3 GB each at B = 65 536, M = 5 000) and
+the dense path also needs the dense target (another 1.3 GB). With λ = 0 the forward also holds the unscaled gradients
 ([B, W] + [M, W] + [M] fp32) until the backward.
 
 Mixed precision: tl.dot on the compute dtype (bf16 on tensor cores) with fp32 accumulation; statistics,
