@@ -37,6 +37,16 @@ def _run(paths, ckpt=None, resume=False, stop=None):
                    train_cfg=tc, checkpoint=ckpt, resume=resume)  # fmt: skip
 
 
+def _run_resident(paths):
+    """The same stack in memory: the device-resident CSR path (sparse batches through DDP)."""
+    torch.set_num_threads(1)
+    with open_stack(paths, n_genes=20, chunk_rows=200, window=2, progress=False) as streaming:
+        table = streaming.to_cell_table()
+    tc = TrainConfig(epochs=2, batch_size=BATCH, seed=4, progress=False, checkpoint_every=7, data="device")
+    return fit(table, EncodingConfig(n_bands=3), width=16, n_layers=2, loss_cfg=LossConfig.preset("no_rc"),
+               train_cfg=tc)  # fmt: skip
+
+
 def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
@@ -58,7 +68,10 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
     full = _run(paths, d / "full.ckpt")
     part = _run(paths, d / "part.ckpt", stop=10)
     resumed = _run(paths, d / "part.ckpt", resume=True)
+    resident = _run_resident(paths)
     result = {
+        "resident_history": resident.history,
+        "resident_state": {k: v.tolist() for k, v in resident.model.state_dict().items()},
         "history": full.history, "resumed_history": resumed.history, "interrupted": part.interrupted,
         "state": {k: v.tolist() for k, v in full.model.state_dict().items()},
         "resumed_state": {k: v.tolist() for k, v in resumed.model.state_dict().items()},
@@ -108,6 +121,15 @@ def test_two_gloo_ranks_match_one_process(files, tmp_path):
     assert [h["val_rmse"] for h in r0["resumed_history"]] == [h["val_rmse"] for h in r0["history"]]
     for k in r0["state"]:
         np.testing.assert_array_equal(np.array(r0["resumed_state"][k]), np.array(r0["state"][k]), err_msg=k)
+    # the device-resident CSR path under DDP: 2 ranks × half batch == 1 process, same batches
+    one = _run_resident(files)
+    assert r0["resident_history"] == r1["resident_history"]
+    for a, b in zip(one.history, r0["resident_history"]):
+        for key in ("loss", "rmse", "val_rmse"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    for k, v in one.model.state_dict().items():
+        np.testing.assert_allclose(np.array(r0["resident_state"][k], dtype=np.float32).reshape(v.shape), v.numpy(),
+                                   rtol=1e-3, atol=1e-4, err_msg=k)  # fmt: skip
 
 
 def test_single_process_helpers_are_no_ops():
