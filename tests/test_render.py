@@ -330,14 +330,14 @@ def test_dlpfc_section_outline_covers_its_spots():
     cells = np.column_stack([xy, np.zeros(len(xy))])
     frame = tissue_frame(cells)
     mask = TissueMask.build(cells)
-    assert mask.contains(cells).mean() > 0.97  # the outline follows the spots (a few edge spots on it)
+    assert mask.contains(cells).mean() > 0.999  # the outline follows the spots, stray ones included
     hull = TissueMask.build(cells, "hull")
     box = GridSpec.from_bounds(model_bounds_like(frame), voxel=(50, 5)).points()
     assert 0.6 < mask.contains(box).mean() <= hull.contains(box).mean()
     cfg = FieldConfig(1, genes=["g"], **frame)
     far = cells[:50] + [20000.0, 0.0, 0.0]  # another tissue's coordinates
     model = INRField(cfg)
-    assert check_domain(model, cells, warn=False)["fraction"] < 0.005  # only stray spots off the tissue
+    assert check_domain(model, cells, warn=False)["fraction"] == 0.0  # its own spots are in its domain
     d = TissueMask.from_config(cfg).distance(far)
     assert (d > 15000).all()
 

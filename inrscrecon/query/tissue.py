@@ -77,8 +77,8 @@ def _covered(xy: np.ndarray, kind: str, alpha: float | None, gx: np.ndarray, gy:
 
 def outline(xy: np.ndarray, kind: str = "alpha", alpha: float | None = None) -> list[np.ndarray]:
     """Outline polygons (each [V, 2] µm, closed implicitly) of one section's cells xy [n, 2]: the alpha shape
-    (``alpha`` µm; default three times the median Delaunay circumradius) or the convex hull, holes filled, specks
-    under 1 % of the area dropped."""
+    (``alpha`` µm; default three times the median Delaunay circumradius) or the convex hull, widened by half a
+    spot spacing around every cell (so stray cells are inside too), holes filled."""
     from scipy import ndimage
     from skimage.measure import approximate_polygon, find_contours
 
@@ -90,15 +90,19 @@ def outline(xy: np.ndarray, kind: str = "alpha", alpha: float | None = None) -> 
         return []
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     px = max(float((hi - lo).max()) / RASTER, 1e-9)
-    lo, hi = lo - 2 * px, hi + 2 * px  # a blank border so every contour closes
+    r = max(1, int(round(0.5 * spot_spacing(xy) / px)))  # half a spot spacing, in pixels
+    lo, hi = (
+        lo - (r + 2) * px,
+        hi + (r + 2) * px,
+    )  # room for the widening and a blank border (closed contours)
     gx = np.arange(lo[0], hi[0] + px, px)
     gy = np.arange(lo[1], hi[1] + px, px)
-    img = ndimage.binary_fill_holes(_covered(xy, kind, alpha, gx, gy))
-    lab, n = ndimage.label(img)
-    if n == 0:
+    spots = np.zeros((len(gy), len(gx)), dtype=bool)
+    spots[np.rint((xy[:, 1] - gy[0]) / px).astype(int), np.rint((xy[:, 0] - gx[0]) / px).astype(int)] = True
+    disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
+    img = ndimage.binary_fill_holes(_covered(xy, kind, alpha, gx, gy) | ndimage.binary_dilation(spots, disk))
+    if not img.any():
         return []
-    sizes = ndimage.sum(img, lab, index=np.arange(1, n + 1))
-    img = np.isin(lab, 1 + np.flatnonzero(sizes >= 0.01 * sizes.max()))
     polys = []
     for c in find_contours(np.pad(img.astype(float), 1), 0.5):  # (row, col) in padded pixels
         c = approximate_polygon(c - 1, tolerance=0.5)
