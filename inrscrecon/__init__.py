@@ -6,8 +6,9 @@ Public API (``import inrscrecon as ir``): read sections (``read_sections``, ``op
 ``make_sections``. Names are bound on first use, so ``import inrscrecon`` stays light (``inrscrecon.kernels``
 imports with torch + triton alone); ``dir(inrscrecon)`` and the type stub ``__init__.pyi`` list them.
 
-``inrscrecon.evaluate`` is both the function and the subpackage of that name: the subpackage module is
-callable (``ir.evaluate(sections, "inter")``), so it works before and after ``import inrscrecon.evaluate``.
+``inrscrecon.evaluate`` and ``inrscrecon.align`` are both functions and subpackages of those names: the
+subpackage modules are callable (``ir.evaluate(sections, "inter")``, ``ir.align(sections)``), so either works
+before and after ``import inrscrecon.evaluate`` / ``import inrscrecon.align``.
 """
 
 from __future__ import annotations
