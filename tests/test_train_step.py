@@ -27,13 +27,16 @@ def table(small_stack):
     return build_cell_table(sections[:2], select_genes(sections[:2], 30))
 
 
-def _setup(table, seed=0):
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _setup(table, seed=0, capturable=False):
     torch.manual_seed(seed)
     model = INRField(
         FieldConfig(len(table.genes), EncodingConfig(n_bands=2), 16, 2, *FieldConfig.frame_for(table.coords))
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dt = DeviceTable(table, "cpu")
+    ).to(DEV)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
+    dt = DeviceTable(table, DEV)
     cap = dt.capacity(np.arange(table.n_cells), 64)
     cfg = LossConfig(lambda_kl=0.5)
 
@@ -55,15 +58,14 @@ INDUCTOR = pytest.mark.skipif(
 )
 def test_whole_step_compiles_fullgraph_and_matches_eager(table, backend):
     rng = np.random.default_rng(0)
-    batches = torch.as_tensor(np.sort(rng.choice(table.n_cells, (3, 64)), axis=1))
+    batches = torch.as_tensor(np.sort(rng.choice(table.n_cells, (3, 64)), axis=1), device=DEV)
     m_e, opt_e, f_e = _setup(table)
-    m_c, opt_c, f_c = _setup(table)
+    m_c, opt_c, f_c = _setup(table, capturable=DEV == "cuda")
     eager = TrainStep(f_e, opt_e, 1e-2, total=10, min_lr_ratio=0.05, compile=False)
-    compiled = TrainStep(
-        f_c, opt_c, 1e-2, total=10, min_lr_ratio=0.05, compile=True
-    )  # raises on a graph break
-    acc_e = torch.zeros(4, dtype=torch.float64)
-    acc_c = torch.zeros(4, dtype=torch.float64)
+    # fullgraph=True: any graph break (a host sync, an untraceable call) raises here
+    compiled = TrainStep(f_c, opt_c, 1e-2, 10, 0.05, compile=True, compile_backend=backend)
+    acc_e = torch.zeros(4, dtype=torch.float64, device=DEV)
+    acc_c = torch.zeros(4, dtype=torch.float64, device=DEV)
     for k in range(3):
         eager(acc_e, k, batches[k])
         compiled(acc_c, k, batches[k])
@@ -121,3 +123,19 @@ def test_gpu_defaults_scale_batch_and_rate():
     assert resolved_batch_lr(TrainConfig(), "cuda") == (512, 2e-3)  # explicit settings are kept
     assert resolved_batch_lr(auto, "cuda", n_train=900_000)[0] == 16384  # ≥ 32 steps per epoch
     assert resolved_batch_lr(auto, "cuda", n_train=13_000) == (CPU_BATCH, CPU_LR)  # a small stack: CPU batch
+
+
+def test_a_host_sync_in_the_step_is_a_compile_error():
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 4)
+
+    def syncing_loss(rows):
+        loss = model(x[rows]).pow(2).mean()
+        if loss.item() > 0:  # reads the device: a graph break
+            loss = loss * 1
+        return loss, torch.stack([loss] * 4).detach()
+
+    step = TrainStep(syncing_loss, opt, 1e-2, 10, 0.05, compile=True, compile_backend="aot_eager")
+    with pytest.raises(Exception, match="(?i)graph break|data-dependent|item"):
+        step(torch.zeros(4, dtype=torch.float64), 0, torch.arange(4))
