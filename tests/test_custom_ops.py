@@ -136,7 +136,8 @@ def test_trunk_op_matches_torch_and_stores_nothing_under_no_grad(monkeypatch):
     assert seen == [(True, 3)]
 
 
-def test_train_step_compiles_fullgraph_with_fused_ops():
+@pytest.mark.parametrize("lam", [0.0, 0.5])  # λ = 0: gradients from the forward; λ ≠ 0: backward kernel
+def test_train_step_compiles_fullgraph_with_fused_ops(lam):
     """Trunk → sparse head + loss under torch.compile(fullgraph=True) (a graph break raises), then its AOT
     backward; values and every gradient equal the eager torch reference."""
     trunk, coords = _trunk(width=16, seed=3)
@@ -148,7 +149,7 @@ def test_train_step_compiles_fullgraph_with_fused_ops():
     def step(coords, indptr, indices, values, rw):
         hidden = fused.trunk_forward(coords, 2, trunk, impl="triton")
         loss, rmse, kl = fused.sparse_head_loss(
-            hidden, head_w, head_b, indptr, indices, values, 0.5, row_weight=rw, impl="triton"
+            hidden, head_w, head_b, indptr, indices, values, lam, row_weight=rw, impl="triton"
         )
         return loss, rmse, kl
 
@@ -159,7 +160,7 @@ def test_train_step_compiles_fullgraph_with_fused_ops():
     for p in [*trunk.parameters(), head_w, head_b]:
         p.grad = None
     hidden = trunk(ops_fourier(coords))
-    ref = sparse_head_loss_reference(hidden, head_w, head_b, indptr, indices, values, 0.5, row_weight=rw)
+    ref = sparse_head_loss_reference(hidden, head_w, head_b, indptr, indices, values, lam, row_weight=rw)
     ref[0].backward()
     torch.testing.assert_close(out[0].detach(), ref[0].detach(), rtol=1e-4, atol=1e-5)
     for a, p in zip(grads, [*trunk.parameters(), head_w, head_b]):
