@@ -1,8 +1,13 @@
 """Triton kernels (and, beside them, the CUDA extension wrapper) for the hot path of the field.
 
-Import the op modules directly (``inrscrecon.kernels.triton_head_loss``, ``...triton_trunk``); this package
-imports nothing heavy so that ``import inrscrecon.kernels`` works without Triton installed. The public switch
-between implementations is :mod:`inrscrecon.field.fused`.
+* ``triton_sparse_head_loss`` — head + loss against the batch's CSR targets (the fit path);
+* ``triton_head_loss`` — head + loss against a dense target; ``triton_trunk`` — Fourier encoding + MLP trunk;
+* ``ops`` — their ``torch.library`` registrations (traceable by ``torch.compile``; imports torch only);
+* ``aot`` — ahead-of-time compile for a GPU architecture without a GPU (registers, spills, shared memory);
+* ``cuda_head_loss`` — the compiled CUDA extension's dense head + loss.
+
+Import the op modules directly; this package imports nothing heavy so that ``import inrscrecon.kernels``
+works without Triton installed. The public switch between implementations is :mod:`inrscrecon.field.fused`.
 """
 
 from __future__ import annotations
