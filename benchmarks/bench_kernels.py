@@ -209,7 +209,7 @@ def _sync(device: torch.device) -> None:
 def time_fn(
     fn: Callable[[], object], device: torch.device, warmup: int, iters: int
 ) -> tuple[float, float | None]:
-    """Mean ms per call and peak allocated MB (CUDA) over the timed calls."""
+    """ms per call (CUDA: mean over the timed calls; CPU: median) and peak allocated MB (CUDA)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -222,10 +222,12 @@ def time_fn(
         end.record()
         _sync(device)
         return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated(device) / 2**20
-    t0 = time.perf_counter()
-    for _ in range(iters):
+    times = []
+    for _ in range(iters):  # CPU: the median call (shared machines: a mean is dominated by stalls)
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) * 1e3 / iters, None
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3, None
 
 
 def model_flops(mode: str, batch: int, width: int, args: argparse.Namespace) -> float:
