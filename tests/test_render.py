@@ -345,3 +345,18 @@ def test_dlpfc_section_outline_covers_its_spots():
 def model_bounds_like(frame: dict) -> list[float]:
     (x0, y0, z0), (x1, y1, z1) = frame["bounds"]
     return [x0, x1, y0, y1, z0 - 5, z1 + 5]
+
+
+@pytest.mark.parametrize(
+    "flag", [["--chunk-points", "0"], ["--slab", "-1"], ["--voxel", "0"], ["--max-voxels", "-5"]]
+)
+def test_render_flags_are_range_checked(framed, tmp_path, capsys, flag):
+    from inrscrecon.cli import main
+
+    framed.save(tmp_path / "f.safetensors")
+    out = tmp_path / "r.ome.zarr"
+    with pytest.raises(SystemExit) as exc:  # argparse's error, in the one-line form
+        main(["render", str(tmp_path / "f.safetensors"), "--genes", "g1", *flag, "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("inrscrecon: error:") == 1 and flag[0] in err and not out.exists()

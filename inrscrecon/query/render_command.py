@@ -12,16 +12,20 @@ DEFAULT_MAX_VOXELS = 250_000_000  # ≈ 630³; beyond it render asks for --force
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the ``render`` subcommand on an argparse subparsers object."""
+    from inrscrecon.cli import count, positive_float, positive_int  # the CLI's range-checked types
+
     p = sub.add_parser(
         "render", help="render the field on a dense 3D grid → OME-Zarr (c, z, y, x) + PNG slices"
     )
     p.add_argument("model", help="model file written by `inrscrecon fit`")
     p.add_argument("--genes", help="comma-separated gene names (channels of the volume)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--voxel", type=float, nargs="+", metavar="UM",
+    size.add_argument("--voxel", type=positive_float, nargs="+", metavar="UM",
                       help="voxel size in µm: XY (isotropic) or XY Z (e.g. --voxel 50 10); default 128 "
                       "voxels across the tissue, at least 2 z planes")  # fmt: skip
-    size.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="grid shape in voxels")
+    size.add_argument(
+        "--shape", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), help="grid shape in voxels"
+    )
     p.add_argument("--bounds", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"),
                    help="grid box in µm (default: the training cells' bounding box stored in the model, or that "
                    "of --cells; z padded by half a section spacing)")  # fmt: skip
@@ -33,18 +37,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "tissue when the model or --cells has it")  # fmt: skip
     p.add_argument(
         "--alpha",
-        type=float,
+        type=positive_float,
         help="alpha-shape radius in µm for --mask tissue with --cells (default: automatic)",
     )
-    p.add_argument("--domains", type=int, default=0, metavar="K",
+    p.add_argument("--domains", type=count, default=0, metavar="K",
                    help="also write a label volume of K expression domains (labels/domains)")  # fmt: skip
     p.add_argument(
-        "--domain-genes", type=int, default=100, help="most variable predicted genes used for domains"
+        "--domain-genes",
+        type=positive_int,
+        default=100,
+        help="most variable predicted genes used for domains",
     )
-    p.add_argument("--chunk-points", type=int, default=65536, help="voxels per model call")
-    p.add_argument("--slab", type=int, default=32, help="z-planes per written slab (and zarr chunk depth)")
-    p.add_argument("--levels", type=int, default=4, help="multiscale pyramid levels (at most)")
-    p.add_argument("--max-voxels", type=float, default=DEFAULT_MAX_VOXELS,
+    p.add_argument("--chunk-points", type=positive_int, default=65536, help="voxels per model call")
+    p.add_argument(
+        "--slab", type=positive_int, default=32, help="z-planes per written slab (and zarr chunk depth)"
+    )
+    p.add_argument("--levels", type=positive_int, default=4, help="multiscale pyramid levels (at most)")
+    p.add_argument("--max-voxels", type=positive_float, default=DEFAULT_MAX_VOXELS,
                    help=f"refuse grids with more voxels than this unless --force (default {DEFAULT_MAX_VOXELS:.3g})")  # fmt: skip
     p.add_argument("--force", action="store_true", help="render even beyond --max-voxels")
     p.add_argument("--no-png", action="store_true", help="skip the PNG orthogonal slices")
