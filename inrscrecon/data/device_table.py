@@ -182,6 +182,17 @@ def device_table_or_none(
     return DeviceTable(table, dev)
 
 
+@dataclass
+class _InFlight:
+    """A batch on its way to the device: host (pinned) buffers kept alive until the copy is consumed."""
+
+    rows: np.ndarray
+    cap: int
+    host: list[torch.Tensor]
+    dev: list[torch.Tensor]
+    event: torch.cuda.Event | None
+
+
 class HostBatchFeeder:
     """Batches for a stack kept in host memory: each batch's CSR rows are gathered on the host (sparse, never
     dense), copied into pinned buffers and sent to the device on a side stream one batch ahead (double buffer).
@@ -201,7 +212,7 @@ class HostBatchFeeder:
         self._totals = np.asarray(table.totals, dtype=np.float32)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._next: tuple[np.ndarray, int, SparseBatch, object] | None = None
+        self._next: _InFlight | None = None
 
     def capacity(self, rows: np.ndarray, batch: int) -> int:
         return batch_capacity(self._counts, rows, batch)
@@ -220,33 +231,38 @@ class HostBatchFeeder:
                  torch.from_numpy(self._coords[rows])]  # fmt: skip
         return [p.pin_memory() for p in parts] if self._cuda else parts
 
-    def _send(self, rows: np.ndarray, cap: int) -> tuple[SparseBatch, object]:
+    def _send(self, rows: np.ndarray, cap: int) -> _InFlight:
+        """Host gather into pinned buffers, then the copy on the side stream: returns without waiting."""
         host = self._host(rows, cap)
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                dev = [h.to(self.device, non_blocking=True) for h in host]
-                event = torch.cuda.Event()
-                event.record(self._stream)
-        else:
-            dev, event = host, None
-        indptr, genes, raw, totals, coords = dev
-        slots = torch.arange(cap, device=indptr.device, dtype=torch.int64)
+        if self._stream is None:
+            return _InFlight(rows, cap, host, host, None)
+        with torch.cuda.stream(self._stream):
+            dev = [h.to(self.device, non_blocking=True) for h in host]
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return _InFlight(rows, cap, host, dev, event)
+
+    def _finish(self, f: _InFlight) -> SparseBatch:
+        """The main stream waits for ``f``'s copy (on the device: the host runs on), then normalises."""
+        if f.event is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(f.event)  # type: ignore[arg-type]
+            for t in f.dev:  # made on the side stream, used on the main one: not to be reused early
+                t.record_stream(main)
+        indptr, genes, raw, totals, coords = f.dev
+        slots = torch.arange(f.cap, device=indptr.device, dtype=torch.int64)
         row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)
-        live = row < len(rows)
-        rc = row.clamp(max=max(len(rows) - 1, 0))
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)  # type: ignore[arg-type]
+        n = len(f.rows)
+        live = row < n
+        rc = row.clamp(max=max(n - 1, 0))
         values = normalize_log1p_torch(raw, rc, live, totals, self.target_sum)
-        return SparseBatch(coords, indptr, genes, values), host
+        return SparseBatch(coords, indptr, genes, values)
 
     def gather_host(self, rows: np.ndarray, cap: int, next_rows: np.ndarray | None = None) -> SparseBatch:
-        """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now."""
-        if self._next is not None and np.array_equal(self._next[0], rows) and self._next[1] == cap:
-            batch = self._next[2]
-        else:
-            batch, _ = self._send(rows, cap)
-        self._next = None
-        if next_rows is not None:
-            nb, host = self._send(next_rows, cap)
-            self._next = (next_rows, cap, nb, host)  # host buffers stay referenced until the copy is consumed
-        return batch
+        """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now and is finished
+        when it is asked for, so its transfer overlaps this batch's step."""
+        f = self._next
+        if f is None or f.cap != cap or not np.array_equal(f.rows, rows):
+            f = self._send(rows, cap)
+        self._next = self._send(next_rows, cap) if next_rows is not None else None
+        return self._finish(f)
