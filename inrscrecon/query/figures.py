@@ -140,7 +140,8 @@ def write_slices_png(
     base = plt.get_cmap("tab10" if n_dom <= 10 else "tab20")
     dom_cmap = ListedColormap(base.colors[: max(n_dom, 1)]).with_extremes(bad=OUTSIDE)  # type: ignore[attr-defined]
     for sub, (name, planes, is_label) in zip(subs, blocks):
-        gs = sub.add_gridspec(2, 2, width_ratios=[wx, zs], height_ratios=[wy, zs])
+        # xy | yz | colour bar over xz | legend; the same layout for every block, so blocks line up
+        gs = sub.add_gridspec(2, 3, width_ratios=[wx, zs, 0.05 * (wx + zs)], height_ratios=[wy, zs])
         axy, ayz, axz = sub.add_subplot(gs[0, 0]), sub.add_subplot(gs[0, 1]), sub.add_subplot(gs[1, 0])
         if is_label:
             shown = [np.ma.masked_less(p.astype(float), 1) for p in planes]
@@ -189,20 +190,18 @@ def write_slices_png(
         axy.set_xticklabels([])
         for a in (axy, axz, ayz):
             a.tick_params(labelsize=7)
-        leg = sub.add_subplot(gs[1, 1])
+        leg = sub.add_subplot(gs[1, 1:])
         leg.axis("off")
         if is_label:
             handles = [
-                Patch(
-                    color=dom_cmap(d - 1), label=f"{d}: " + ", ".join(str(markers.get(d, "")).split(", ")[:2])
-                )
+                Patch(color=dom_cmap(d - 1), label=f"{d}: " + str(markers.get(d, "")).split(", ")[0])
                 for d in range(1, n_dom + 1)
             ]
             handles.append(Patch(color=OUTSIDE, label="outside tissue"))
-            sub.legend(handles=handles, loc="outside lower center", fontsize=6, frameon=False, ncol=2,
-                       title="domain: top marker genes", title_fontsize=7)  # fmt: skip
+            leg.legend(handles=handles, loc="upper left", fontsize=5.5, frameon=False, borderaxespad=0,
+                       title="domain: top marker", title_fontsize=6, handlelength=1, labelspacing=0.3)  # fmt: skip
         else:
-            cb = sub.colorbar(im, ax=[axy, ayz], shrink=0.7, pad=0.02)
+            cb = sub.colorbar(im, cax=sub.add_subplot(gs[0, 2]))
             cb.set_label("log1p expr.", fontsize=7)
             cb.ax.tick_params(labelsize=6)
             if inside is not None:
