@@ -239,6 +239,16 @@ def test_three_sections_middle_reference(three_sections):
     assert m["cell_a"].isin(a.obs_names).all() and m["similarity"].between(-1, 1).all()
 
 
+def test_large_sections_are_posed_from_a_subset(three_sections):
+    sections, truth = three_sections
+    res = align(sections[:2], spacing=10.0, config=AlignConfig(max_pair_cells=400))
+    true = truth[0].inverse().compose(truth[1])
+    rot, trans = pose_errors(pose_from_json(res.transforms[1]), true, sections[1].obsm["spatial"])
+    assert rot < 2.0 and trans < 20.0, (rot, trans)
+    assert res.matches["cell_a"].nunique() <= 400 < sections[1].n_obs  # matches cover the subset
+    assert res.aligned.n_obs == sections[0].n_obs + sections[1].n_obs  # every cell is placed
+
+
 def test_write_is_atomic_and_complete(three_sections, tmp_path, monkeypatch):
     sections, _ = three_sections
     res = align(sections[:2], spacing=10.0)

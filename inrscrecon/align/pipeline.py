@@ -10,12 +10,10 @@ common frame (the reference section's µm frame):
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -25,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from inrscrecon.align.embedding import joint_embedding, section_name, spatial_smooth, unit_rows
+from inrscrecon.align.export import AlignmentResult, affines, stack_sections
 from inrscrecon.align.guard import centroid_pose, overlay_score, score_context
 from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
 from inrscrecon.align.matching import mutual_nn
@@ -52,6 +51,7 @@ class AlignConfig:
     n_comps: int = 30  # joint PCA dimensions
     smooth_k: int = 7  # cells averaged (within a section) before matching: the cell and its ~6 neighbours
     mnn_k: int = 5  # mutual k-NN in expression space
+    max_pair_cells: int = 150000  # cells per section that estimate a pair's pose (random subset beyond it)
     max_match_cells: int = 3000  # cells per section used for MNN + RANSAC
     max_icp_cells: int = 20000  # moving cells used in the ICP refinement
     max_polish_cells: int = 10000  # cells per direction in the Gauss-Newton polish
@@ -143,9 +143,18 @@ def align_pair(
     seed: int,
     cfg: AlignConfig,
 ) -> PairResult:
-    """Align section a (moving) onto b (fixed); xy in µm, [n_a, 2] and [n_b, 2]."""
+    """Align section a (moving) onto b (fixed); xy in µm, [n_a, 2] and [n_b, 2]. Sections larger than
+    ``cfg.max_pair_cells`` are represented by a random subset of that many cells (the exported matches then
+    cover that subset)."""
     t0 = time.perf_counter()
     na, nb = section_name(a, "a"), section_name(b, "b")
+    sub = np.random.default_rng([seed, 1])  # its own stream: small sections are not touched by it
+    if len(xy_a) > cfg.max_pair_cells:  # a random subset carries the pose of a huge section: O(max) work
+        keep = np.sort(sub.choice(len(xy_a), cfg.max_pair_cells, replace=False))
+        a, xy_a = a[keep], xy_a[keep]
+    if len(xy_b) > cfg.max_pair_cells:
+        keep = np.sort(sub.choice(len(xy_b), cfg.max_pair_cells, replace=False))
+        b, xy_b = b[keep], xy_b[keep]
     rng = np.random.default_rng(seed)
     emb_a, emb_b, _ = joint_embedding(a, b, cfg.n_genes, cfg.n_comps, seed)  # float32
     fa = unit_rows(spatial_smooth(xy_a, emb_a, cfg.smooth_k))
@@ -296,98 +305,6 @@ def _polish_both(
     return Pose(r, mid - r @ sc, fwd.reflected)
 
 
-@dataclass
-class AlignmentResult:
-    """Output of ``align``: per-section transforms (JSON layout), pairwise results, matches and stacked AnnData."""
-
-    reference: str
-    transforms: list[dict]
-    pairs: list[PairResult]  # the consecutive pairs
-    aligned: ad.AnnData
-    poses: str = "chained"  # how section poses were combined: global (pose graph) or chained
-    n_edges: int = 0  # pairwise alignments the poses were solved from
-
-    @property
-    def matches(self) -> pd.DataFrame:
-        """Final correspondences of every pair: section_a, section_b, cell_a, cell_b, similarity, distance_um."""
-        return pd.concat([p.matches for p in self.pairs], ignore_index=True)
-
-    def transforms_json(self) -> dict:
-        return {
-            "reference": self.reference,
-            "units": "µm",
-            "poses": self.poses,
-            "n_edges": self.n_edges,
-            "sections": self.transforms,
-        }
-
-    def write(
-        self, aligned_path: str | Path, transforms_path: str | Path, matches_path: str | Path | None = None
-    ) -> None:
-        """Write aligned .h5ad, transforms .json and (optionally) matches .csv; all or nothing (temp + rename)."""
-        from inrscrecon.data.io import atomic_path
-
-        targets = [(aligned_path, "h5ad"), (transforms_path, "json")] + (
-            [(matches_path, "csv")] if matches_path else []
-        )
-        temps: list[tuple[Path, Path]] = []
-        try:
-            for path, kind in targets:
-                final, tmp = atomic_path(path)
-                temps.append((final, tmp))
-                if kind == "h5ad":
-                    self.aligned.write_h5ad(tmp)
-                elif kind == "json":
-                    tmp.write_text(json.dumps(self.transforms_json(), indent=2))
-                else:
-                    self.matches.to_csv(tmp, index=False)
-            for final, tmp in temps:
-                os.replace(tmp, final)
-        finally:
-            for _, tmp in temps:
-                if tmp.exists():
-                    tmp.unlink()
-
-    def plot_pairs(self, out_dir: str | Path, max_points: int = 20000) -> list[Path]:
-        """One PNG per pair: both sections in the common frame (fixed grey, moving orange). Returns the paths."""
-        from inrscrecon.align.plots import plot_pair
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        xyz = self.aligned.obsm["spatial_3d"]
-        sec = self.aligned.obs["section"].astype(str).to_numpy()
-        paths = []
-        for pr in self.pairs:
-            path = out_dir / f"pair_{pr.moving}__{pr.fixed}.png"
-            title = (
-                f"{pr.moving} → {pr.fixed}: overlay score {pr.score:.2f} ({pr.pose_source} pose), "
-                f"inliers {pr.inlier_fraction:.2f}"
-            )
-            plot_pair(
-                xyz[sec == pr.fixed, :2],
-                xyz[sec == pr.moving, :2],
-                pr.fixed,
-                pr.moving,
-                title,
-                path,
-                max_points,
-            )
-            paths.append(path)
-        return paths
-
-
-def affines(pose: Pose, microns_per_unit: float, z: float) -> dict:
-    """spatialdata-style homogeneous matrices of a section's pose: ``affine_xy`` [3, 3] maps observed (x, y, 1)
-    in the section's own units to common-frame µm; ``affine_xyz`` [4, 4] maps (x, y, 0, 1) to (x, y, z, 1) µm.
-    ``spatialdata.transformations.Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))`` takes the
-    first as it is."""
-    m2 = pose.matrix()
-    m2[:2, :2] *= microns_per_unit
-    m3 = np.eye(4)
-    m3[:2, :2], m3[:2, 3], m3[2, 3] = m2[:2, :2], m2[:2, 2], z
-    return {"affine_xy": m2.tolist(), "affine_xyz": m3.tolist()}
-
-
 def _reference_index(names: list[str], reference: int | str | None) -> int:
     if reference is None:
         return 0
@@ -509,32 +426,10 @@ def align(
                 pose_source=pairs[k].pose_source,
             )
         transforms.append(entry)
-    aligned = _stack(sections, names, xys, poses_of, zs)
+    aligned = stack_sections(sections, names, xys, poses_of, zs)
     aligned.uns["align"] = {
         "reference": names[ref],
         "poses": poses,
         "transforms_json": json.dumps(transforms),
     }
     return AlignmentResult(names[ref], transforms, [pairs[k] for k, _ in order], aligned, poses, len(edges))
-
-
-def _stack(
-    sections: list[ad.AnnData], names: list[str], xys: list[np.ndarray], poses: dict[int, Pose], zs: list
-) -> ad.AnnData:
-    """Concatenate sections (genes: inner join) with obs['section'] and obsm['spatial_3d'] (µm, common frame)."""
-    parts = []
-    for k, (s, name) in enumerate(zip(sections, names)):
-        part = s.to_memory() if s.isbacked else s.copy()
-        xy = poses[k].apply(xys[k])
-        z = np.broadcast_to(np.asarray(zs[k], dtype=np.float64), (len(xy),))
-        part.obsm["spatial_aligned"] = (
-            xy  # aligned xy (µm), for spatial plots; obsm['spatial'] stays observed
-        )
-        part.obsm["spatial_3d"] = np.column_stack([xy, z])
-        part.obs["section"] = name
-        parts.append(part)
-    ids = np.concatenate([p.obs_names.to_numpy() for p in parts])
-    unique = len(set(ids)) == len(ids)
-    out = ad.concat(parts, join="inner", index_unique=None if unique else "-", keys=None if unique else names)
-    out.obs["section"] = pd.Categorical(out.obs["section"].astype(str), categories=names)
-    return out
