@@ -71,6 +71,7 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
     resident = _run_resident(paths)
     result = {
         "resident_history": resident.history,
+        "resident_placement": resident.data_info["placement"],
         "resident_state": {k: v.tolist() for k, v in resident.model.state_dict().items()},
         "history": full.history, "resumed_history": resumed.history, "interrupted": part.interrupted,
         "state": {k: v.tolist() for k, v in full.model.state_dict().items()},
@@ -124,6 +125,7 @@ def test_two_gloo_ranks_match_one_process(files, tmp_path):
     # the device-resident CSR path under DDP: 2 ranks × half batch == 1 process, same batches
     one = _run_resident(files)
     assert r0["resident_history"] == r1["resident_history"]
+    assert r1["resident_placement"] == "CSR shard resident on cpu (rank 1 of 2)"  # each rank holds its shard
     for a, b in zip(one.history, r0["resident_history"]):
         for key in ("loss", "rmse", "val_rmse"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key

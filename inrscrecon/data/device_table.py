@@ -79,10 +79,14 @@ def batch_capacity(counts: sp.csr_matrix, rows: np.ndarray, batch: int) -> int:
 class DeviceTable:
     """A CellTable's CSR, library sizes and coordinates resident on ``device`` (module docstring)."""
 
-    def __init__(self, table: CellTable, device: str | torch.device):
+    def __init__(self, table: CellTable, device: str | torch.device, rows: np.ndarray | None = None):
+        """The whole table, or only ``rows`` of it (local row k = ``rows[k]``; a DDP rank's shard)."""
         self.device = torch.device(device)
         counts = table.counts.tocsr() if not sp.isspmatrix_csr(table.counts) else table.counts
-        self.n_cells = table.n_cells
+        coords, totals = table.coords, table.totals
+        if rows is not None:
+            counts, coords, totals = counts[rows], coords[rows], totals[rows]
+        self.n_cells = counts.shape[0]
         self.n_genes = len(table.genes)
         self.genes = list(table.genes)
         self.target_sum = float(table.target_sum)
@@ -92,8 +96,8 @@ class DeviceTable:
         self.indptr = torch.as_tensor(self.host_indptr, device=dev)  # [N+1]
         self.indices = torch.as_tensor(np.asarray(counts.indices, dtype=np.int32), device=dev)  # [NNZ]
         self.data = torch.as_tensor(np.asarray(counts.data, dtype=np.float32), device=dev)  # [NNZ]
-        self.totals = torch.as_tensor(np.asarray(table.totals, dtype=np.float32), device=dev)  # [N]
-        self.coords = torch.as_tensor(np.asarray(table.coords, dtype=np.float32), device=dev)  # [N, 3]
+        self.totals = torch.as_tensor(np.asarray(totals, dtype=np.float32), device=dev)  # [N]
+        self.coords = torch.as_tensor(np.asarray(coords, dtype=np.float32), device=dev)  # [N, 3]
         if self.data.numel() == 0:  # gathers index into data; keep one zero so an empty stack still works
             self.indices = torch.zeros(1, dtype=torch.int32, device=dev)
             self.data = torch.zeros(1, dtype=torch.float32, device=dev)

@@ -14,6 +14,8 @@ Data parallel: when a ``torch.distributed`` process group is initialised (``torc
 :mod:`inrscrecon.train.distributed`), every rank builds the same global batch of ``batch_size`` rows, keeps
 its contiguous shard, and trains a DistributedDataParallel copy whose averaged gradient equals the global
 batch's; validation is sharded and all-reduced; only rank 0 writes checkpoints; every rank resumes from them.
+With an in-memory table each rank keeps on its device only its shard: the CSR rows it visits in the epoch
+(copied once per epoch, in visiting order) and its validation rows.
 
 Resume: the checkpoint records every setting that changes the result (:data:`RESULT_SETTINGS`, the model and
 loss configuration) and a fingerprint of the data; resuming with any of them changed is refused, naming it.
@@ -36,7 +38,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from inrscrecon.data.device_table import DeviceTable, HostBatchFeeder, SparseBatch, device_table_or_none
+from inrscrecon.data.device_table import (
+    DeviceTable,
+    HostBatchFeeder,
+    SparseBatch,
+    batch_capacity,
+    device_table_or_none,
+)
 from inrscrecon.data.stack import CellTable
 from inrscrecon.data.streaming import StreamingTable
 from inrscrecon.errors import InputError
@@ -408,7 +416,17 @@ def fit(
     bs = min(bs_req, len(train_rows))
     if bs < di.world:
         raise InputError(f"batch size {bs} is smaller than the number of processes ({di.world})")
-    source, data_info = _data_source(table, tc, device)
+    # under DDP each rank keeps on its device only the rows it visits this epoch (and its validation shard)
+    shard_resident = di.world > 1 and isinstance(table, CellTable) and tc.data in ("auto", "device")
+    source: DeviceTable | HostBatchFeeder | None
+    if shard_resident:
+        assert isinstance(table, CellTable)
+        source = DeviceTable(table, device, rows=np.zeros(0, dtype=np.int64))  # replaced at each epoch
+        data_info: dict[str, Any] = {
+            "placement": f"CSR shard resident on {device} (rank {di.rank} of {di.world})"
+        }
+    else:
+        source, data_info = _data_source(table, tc, device)
     ddp_loss = None
     if di.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -435,7 +453,12 @@ def fit(
         from inrscrecon.field.fused import _triton_importable
 
         gather_impl = "triton" if _triton_importable() else "torch"
-    cap = source.capacity(train_rows, ddp.shard(np.arange(bs), di).shape[0]) if source is not None else 0
+    shard_bs = ddp.shard(np.arange(bs), di).shape[0]
+    if shard_resident:
+        assert isinstance(table, CellTable)
+        cap = batch_capacity(table.counts, train_rows, shard_bs)
+    else:
+        cap = source.capacity(train_rows, shard_bs) if source is not None else 0
 
     def loss_of(xyz: torch.Tensor, target: Any, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
         if ddp_loss is not None:
@@ -458,8 +481,15 @@ def fit(
     fn = loss_rows if isinstance(source, DeviceTable) else loss_batch if source is not None else loss_dense
     stepper = TrainStep(fn, opt, lr, total, tc.min_lr_ratio, compile=compiled, cuda_graphs=compiled and cuda)
     data_info.update(compiled=compiled, batch_size=bs, lr=lr, capacity=cap)
-    val_sparse = _SparseValidation(source, ddp.shard(val_rows, di), device) if source is not None and len(
-        val_rows) else None  # fmt: skip
+    val_sparse = None
+    if source is not None and len(val_rows):
+        val_mine = ddp.shard(val_rows, di)
+        if shard_resident:
+            assert isinstance(table, CellTable)
+            val_source = DeviceTable(table, device, rows=val_mine)
+            val_sparse = _SparseValidation(val_source, np.arange(len(val_mine)), device)
+        else:
+            val_sparse = _SparseValidation(source, val_mine, device)
     st: dict[str, Any] = {
         "epoch": 0,
         "step_in_epoch": 0,
@@ -527,7 +557,15 @@ def fit(
     while st["epoch"] < tc.epochs and not st["stopped"]:
         order = _epoch_rows(table, train_rows, tc.seed, st["epoch"])
         mine = epoch_batches(order, steps_per_epoch, bs, di) if source is not None else None
-        rows_dev = torch.as_tensor(mine, device=device) if isinstance(source, DeviceTable) else None
+        if (
+            shard_resident and mine is not None
+        ):  # this epoch's rows of this rank, copied once, in visiting order
+            assert isinstance(table, CellTable)
+            source = DeviceTable(table, device, rows=mine.ravel())
+            local = np.arange(mine.size).reshape(mine.shape)
+            rows_dev: torch.Tensor | None = torch.as_tensor(local, device=device)
+        else:
+            rows_dev = torch.as_tensor(mine, device=device) if isinstance(source, DeviceTable) else None
         for step in range(st["step_in_epoch"], steps_per_epoch):
             if rows_dev is not None:
                 stepper(acc, st["global_step"], rows_dev[step])
