@@ -151,6 +151,20 @@ def test_ome_zarr_valid_and_reads_back_with_axes_scales_and_predict_values(model
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_coarse_levels_average_only_the_tissue(framed, tmp_path):
+    grid = GridSpec.from_bounds([-120, 120, -120, 120, 0, 120], shape=(4, 64, 64))
+    res = render(framed, ["g4"], grid, tmp_path / "c.ome.zarr", slab=3, png=False)
+    img, tissue = _read(res.path)[0], _read(res.path)[1]
+    v0, v1 = np.asarray(img.data[0])[0], np.asarray(img.data[1])[0]
+    t0 = np.asarray(tissue.data[0]).astype(float)
+    num = (v0 * t0).reshape(4, 32, 2, 32, 2).sum(axis=(2, 4))
+    den = t0.reshape(4, 32, 2, 32, 2).sum(axis=(2, 4))
+    want = np.where(den > 0, num / np.maximum(den, 1), 0)
+    np.testing.assert_allclose(v1, want, rtol=1e-5, atol=1e-6)
+    edge = (den > 0) & (den < 4)  # blocks on the tissue's edge: the inside mean, not diluted by outside zeros
+    assert edge.any() and (v1[edge] >= 0.9 * v0[t0 > 0].min()).all()
+
+
 def test_mask_follows_each_section_and_fills_holes():
     # radius 100 at z = 0 shrinking to 40 at z = 120; the top section has an empty centre (a hole)
     cells = _discs([100, 80, 60, 40], [0.0, 40.0, 80.0, 120.0], n=900)

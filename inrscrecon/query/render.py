@@ -216,7 +216,7 @@ def render(
             "out_of_domain": ood,
         }  # fmt: skip
         write_ome_zarr(Path(tmp), da.from_zarr(img), channels, grid, factors, labels, chunks, attrs,
-                       image_is_label=not genes)  # fmt: skip
+                       image_is_label=not genes, weights=da.from_zarr(tis) if tmask is not None else None)  # fmt: skip
     out = Path(out)
     pngs = write_slices_png(out, _png_path(out)) if png else []
     return RenderResult(out, grid, channels, len(factors), inside_total, pngs, time.time() - t0, ood)

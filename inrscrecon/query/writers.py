@@ -1,5 +1,5 @@
 """OME-Zarr output (NGFF 0.5) through ome-zarr-py's writer: image (c, z, y, x) with a multiscale pyramid
-(2× block means in x, y; in z too while it has ≥ 16 planes), ``labels/tissue`` and ``labels/domains`` label
+(2× block means over the tissue voxels in x, y; in z too while it has ≥ 16 planes), ``labels/tissue`` and ``labels/domains`` label
 images (nearest-neighbour pyramid), physical scales and voxel-centre translations in µm.
 
 Everything is written under a hidden temporary folder beside the output and renamed onto it only when
@@ -60,6 +60,28 @@ def _set_transforms(group: Any, transforms: list[list[dict]]) -> None:
     group.attrs.put(attrs)
 
 
+def masked_mean_levels(image: Any, weights: Any | None, factors: list[tuple[int, int, int]]) -> list:
+    """Pyramid of image [C, Z, Y, X] (dask): level k = block means over factors[k] of the voxels where
+    ``weights`` [Z, Y, X] > 0 (the tissue; all voxels when None), 0 where a block holds none. Inside-only means
+    keep the tissue's edge from darkening at coarse levels, as a mean over the zeros outside would."""
+    import dask.array as da
+
+    image = da.asarray(image).astype(np.float32)
+    w = da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=np.float32) if weights is None else (
+        da.asarray(weights) > 0).astype(np.float32)  # fmt: skip
+    num = image * w[None]
+    levels = [image]
+    for f in factors[1:]:
+        trim = tuple((s // k) * k for s, k in zip(image.shape[1:], f))
+        aligned = {i + 1: max(k, (c[0] // k) * k) for i, (k, c) in enumerate(zip(f, image.chunks[1:]))}
+        n = num[:, : trim[0], : trim[1], : trim[2]].rechunk(aligned)
+        d = w[: trim[0], : trim[1], : trim[2]].rechunk({i - 1: v for i, v in aligned.items()})
+        s = da.coarsen(np.sum, n, {1: f[0], 2: f[1], 3: f[2]})
+        c = da.coarsen(np.sum, d, {0: f[0], 1: f[1], 2: f[2]})[None]
+        levels.append(da.where(c > 0, s / da.maximum(c, 1.0), 0.0).astype(np.float32))
+    return levels
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[tuple[Path, Path]]:
     """(temporary output folder, scratch folder), both hidden siblings of ``out``: the output replaces ``out``
@@ -84,9 +106,11 @@ def write_ome_zarr(
     chunks: tuple[int, int, int, int],
     attrs: dict,
     image_is_label: bool = False,
+    weights: Any | None = None,  # [Z, Y, X] > 0 inside the tissue
 ) -> None:
     """Write an OME-Zarr image (+ label images) at ``path`` with ome-zarr-py (NGFF 0.5, zarr v3). The image
-    pyramid takes block means (``image_is_label``: nearest neighbours, for a label-valued image)."""
+    pyramid takes block means over the tissue (:func:`masked_mean_levels`; ``image_is_label``: nearest
+    neighbours, for a label-valued image)."""
     import dask.array as da
     import zarr
 
@@ -94,7 +118,7 @@ def write_ome_zarr(
         warnings.simplefilter("ignore", DeprecationWarning)
         from ome_zarr.format import FormatV05
         from ome_zarr.scale import Methods
-        from ome_zarr.writer import write_image, write_labels
+        from ome_zarr.writer import write_image, write_labels, write_multiscale
 
     root = zarr.open_group(str(path), mode="w")
     sf = [{"z": fz, "y": fy, "x": fx} for fz, fy, fx in factors[1:]]
@@ -106,12 +130,18 @@ def write_ome_zarr(
         windows.append({"min": 0.0, "max": float(sample.max() or 1.0), "start": 0.0, "end": hi})
     omero = {"channels": [{"label": c, "color": COLOURS[i % len(COLOURS)], "window": windows[i],
                            "active": i < 3} for i, c in enumerate(channels)]}  # fmt: skip
-    write_image(
-        da.asarray(image), root, scale_factors=sf, method=Methods.NEAREST if image_is_label else Methods.LOCAL_MEAN, fmt=FormatV05(), axes="czyx",
-        scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=path.name.split(".")[0],
-        omero=omero,
-    )  # fmt: skip
-    _set_transforms(root, _transforms(grid, factors, True))
+    name = path.name.split(".")[0]
+    if image_is_label:
+        write_image(da.asarray(image), root, scale_factors=sf, method=Methods.NEAREST, fmt=FormatV05(), axes="czyx",
+                    scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=name, omero=omero)  # fmt: skip
+        _set_transforms(root, _transforms(grid, factors, True))
+    else:
+        write_multiscale(masked_mean_levels(image, weights, factors), root, fmt=FormatV05(), axes="czyx",
+                         scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=name)  # fmt: skip
+        _set_transforms(root, _transforms(grid, factors, True))
+        meta = root.attrs.asdict()
+        meta["ome"]["omero"] = {**omero, "version": "0.5"}  # write_multiscale does not take omero
+        root.attrs.put(meta)
     for name, (vol, props) in labels.items():
         write_labels(
             da.asarray(vol), root, name=name, scaler=None, scale_factors=sf, fmt=FormatV05(), axes="zyx",
@@ -131,4 +161,4 @@ def write_ome_zarr(
     root.attrs.put(meta)
 
 
-__all__ = ["pyramid_factors", "staged_dir", "write_ome_zarr"]
+__all__ = ["masked_mean_levels", "pyramid_factors", "staged_dir", "write_ome_zarr"]
