@@ -60,6 +60,40 @@ def test_streaming_table_equals_cell_table(stack_files):
         ] + len(few)
 
 
+def test_rows_come_through_anndatas_backed_sparse_dataset(stack_files):
+    from anndata.abc import CSRDataset
+
+    _, paths = stack_files  # paths[1] is a zarr store, the others h5ad
+    with open_stack(paths, n_genes=20, progress=False) as st:
+        assert all(isinstance(s.X, CSRDataset) for s in st.sources)
+        assert {s.kind for s in st.sources} == {"h5ad", "zarr"}
+
+
+def test_cache_budget_shrinks_chunks_and_bounds_the_cache(stack_files):
+    sections, paths = stack_files
+    genes = select_genes(sections, 40)
+    mem = build_cell_table(sections, genes)
+    with open_stack(paths, n_genes=40, progress=False) as st:
+        row_bytes = max(s.row_bytes() for s in st.sources)  # mean CSR bytes of a row in the densest file
+        assert row_bytes == pytest.approx(max(x.X.nnz / x.n_obs for x in sections) * 8)  # float32/int32
+    budget_mb = 9 * 40.5 * row_bytes / 2**20  # room for the 2·window + 1 = 9 cached chunks of 40 rows
+    with open_stack(paths, n_genes=40, chunk_rows=1000, window=4, cache_mb=budget_mb, progress=False) as st:
+        assert st.chunk_rows == 40  # shrunk from 1000 so that 9 chunks fit the budget
+        order = st.epoch_order(np.arange(st.n_cells), seed=0, epoch=0)
+        peak = 0
+        for b in range(0, len(order), 64):
+            rows = np.sort(order[b : b + 64])
+            np.testing.assert_array_equal(st.targets(rows), mem.targets(rows))
+            peak = max(peak, sum(m.data.nbytes + m.indices.nbytes for m in st._cache.values()))
+        assert (
+            peak <= 1.25 * budget_mb * 2**20
+        )  # chunks are sized on the mean row; dense ones may exceed a bit
+    with open_stack(paths, n_genes=40, chunk_rows=97, progress=False) as st:
+        assert st.chunk_rows == 97  # small data: the requested size stands
+    with pytest.raises(InputError, match="cache_mb"):
+        open_stack(paths, n_genes=40, cache_mb=0, progress=False)
+
+
 def test_window_order_is_chunk_local_permutation(stack_files):
     _, paths = stack_files
     with open_stack(paths, n_genes=20, chunk_rows=50, window=3, progress=False) as st:
