@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,34 @@ from inrscrecon.query.predict import predict
 from inrscrecon.train.fit import TrainConfig, fit
 
 
+@contextmanager
+def thread_policy(n_threads: int | None) -> Iterator[None]:
+    """Run the body with ``n_threads`` torch intra-op threads and as many BLAS / OpenMP threads (threadpoolctl);
+    the previous settings come back afterwards. ``None`` leaves everything as it is.
+
+    Small matrices gain nothing from a second thread, and on a machine whose cores are busy with other work
+    every parallel region waits for a thread the scheduler has parked: the demo took 170–300 s instead of
+    ≈ 20 s with two threads on a loaded 2-core machine (``benchmarks/bench_demo.py``)."""
+    if n_threads is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        with threadpool_limits(limits=n_threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class DemoConfig:
-    """Size of the demo; the defaults finish in about 2 minutes on a 2-core CPU."""
+    """Size of the demo; the defaults finish in ≈ 10–20 s on a 2-core CPU. ``threads``: torch / BLAS threads
+    while it runs (1: fastest for these small matrices, and robust when the cores are shared; None: leave
+    the process's settings)."""
 
     n_sections: int = 6
     cells_per_section: int = 1500
@@ -37,11 +64,17 @@ class DemoConfig:
     knn_k: int = 10
     seed: int = 0
     progress: bool = True
+    threads: int | None = 1
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict[str, dict[str, float]]:
     """Run the demo, write ``metrics.json`` and figures under ``out_dir``, return the metrics."""
     cfg = cfg or DemoConfig()
+    with thread_policy(cfg.threads):
+        return _run(out_dir, cfg)
+
+
+def _run(out_dir: str | Path, cfg: DemoConfig) -> dict[str, dict[str, float]]:
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
