@@ -139,7 +139,7 @@ def write_ome_zarr(
         write_multiscale(masked_mean_levels(image, weights, factors), root, fmt=FormatV05(), axes="czyx",
                          scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=name)  # fmt: skip
         _set_transforms(root, _transforms(grid, factors, True))
-        meta = root.attrs.asdict()
+        meta: dict[str, Any] = root.attrs.asdict()
         meta["ome"]["omero"] = {**omero, "version": "0.5"}  # write_multiscale does not take omero
         root.attrs.put(meta)
     for name, (vol, props) in labels.items():
