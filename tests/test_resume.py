@@ -152,6 +152,10 @@ def test_cli_resume_rules(stack_files, tmp_path, capsys):
     # a changed setting with a finished model and its checkpoint: refused by name
     assert _cli_fit(stack_files, model, "--resume", "--lr", "0.01") == 2
     assert "lr" in capsys.readouterr().err
+    Path(str(model) + ".ckpt").unlink()  # no checkpoint left: the model file's own record names the change
+    assert _cli_fit(stack_files, model, "--resume", "--lr", "0.01") == 2
+    assert "fitted with other settings: lr: 0.002 there, 0.01 now" in capsys.readouterr().err
+    assert (model.read_bytes(), model.stat().st_mtime_ns) == before
 
 
 KILL_SCRIPT = textwrap.dedent(

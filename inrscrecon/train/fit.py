@@ -209,15 +209,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def finished_model(model_path: str | Path, record: dict[str, Any]) -> INRField | None:
     """The model at ``model_path`` when it exists and was fitted with exactly ``record`` (its training record's
     ``run``), else None: a resume of a finished run returns it unchanged."""
-    path = Path(model_path)
-    if not path.is_file():
+    saved = _saved_run(model_path)
+    if saved is None or saved != json.loads(json.dumps(record)):
         return None
-    try:
-        model = INRField.load(path)
-    except InputError:
-        return None
-    saved = getattr(model, "training_record", {}).get("run")
-    return model if saved == json.loads(json.dumps(record)) else None
+    return INRField.load(model_path)
 
 
 def plan_resume(
@@ -235,11 +230,27 @@ def plan_resume(
     if finished_model(model_path, record) is not None:
         return None
     if not resume_or_start and not any(Path(c).exists() for c in checkpoints):
+        why = f"{model_path} is not a finished fit with these settings"
+        saved = _saved_run(model_path)
+        diff = record_mismatch(saved, json.loads(json.dumps(record))) if saved is not None else None
+        if diff is not None:
+            why = f"{model_path} was fitted with other settings: {diff.replace('in the checkpoint', 'there')}"
         raise InputError(
-            f"{checkpoints[0]}: --resume but there is no checkpoint to resume from (and {model_path} is not a "
-            "finished fit with these settings); run without --resume, or pass --resume-or-start"
+            f"{checkpoints[0]}: --resume but there is no checkpoint to resume from ({why}); run without "
+            "--resume, or pass --resume-or-start"
         )
     return "or_start"
+
+
+def _saved_run(model_path: str | Path) -> dict[str, Any] | None:
+    """The run record kept in a model file, or None (no file, not a model, no record)."""
+    path = Path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        return INRField.load(path).training_record.get("run")
+    except InputError:
+        return None
 
 
 @torch.no_grad()
