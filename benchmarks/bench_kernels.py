@@ -22,6 +22,8 @@ that runs here and writes the fastest per device kind, dtype and shape bucket in
 
     python benchmarks/bench_kernels.py                                  # GPU: full grid
     python benchmarks/bench_kernels.py --write-table                    # GPU: also refresh the table
+    python benchmarks/bench_kernels.py --batch 65536 --width 256 --impls sparse-fused --sweep-sparse
+                                                                        # GPU: tile configs of the sparse head
     python benchmarks/bench_kernels.py --cpu                            # CPU rows (small, no Triton)
     python benchmarks/bench_kernels.py --smoke                          # tiny CPU check (interpreter)
 """
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--write-table", action="store_true", help="time each op alone and write the backend table"
     )
     p.add_argument("--table", type=Path, default=TABLE, help="backend table to update")
+    p.add_argument(
+        "--sweep-sparse",
+        nargs="*",
+        default=None,
+        metavar="BB,BM,KCH,BK,WARPS",
+        help="time the fused sparse head + loss (fwd + bwd) per tile config (default: a small built-in grid)",
+    )
     p.add_argument("--cpu", action="store_true", help="CPU rows: small shapes, torch impls (+ compile)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU config with Triton in its interpreter")
     args = p.parse_args(argv)
@@ -329,6 +338,45 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
     return out
 
 
+SWEEP = ["64,64,4,64,8", "64,64,2,64,8", "64,128,2,64,8", "128,64,2,64,8", "64,64,4,32,4", "128,128,2,64,8"]
+
+
+def sweep_sparse(
+    batch: int, width: int, configs: list[str], args: argparse.Namespace
+) -> list[tuple[str, float | None]]:
+    """ms of the fused sparse head + loss (fwd + bwd, fit precision) per tile config, via the env override."""
+    from inrscrecon.field import fused
+    from inrscrecon.kernels.triton_sparse_head_loss import BLOCKS_ENV
+
+    dev = args.device
+    torch.manual_seed(0)
+    model = Model(args.bands, width, args.layers, args.genes).to(dev)
+    x = make_batch(batch, args.genes, args.density, dev, dense=False)
+    h = torch.relu(torch.randn(batch, width, device=dev)).requires_grad_()
+    w, b = model.head.weight, model.head.bias
+    csr = (x.indptr, x.indices, x.values)
+    out: list[tuple[str, float | None]] = []
+    for cfg in configs:
+        os.environ[BLOCKS_ENV] = cfg
+
+        def step() -> None:
+            with autocast_ctx(dev):
+                loss = fused.sparse_head_loss(
+                    h, w, b, *csr, args.lambda_kl, impl="triton", indices_sorted=True
+                )[0]
+            loss.backward()
+
+        try:
+            out.append((cfg, time_fn(step, dev, args.warmup, args.iters)[0]))
+        except Exception as err:  # out of resources, …
+            print(f"  sweep {cfg}: {type(err).__name__}: {str(err)[:100]}", flush=True)
+            out.append((cfg, None))
+        finally:
+            os.environ.pop(BLOCKS_ENV, None)
+        print(f"sweep B={batch} W={width} blocks {cfg}: {_fmt(out[-1][1], '.3f')} ms", flush=True)
+    return out
+
+
 def device_kind(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -434,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     if args.device.type == "cuda":
                         torch.cuda.empty_cache()
+            if args.sweep_sparse is not None:
+                sweep_sparse(batch, width, args.sweep_sparse or SWEEP, args)
             if args.write_table:
                 measured.append((batch, width, op_times(batch, width, args)))
                 print(f"ops B={batch} W={width}: {measured[-1][2]}", flush=True)

@@ -348,3 +348,25 @@ def test_switch_triton_impl_and_no_grad():
             *args[:3], args[3], args[4], args[5], None, 0.0, 1e-2, False
         )
     assert out[5].numel() == 0 and out[6].numel() == 0
+
+
+@pytest.mark.triton
+def test_triton_small_tiles_from_env(monkeypatch):
+    """GPU-sized tiles (several gene tiles per row, K loop, KCH = 2 while-loop steps) through the tuning
+    override; a malformed override is one clear error."""
+    ops = _triton()
+    from inrscrecon.kernels import triton_sparse_head_loss as k
+
+    h, wt, bias, dense = problem(40, 40, 150, density=0.4, seed=13)
+    csr = make_csr(dense, extra=3)
+    monkeypatch.setenv(k.BLOCKS_ENV, "16,32,2,16,4")
+    for lam in (0.0, 0.6):
+        out, grads = _run(ops.triton_sparse_head_loss, (h, wt, bias), csr, lam)
+        r_out, r_grads = _run(_ref, (h, wt, bias), csr, lam)
+        for a, e in zip(out, r_out):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, r_grads):
+            _rel_close(name, a, e)
+    monkeypatch.setenv(k.BLOCKS_ENV, "64,64")
+    with pytest.raises(ValueError, match="INRSCRECON_SPARSE_HEAD_BLOCKS"):
+        ops.triton_sparse_head_loss(h.to(DEV), wt.to(DEV), bias.to(DEV), *(x.to(DEV) for x in csr))

@@ -51,6 +51,7 @@ across chunks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,24 @@ def default_blocks(device: torch.device, width: int, dtype: torch.dtype) -> Spar
     return SparseHeadBlocks(block_b=64, block_m=64, kch=4, block_k=64, num_warps=8, num_stages=2)
 
 
+BLOCKS_ENV = "INRSCRECON_SPARSE_HEAD_BLOCKS"
+
+
+def env_blocks() -> SparseHeadBlocks | None:
+    """Tile override for tuning runs: ``INRSCRECON_SPARSE_HEAD_BLOCKS="block_b,block_m,kch,block_k,num_warps"``
+    (e.g. ``64,64,4,64,8``; what ``benchmarks/bench_kernels.py --sweep-sparse`` tries). None when unset."""
+    spec = os.environ.get(BLOCKS_ENV, "").strip()
+    if not spec:
+        return None
+    try:
+        bb, bm, kch, bk, warps = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(
+            f"{BLOCKS_ENV} must be 'block_b,block_m,kch,block_k,num_warps', got {spec!r}"
+        ) from None
+    return SparseHeadBlocks(block_b=bb, block_m=bm, kch=kch, block_k=bk, num_warps=warps, num_stages=2)
+
+
 def _check(hidden: torch.Tensor) -> None:
     if hidden.shape[1] > 1024:
         raise ValueError(f"hidden width {hidden.shape[1]} > 1024 is not supported (tiles hold a whole row)")
@@ -394,7 +413,7 @@ def sparse_head_forward(
     b = bias.contiguous() if bias is not None else None
     n_rows, width = h.shape
     n_genes = w.shape[0]
-    cfg = blocks or default_blocks(h.device, width, h.dtype)
+    cfg = blocks or env_blocks() or default_blocks(h.device, width, h.dtype)
     has_kl = lambda_kl != 0.0
     if grad_in_forward and has_kl:
         raise ValueError("grad_in_forward needs lambda_kl == 0")
@@ -456,7 +475,7 @@ def sparse_head_backward(
     _check(hidden)
     h, w = hidden.contiguous(), weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    cfg = blocks or default_blocks(h.device, h.shape[1], h.dtype)
+    cfg = blocks or env_blocks() or default_blocks(h.device, h.shape[1], h.dtype)
     rw = row_weight.float().contiguous() if row_weight is not None else None
     return _grads_from_dz(
         h,
