@@ -335,7 +335,7 @@ def _add_fit(sub) -> None:
         "--batch-size",
         type=positive_int,
         default=None,
-        help="rows per step (default: 512 on CPU, 32768 on CUDA)",
+        help="rows per step (default: 512 on CPU; on CUDA up to 32768, keeping >= 32 steps per epoch)",
     )
     p.add_argument(
         "--lr",
