@@ -18,3 +18,22 @@ def test_demo_small(tmp_path):
     assert (tmp_path / "genes_true_vs_pred.png").stat().st_size > 0 and (tmp_path / "domains.png").exists()
     assert any((tmp_path / "alignment").glob("*.png"))
     assert "| inr |" in format_table(results)
+
+
+def test_thread_policy_sets_one_thread_and_restores():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from inrscrecon.demo import thread_policy
+
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with thread_policy(1):
+            assert torch.get_num_threads() == 1
+            assert all(pool["num_threads"] == 1 for pool in threadpool_info())  # BLAS and OpenMP pools too
+        assert torch.get_num_threads() == 2
+        with thread_policy(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
