@@ -197,12 +197,16 @@ def sort_rows(
     n_genes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, values) with each row's non-zeros sorted by gene; slots past indptr[B] stay at the end.
-    One device sort, static shapes (traceable)."""
+    One device sort of (row, gene) keys — 32-bit when (B + 1)·M + CAP fits, which halves the radix passes —
+    static shapes (traceable). It costs a sort of CAP keys per call: pass ``indices_sorted=True`` instead
+    when the rows come from a canonical (sorted) CSR matrix."""
     n_rows = indptr.shape[0] - 1
-    slots = torch.arange(indices.shape[0], device=indices.device)
-    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # B for unused slots
-    key = rows * n_genes + indices.long().clamp(0, max(n_genes - 1, 0))
-    key = torch.where(rows < n_rows, key, n_rows * n_genes + slots)
+    cap = indices.shape[0]
+    key_dtype = torch.int32 if (n_rows + 1) * max(n_genes, 1) + cap < 2**31 else torch.int64
+    slots = torch.arange(cap, device=indices.device, dtype=key_dtype)
+    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True, out_int32=key_dtype == torch.int32)
+    key = rows * n_genes + indices.to(key_dtype).clamp(0, max(n_genes - 1, 0))
+    key = torch.where(rows < n_rows, key, n_rows * n_genes + slots)  # unused slots: after every row, in order
     order = torch.sort(key).indices
     return indices[order].contiguous(), values[order].contiguous()
 
