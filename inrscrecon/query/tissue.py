@@ -23,7 +23,7 @@ from inrscrecon.errors import InputError
 RASTER = 256  # outline raster: pixels along a section's longest side
 SDF_RASTER = 256  # signed-distance raster of a mask: pixels along the longest xy side of the bounds
 MAX_SECTIONS = 64  # more distinct z values than this: a 3D point cloud, binned into z-slabs
-MAX_VERTICES = 400  # per outline polygon (simplified beyond)
+MAX_VERTICES = 1000  # per outline polygon (simplified beyond)
 
 
 def _sections(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,12 +75,20 @@ def _covered(xy: np.ndarray, kind: str, alpha: float | None, gx: np.ndarray, gy:
     return inside.reshape(len(gy), len(gx))
 
 
+def _drop_collinear(c: np.ndarray) -> np.ndarray:
+    """A closed contour [V, 2] (first point repeated last) without the vertices where it runs straight on."""
+    d = np.diff(c, axis=0)  # edge i runs from vertex i to i + 1
+    prev = np.roll(d, 1, axis=0)
+    turn = np.abs(prev[:, 0] * d[:, 1] - prev[:, 1] * d[:, 0]) > 1e-9
+    return c[:-1][turn] if turn.sum() >= 3 else c[:-1]
+
+
 def outline(xy: np.ndarray, kind: str = "alpha", alpha: float | None = None) -> list[np.ndarray]:
     """Outline polygons (each [V, 2] µm, closed implicitly) of one section's cells xy [n, 2]: the alpha shape
     (``alpha`` µm; default three times the median Delaunay circumradius) or the convex hull, widened by half a
     spot spacing around every cell (so stray cells are inside too), holes filled."""
     from scipy import ndimage
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     if kind not in ("alpha", "hull"):
         raise InputError(f"mask kind must be 'alpha' (tissue) or 'hull', got {kind!r}")
@@ -105,7 +113,7 @@ def outline(xy: np.ndarray, kind: str = "alpha", alpha: float | None = None) -> 
         return []
     polys = []
     for c in find_contours(np.pad(img.astype(float), 1), 0.5):  # (row, col) in padded pixels
-        c = approximate_polygon(c - 1, tolerance=0.5)
+        c = _drop_collinear(c - 1)
         if len(c) > MAX_VERTICES:
             c = c[np.linspace(0, len(c) - 1, MAX_VERTICES).astype(int)]
         if len(c) >= 4:
