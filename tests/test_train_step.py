@@ -139,3 +139,44 @@ def test_a_host_sync_in_the_step_is_a_compile_error():
     step = TrainStep(syncing_loss, opt, 1e-2, 10, 0.05, compile=True, compile_backend="aot_eager")
     with pytest.raises(Exception, match="(?i)graph break|data-dependent|item"):
         step(torch.zeros(4, dtype=torch.float64), 0, torch.arange(4))
+
+
+def test_host_reads_per_fit_do_not_grow_with_steps(table):
+    """Device → host reads (item, tolist, bool(), float(), .numpy(), .cpu()) during a fit happen per epoch,
+    never per step: the same count with 4× as many steps. Adam's own CPU step counters are not device reads
+    (they live on the host unless capturable) and are not counted."""
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu", "__index__"}
+
+    class CountReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (
+                getattr(func, "__name__", "") in reads
+                and "torch/optim" not in sys._getframe(1).f_code.co_filename
+            ):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for bs in (128, 32):
+        mode = CountReads()
+        with mode:
+            fit(
+                table,
+                EncodingConfig(n_bands=2),
+                16,
+                2,
+                None,
+                TrainConfig(epochs=2, batch_size=bs, progress=False),
+            )
+        counts.append(mode.n)
+    steps = [(int(table.n_cells * 0.9)) // bs * 2 for bs in (128, 32)]
+    assert steps[1] > 3 * steps[0]
+    assert counts[0] == counts[1] and counts[0] < steps[0]
