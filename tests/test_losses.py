@@ -6,11 +6,13 @@ import torch
 
 from inrscrecon.field.losses import (
     LossConfig,
+    csr_row_ids,
     head_loss_reference,
     kl_divergence,
     pretrain_extractor,
     representation_consistency,
     rmse,
+    sparse_head_loss_reference,
 )
 
 
@@ -70,3 +72,24 @@ def test_ablation_presets():
     assert LossConfig.preset("full").lambda_rc > 0
     with pytest.raises(ValueError):
         LossConfig.preset("nope")
+
+
+def test_csr_row_ids_by_hand():
+    indptr = torch.tensor([0, 2, 2, 5])  # rows of 2, 0 and 3 non-zeros; slots 5, 6 unused
+    assert csr_row_ids(indptr, 7).tolist() == [0, 0, 2, 2, 2, 3, 3]
+
+
+def test_sparse_loss_by_hand():
+    """One row, M = 3, target (0, 2, 0) as one non-zero: RMSE and KL from the formulas directly."""
+    eps = 0.01
+    h, w, b = torch.zeros(1, 1), torch.zeros(3, 1), torch.tensor([0.0, 1.0, -1.0])
+    pred = torch.nn.functional.softplus(b)
+    t = torch.tensor([0.0, 2.0, 0.0])
+    loss, r, k = sparse_head_loss_reference(
+        h, w, b, torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2.0]), lambda_kl=1.0, kl_eps=eps
+    )
+    q = (pred + eps) / (pred + eps).sum()
+    p = (t + eps) / (t + eps).sum()
+    assert float(r) == pytest.approx(float(torch.sqrt(((pred - t) ** 2).mean())), rel=1e-6)
+    assert float(k) == pytest.approx(float((q * torch.log(q / p)).sum()), rel=1e-5)
+    assert float(loss) == pytest.approx(float(r) + float(k), rel=1e-6)
