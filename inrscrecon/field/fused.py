@@ -264,7 +264,8 @@ def head_loss(
 
         return triton_dense_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
     mod, _ = _cuda_ext()
-    return mod.cuda_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
+    dt = compute_dtype(hidden, weight)  # under autocast the extension gets the autocast dtype too
+    return mod.cuda_head_loss(hidden.to(dt), weight.to(dt), bias, target, lambda_kl, kl_eps)
 
 
 def _check_sparse(
