@@ -139,6 +139,14 @@ def test_a_host_sync_in_the_step_is_a_compile_error():
     step = TrainStep(syncing_loss, opt, 1e-2, 10, 0.05, compile=True, compile_backend="aot_eager")
     with pytest.raises(Exception, match="(?i)graph break|data-dependent|item"):
         step(torch.zeros(4, dtype=torch.float64), 0, torch.arange(4))
+    # fit's form (strict=False): said once, then the same step runs eager
+    lenient = TrainStep(
+        syncing_loss, opt, 1e-2, 10, 0.05, compile=True, compile_backend="aot_eager", strict=False
+    )
+    acc = torch.zeros(4, dtype=torch.float64)
+    lenient(acc, 0, torch.arange(4))
+    lenient(acc, 1, torch.arange(4))
+    assert not lenient.compiled and acc[0] > 0
 
 
 def test_host_reads_per_fit_do_not_grow_with_steps(table):

@@ -490,7 +490,9 @@ def fit(
         return loss_of(model.normalize(xyz), target, n_global)
 
     fn = loss_rows if isinstance(source, DeviceTable) else loss_batch if source is not None else loss_dense
-    stepper = TrainStep(fn, opt, lr, total, tc.min_lr_ratio, compile=compiled, cuda_graphs=compiled and cuda)
+    stepper = TrainStep(
+        fn, opt, lr, total, tc.min_lr_ratio, compile=compiled, cuda_graphs=compiled and cuda, strict=False
+    )
     data_info.update(compiled=compiled, batch_size=bs, lr=lr, capacity=cap)
     val_sparse = None
     if source is not None and len(val_rows):
@@ -638,6 +640,7 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     model.training_record = {**getattr(model, "training_record", {}), "run": record}
+    data_info["compiled"] = stepper.compiled  # False when compilation failed and the step ran eager
     return FitResult(
         model, history, stopped_early=st["stopped"], interrupted=interrupted, data_info=data_info
     )

@@ -17,12 +17,15 @@ step k (0-based, before the update) is :func:`lr_factor`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 from torch.optim.adam import adam as adam_update
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, total: int, min_lr_ratio: float) -> float:
@@ -55,7 +58,8 @@ class TrainStep:
     ``loss_fn(*args)`` → (loss scalar with grad, parts [4] detached); ``acc`` [4] float64 on the device receives
     the parts; ``host_step`` is the number of steps done before this one (eager learning rate).
     ``compile_backend``: torch.compile's backend (``aot_eager`` traces the same single graph without code
-    generation: what the tests use to prove there is no graph break in seconds).
+    generation: what the tests use to prove there is no graph break in seconds). ``strict=False`` (what
+    ``fit`` uses): when tracing or code generation fails on the first call, say so once and run eager.
     """
 
     def __init__(
@@ -68,8 +72,11 @@ class TrainStep:
         compile: bool = False,
         cuda_graphs: bool = False,
         compile_backend: str = "inductor",
+        strict: bool = True,
     ):
         self.loss_fn = loss_fn
+        self.strict = strict
+        self._first = True
         self.opt = opt
         self.lr = lr
         self.total = total
@@ -117,7 +124,19 @@ class TrainStep:
     def __call__(self, acc: torch.Tensor, host_step: int, *args: Any) -> None:
         if self.compiled:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
-                self._fn(acc, *args)
+                try:
+                    self._fn(acc, *args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # tracing / code generation failed before the step ran
+                    if self.strict or not self._first:
+                        raise
+                    log.warning("compiled train step unavailable (%s: %s); running it eager",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+                    self.compiled, self._fn = False, self._eager
+                    self._first = False
+                    return self(acc, host_step, *args)
+            self._first = False
             for g in self.opt.param_groups:  # the state_dict shows the rate of the next step
                 g["lr"] = self.lr * lr_factor(host_step + 1, self.total, self.min_lr_ratio)
         else:
