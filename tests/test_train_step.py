@@ -188,3 +188,19 @@ def test_host_reads_per_fit_do_not_grow_with_steps(table):
     steps = [(int(table.n_cells * 0.9)) // bs * 2 for bs in (128, 32)]
     assert steps[1] > 3 * steps[0]
     assert counts[0] == counts[1] and counts[0] < steps[0]
+
+
+@pytest.mark.gpu
+def test_cuda_fit_sees_the_cpu_batches_and_reaches_its_rmse(table):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the device-resident fit on a GPU needs one")
+
+    def run(**kw):
+        tc = TrainConfig(epochs=3, batch_size=96, seed=2, progress=False, patience=10, **kw)
+        return [h["val_rmse"] for h in fit(table, EncodingConfig(n_bands=2), 16, 2, None, tc).history]
+
+    cpu = run(device="cpu", backend="torch", precision="fp32")
+    gpu = run(device="cuda", backend="torch", precision="fp32", compile="off")
+    assert gpu == pytest.approx(cpu, rel=1e-4)  # same batches, same arithmetic up to summation order
+    fused = run(device="cuda", backend="auto", precision="auto", compile="on")  # what a long GPU fit runs
+    assert fused == pytest.approx(cpu, rel=2e-2)
