@@ -159,13 +159,9 @@ def render(
     nz, ny, nx = grid.shape
     slab = max(1, min(slab, nz))
     probe = _sample(grid, 20000, seed)
-    ood = check_domain(
-        model, probe[tmask.contains(probe)] if tmask is not None else probe, "the voxels rendered"
-    )
-    dom = None
-    if domains > 0:
-        inside = probe[tmask.contains(probe)] if tmask is not None else probe
-        dom = DomainModel.fit(model, inside[:8000], domains, domain_genes, seed)
+    probe = probe[tmask.contains(probe)] if tmask is not None else probe  # voxels that will be evaluated
+    ood = check_domain(model, probe, "the voxels rendered")
+    dom = DomainModel.fit(model, probe[:8000], domains, domain_genes, seed) if domains > 0 else None
     channels = genes if genes else ["domains"]
     want = genes + ([g for g in dom.genes if g not in genes] if dom is not None else [])
     col = {g: i for i, g in enumerate(want)}
