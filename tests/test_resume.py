@@ -9,6 +9,7 @@
 | ``--resume`` without a checkpoint | InputError (exit 2, one line), nothing written |
 | ``--resume-or-start`` without a checkpoint | fresh fit, equal to a plain fit |
 | kill -9 at a random moment, then resume | old state or complete new one on disk; the final weights equal an uninterrupted run |
+| ``--bands auto`` resumed with one candidate done, one never started | the done one returned, the other fitted: same choice |
 """
 
 from __future__ import annotations
@@ -227,3 +228,17 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
     assert kills >= 1
+
+
+def test_band_selection_resumes_a_done_candidate_and_starts_the_missing_one(table, tmp_path):
+    from inrscrecon.train.select import select_encoding
+
+    def ck(e):
+        return tmp_path / f"m.L{e.n_bands}.ckpt"
+
+    full = select_encoding(table, None, 16, 2, LossConfig(), TC, checkpoint_for=ck)
+    ck(EncodingConfig(n_bands=4)).unlink()  # as if stopped before the second candidate started
+    again = select_encoding(table, None, 16, 2, LossConfig(), TC, checkpoint_for=ck, resume="or_start")
+    assert [c["val_rmse"] for c in again.candidates] == [c["val_rmse"] for c in full.candidates]
+    assert again.encoding == full.encoding
+    _same_weights(full.result, again.result)
