@@ -35,7 +35,9 @@ def predict(
 ) -> np.ndarray:
     """log1p-normalised expression at physical coordinates xyz [N, 3] (µm) → [N, K] float32.
 
-    Runs in chunks of ``batch_size`` points; with ``genes`` only those head rows are computed.
+    Runs in chunks of ``batch_size`` points; with ``genes`` only those head rows are computed. This is the
+    raw query (no out-of-domain check, so render can call it per chunk); :func:`predict_anndata`,
+    ``predict_to_file`` and ``impute_sections`` check and record how many points lie outside the tissue.
     """
     xyz = np.asarray(xyz, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
