@@ -60,7 +60,8 @@ def score_context(
     xa, ea = xy_a[sa], fa[sa]
     rand = fb[rng.integers(0, len(fb), size=len(ea))]
     chance = float(np.einsum("nc,nc->n", ea, rand).mean())
-    dist, _ = knn(ea, fb, 1)
+    pool = fb if len(fb) <= 10 * max_cells else fb[rng.choice(len(fb), 10 * max_cells, replace=False)]
+    dist, _ = knn(ea, pool, 1)  # best match among (a sample of) the fixed cells
     best = float(np.mean(1.0 - dist[:, 0] ** 2 / 2))
     return ScoreContext(xa, ea, fb, tree if tree is not None else cKDTree(xy_b), spacing, chance, best)
 

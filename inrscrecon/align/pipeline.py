@@ -1,4 +1,5 @@
-"""``align``: pairwise rigid alignment of consecutive sections, composed into one common frame, plus export.
+"""``align``: pairwise rigid alignment of sections (each pair guarded against making things worse), combined into
+one common frame by a pose graph or a chain of consecutive pairs.
 
 Units: every section's ``obsm[spatial_key]`` is converted to µm with ``uns['microns_per_pixel']`` (1 when
 absent) before alignment, so x, y and z share units. A section's pose maps its observed coordinates into the
@@ -56,18 +57,16 @@ class AlignConfig:
     max_icp_cells: int = 20000  # moving cells used in the ICP refinement
     max_polish_cells: int = 10000  # cells per direction in the Gauss-Newton polish
     polish_bandwidths: tuple[float, ...] = (2.0, 1.0)  # kernel bandwidths of the polish, in cell spacings
-    snap_min_mutual: float = (
-        0.8  # snap onto one-to-one counterparts when this fraction of cells has one (>1: off)
-    )
+    # snap onto one-to-one counterparts when this fraction of moving cells has one (> 1: never)
+    snap_min_mutual: float = 0.8
     ransac_iter: int = 1000
     n_hypotheses: int = 4  # distinct RANSAC poses refined and compared
     ransac_threshold: float = 0.06  # inlier residual, fraction of the fixed section's extent
     min_score: float = 0.3  # overlay score (align.guard) below which a pair is low-confidence
-    max_mirror_support: float = (
-        1.25  # without --allow-reflection, a mirrored pose this much better: low-confidence
-    )
-    guard_margin: float = 0.01
-    pose_window: int = 3  # global poses: pairs up to this many sections apart enter the pose graph  # identity / centroid must beat the aligned pose's score by this much
+    # without reflection allowed, a mirrored pose with this many times the matches is low-confidence
+    max_mirror_support: float = 1.25
+    guard_margin: float = 0.01  # identity / centroid must beat the aligned pose's score by this much
+    pose_window: int = 3  # global poses: pairs up to this many sections apart enter the pose graph
 
 
 @dataclass
@@ -264,6 +263,9 @@ def _snap_best(
         return starts[-1]
     si = np.sort(rng.choice(len(xy_a), min(len(xy_a), cfg.max_icp_cells), replace=False))
     ea, eb = unit_rows(emb_a[si]), unit_rows(emb_b)
+    start_mutual = [len(hard_pairs(p.apply(xy_a[si]), ea, tree, eb, spacing)[0]) / len(si) for p in starts]
+    if max(start_mutual) < cfg.snap_min_mutual - 0.2:  # far from one-to-one even before snapping: skip it
+        return starts[-1]
     snaps = [snap_refine(xy_a[si], ea, xy_b, eb, p, spacing, tree=tree) for p in starts]
     mutual = [len(hard_pairs(p.apply(xy_a[si]), ea, tree, eb, spacing)[0]) / len(si) for p in snaps]
     if max(mutual) < cfg.snap_min_mutual:
