@@ -292,10 +292,11 @@ def test_cli_command(three_sections, tmp_path):
     out = tmp_path / "out" / "aligned.h5ad"
     args = parser.parse_args(
         ["align", *paths, "--out", str(out), "--transforms", str(tmp_path / "t.json"), "--spacing", "10"]
-        + ["--matches", str(tmp_path / "m.csv"), "--no-progress", "--seed", "3"]
+        + ["--matches", str(tmp_path / "m.csv"), "--no-progress", "--seed", "3", "--poses", "chained"]
     )
     assert args.func(args) == 0
     assert out.exists() and (tmp_path / "t.json").exists() and (tmp_path / "m.csv").exists()
+    assert json.loads((tmp_path / "t.json").read_text())["poses"] == "chained"
     assert len(list((tmp_path / "out" / "aligned_pairs").glob("*.png"))) == 1
     with pytest.raises(SystemExit):  # --spacing and --z-key are exclusive
         parser.parse_args(
