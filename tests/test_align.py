@@ -217,6 +217,7 @@ def test_three_sections_middle_reference(three_sections):
     sections, truth = three_sections
     res = align(sections, spacing=12.5, reference="section_01", seed=0)
     assert res.reference == "section_01"
+    assert res.poses == "global" and res.n_edges == 3  # both neighbours of the reference, and 2 → 0
     t = {e["name"]: e for e in res.transforms}
     ref = t["section_01"]
     assert np.allclose(ref["rotation"], np.eye(2)) and np.allclose(ref["translation"], 0) and ref["z"] == 12.5
