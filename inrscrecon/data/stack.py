@@ -70,13 +70,17 @@ def section_z(sections: Sequence[ad.AnnData], spacing: float | None = None, z_ke
                 try:
                     out.append(float(s.uns[z_key]))
                 except (TypeError, ValueError):
-                    raise InputError(f"section {name!r}: uns[{z_key!r}] = {s.uns[z_key]!r} is not a number of µm") from None
+                    raise InputError(
+                        f"section {name!r}: uns[{z_key!r}] = {s.uns[z_key]!r} is not a number of µm"
+                    ) from None
             elif z_key in s.obs:
                 try:
                     z = s.obs[z_key].to_numpy(dtype=np.float64)
                 except (TypeError, ValueError):
                     first = s.obs[z_key].iloc[0]
-                    raise InputError(f"section {name!r}: obs[{z_key!r}] is not numeric (e.g. {first!r})") from None
+                    raise InputError(
+                        f"section {name!r}: obs[{z_key!r}] is not numeric (e.g. {first!r})"
+                    ) from None
                 if not np.isfinite(z).all():
                     raise InputError(f"section {name!r}: obs[{z_key!r}] has non-finite values")
                 out.append(z)
