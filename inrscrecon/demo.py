@@ -29,8 +29,8 @@ def thread_policy(n_threads: int | None) -> Iterator[None]:
     the previous settings come back afterwards. ``None`` leaves everything as it is.
 
     Small matrices gain nothing from a second thread, and on a machine whose cores are busy with other work
-    every parallel region waits for a thread the scheduler has parked: the demo took 170–300 s instead of
-    ≈ 20 s with two threads on a loaded 2-core machine (``benchmarks/bench_demo.py``)."""
+    every parallel region waits for a thread the scheduler has parked: on a shared 2-core machine the demo took
+    more than 240 s with two threads against 32 s with one (``benchmarks/bench_demo.py``)."""
     if n_threads is None:
         yield
         return
@@ -48,7 +48,7 @@ def thread_policy(n_threads: int | None) -> Iterator[None]:
 
 @dataclass
 class DemoConfig:
-    """Size of the demo; the defaults finish in ≈ 10–20 s on a 2-core CPU. ``threads``: torch / BLAS threads
+    """Size of the demo; the defaults finish in ≈ 30 s on an idle 2-core CPU. ``threads``: torch / BLAS threads
     while it runs (1: fastest for these small matrices, and robust when the cores are shared; None: leave
     the process's settings)."""
 
