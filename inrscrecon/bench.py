@@ -39,7 +39,13 @@ def time_train_step(
     mask = torch.rand(batch, n_genes, generator=gen) < 0.05  # the batch's targets as CSR rows
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
     values = torch.rand(int(mask.sum()), generator=gen) * 3
-    target = SparseBatch(coords, indptr.to(device), mask.nonzero()[:, 1].int().to(device), values.to(device))
+    target = SparseBatch(
+        coords,
+        indptr.to(device),
+        mask.nonzero()[:, 1].int().to(device),
+        values.to(device),
+        indices_sorted=True,
+    )
     cfg = LossConfig.preset("no_rc")
     times = []
     for i in range(warmup + steps):

@@ -142,3 +142,39 @@ def test_csr_gather_op_passes_opcheck():
     cap = int(indptr[-1]) + 7
     row = torch.searchsorted(indptr[1:].contiguous(), torch.arange(cap, device=DEV), right=True)
     torch.library.opcheck(mod.csr_gather_op, (row, indptr, starts, dt.indices, dt.data, dt.totals[rows], 1e4))
+
+
+def test_batches_arrive_with_each_rows_genes_ascending():
+    """An unsorted CSR is sorted once on entry, so batches say (truly) that their genes are ascending and the
+    fused loss may skip its per-row sort; targets are unchanged."""
+    from inrscrecon.field.fused import sparse_head_loss
+
+    table = _table(n=120, g=29)
+    csr = table.counts.copy()
+    rng = np.random.default_rng(3)
+    for r in range(csr.shape[0]):  # shuffle each row's non-zeros: same matrix, unsorted indices
+        lo, hi = csr.indptr[r], csr.indptr[r + 1]
+        p = lo + rng.permutation(hi - lo)
+        csr.indices[lo:hi], csr.data[lo:hi] = csr.indices[p].copy(), csr.data[p].copy()
+    csr.has_sorted_indices = False
+    shuffled = CellTable(table.coords, csr, table.totals, table.genes, table.section, table.obs_names)
+    rows = np.arange(0, 120, 3)
+    dt = DeviceTable(shuffled, DEV)
+    b = dt.gather(torch.as_tensor(rows, device=DEV), dt.capacity(np.arange(120), len(rows)))
+    assert b.indices_sorted
+    ip, genes = b.indptr.cpu().numpy(), b.indices.cpu().numpy()
+    for i in range(len(rows)):
+        assert np.all(np.diff(genes[ip[i] : ip[i + 1]]) > 0)
+    np.testing.assert_array_equal(b.dense(29).cpu().numpy(), table.targets(rows))
+    g = torch.Generator().manual_seed(0)
+    h, w, bias = (
+        torch.randn(len(rows), 8, generator=g),
+        torch.randn(29, 8, generator=g),
+        torch.randn(29, generator=g),
+    )
+    sorted_flag = sparse_head_loss(
+        h, w, bias, b.indptr, b.indices, b.values, 0.5, impl="torch", indices_sorted=True
+    )
+    plain = sparse_head_loss(h, w, bias, b.indptr, b.indices, b.values, 0.5, impl="torch")
+    for a, c in zip(sorted_flag, plain):
+        torch.testing.assert_close(a, c)

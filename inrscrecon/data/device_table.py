@@ -44,6 +44,7 @@ class SparseBatch:
     indptr: torch.Tensor  # [B+1]
     indices: torch.Tensor  # [CAP]
     values: torch.Tensor  # [CAP]
+    indices_sorted: bool = False  # each row's genes ascending (the fused loss then skips its per-row sort)
 
     def dense(self, n_genes: int) -> torch.Tensor:
         """The targets as a dense [B, M] fp32 tensor (reference / RC path; static shapes)."""
@@ -86,6 +87,8 @@ class DeviceTable:
         coords, totals = table.coords, table.totals
         if rows is not None:
             counts, coords, totals = counts[rows], coords[rows], totals[rows]
+        if not counts.has_sorted_indices:  # genes ascending within each row, once, so batches arrive sorted
+            counts = counts.sorted_indices()
         self.n_cells = counts.shape[0]
         self.n_genes = len(table.genes)
         self.genes = list(table.genes)
@@ -140,12 +143,12 @@ class DeviceTable:
             genes, values = triton_csr_gather(
                 row, indptr, starts.contiguous(), self.indices, self.data, self.totals[rows], self.target_sum
             )
-            return SparseBatch(self.coords[rows], indptr, genes, values)
+            return SparseBatch(self.coords[rows], indptr, genes, values, indices_sorted=True)
         src = torch.where(live, starts[rc] + (slots - indptr[rc]), 0)  # [CAP] position in the stack's CSR
         genes = torch.where(live, self.indices[src], 0)
         raw = torch.where(live, self.data[src], 0.0)
         values = normalize_log1p_torch(raw, rc, live, self.totals[rows], self.target_sum)
-        return SparseBatch(self.coords[rows], indptr, genes, values)
+        return SparseBatch(self.coords[rows], indptr, genes, values, indices_sorted=True)
 
 
 def normalize_log1p_torch(
@@ -260,7 +263,7 @@ class HostBatchFeeder:
         live = row < n
         rc = row.clamp(max=max(n - 1, 0))
         values = normalize_log1p_torch(raw, rc, live, totals, self.target_sum)
-        return SparseBatch(coords, indptr, genes, values)
+        return SparseBatch(coords, indptr, genes, values, indices_sorted=True)
 
     def gather_host(self, rows: np.ndarray, cap: int, next_rows: np.ndarray | None = None) -> SparseBatch:
         """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now and is finished

@@ -46,6 +46,11 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _autocast_trunk(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the trunk runs under bf16 autocast: with a bf16 head on CUDA (fit's default there)."""
+    return dtype == torch.bfloat16 and device.type == "cuda"
+
+
 def loss_terms(
     model: INRField,
     coords: torch.Tensor,  # [B, 3] normalised
@@ -63,16 +68,19 @@ def loss_terms(
     With RC off the head and loss go through the fused ``head_loss`` of the chosen backend (the [B, M]
     prediction is never materialised in fp32 on the fused paths); with RC on, the prediction is needed by the
     extractor and the plain torch path is used. Mixed precision casts the head's inputs (hidden, weight,
-    bias) to bf16; the fp32 master weights receive the gradients through the cast.
+    bias) to bf16 and, on CUDA, runs the trunk under bf16 autocast; the fp32 master weights receive the
+    gradients through the casts.
     """
     enc = model.cfg.encoding
-    if impl == "torch" or enc.kind != "fourier" or not enc.include_input:
-        hidden = model.hidden(coords)
-    else:
-        from inrscrecon.field.fused import trunk_forward
-
-        hidden = trunk_forward(coords, enc.n_bands, model.trunk, impl=impl)
     dtype = compute_dtype(precision, coords.device)
+    # bf16 on CUDA: the trunk's matmuls run under autocast (tensor cores, fp32 accumulation, fp32 masters)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_autocast_trunk(dtype, coords.device)):
+        if impl == "torch" or enc.kind != "fourier" or not enc.include_input:
+            hidden = model.hidden(coords)
+        else:
+            from inrscrecon.field.fused import trunk_forward
+
+            hidden = trunk_forward(coords, enc.n_bands, model.trunk, impl=impl)
     w, b = model.head.weight.to(dtype), model.head.bias.to(dtype)
     hidden = hidden.to(dtype)
     zero = torch.zeros((), device=coords.device)
@@ -82,9 +90,17 @@ def loss_terms(
             from inrscrecon.field.fused import sparse_head_loss
 
             _, r, k = sparse_head_loss(
-                hidden, w, b, target.indptr, target.indices, target.values,
-                loss_cfg.lambda_kl, loss_cfg.kl_eps, impl=impl,
-            )  # fmt: skip
+                hidden,
+                w,
+                b,
+                target.indptr,
+                target.indices,
+                target.values,
+                loss_cfg.lambda_kl,
+                loss_cfg.kl_eps,
+                impl=impl,
+                indices_sorted=bool(getattr(target, "indices_sorted", False)),
+            )
             return r, k, zero
         target = target.dense(model.cfg.n_genes)
     if rc_on and extractor is not None:
