@@ -27,10 +27,10 @@ stacks and one-epoch fits keep every test to a few seconds.
 | kill -9 while an output is written | old state; the dead writer's temporary is swept by the next write of that output | test_kill_9_leftovers_are_swept_by_the_next_write |
 | `inrscrecon --help`, `inrscrecon CMD --help` | no torch import | test_help_does_not_import_torch |
 | the shared real files; a Visium section without its scale | no word; one pixel warning | test_shared_data_reads_quietly_and_visium_pixels_without_scale_warn |
-| render `--shape 2000 2000 2000`; SIGTERM during render | see tests/test_render.py | — |
-| a model queried far outside its training tissue | see tests/test_ood.py (out-of-domain warning) | — |
-| `--resume` without a checkpoint; resume of a finished run | see tests/test_resume.py | — |
-| alignment that would make the stack worse than the input | see tests/test_align_guard.py | — |
+| render `--shape 2000 2000 2000`; SIGTERM during render | cost estimated up front, refused beyond `--max-voxels` unless `--force` (one error line, folder unchanged); SIGTERM leaves the old or the complete new volume, no `.*.tmp` | tests/test_render.py::test_render_budget_refuses_without_force, ::test_sigterm_leaves_old_or_new_volume_and_no_temporary |
+| a model queried far outside its training tissue | one warning line with the fraction outside, recorded in `uns['inrscrecon']['out_of_domain']` | tests/test_ood.py::test_cli_predict_and_render_warn_in_one_line, ::test_predict_and_impute_record_the_fraction |
+| `--resume` without a checkpoint; resume of a finished run; changed settings; resumed epoch's loss | error unless `--resume-or-start`; the finished model returned unchanged, no training; a changed setting refused by name; the resumed epoch logs the uninterrupted history | tests/test_resume.py::test_resume_without_checkpoint_stops_unless_or_start, ::test_resume_of_a_finished_run_does_not_train, ::test_resume_refuses_a_changed_setting_by_name, ::test_resumed_epoch_logs_the_uninterrupted_history, ::test_kill_9_at_random_moments_then_resume |
+| alignment that would make the stack worse than the input; flipped section without `--allow-reflection` | best of aligned / identity / centroid pose kept; low confidence or a mirror-looking pair → exit 2 naming pair, score, threshold and what to try (`--accept-low-confidence` keeps it); sections sharing a frame are not turned | tests/test_align_guard.py::test_guard_keeps_identity_when_the_refined_pose_is_worse, ::test_mirrored_section_without_reflection_stops_and_names_the_fix, ::test_cli_exit_2_one_line_and_no_output, ::test_merfish_slices_in_one_frame_are_not_turned |
 """
 
 from __future__ import annotations
