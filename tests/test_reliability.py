@@ -9,7 +9,7 @@ stacks and one-epoch fits keep every test to a few seconds.
 | already log-normalised float X, `uns['X_kind']` declared or scanpy's `uns['log1p']` | used as is, never logged again (targets equal X) | test_lognormalised_x_is_not_logged_again |
 | already log-normalised float X, nothing declared | one warning line (treated as log-normalised, says `--input`); `--input lognorm` → no warning; `--input counts` → error | test_undeclared_lognorm_warns_once, test_input_lognorm_is_taken_as_said, test_input_counts_refuses_float_x |
 | scanpy layout: X transformed, raw counts in `layers['counts']` / `.raw` | the counts are read | test_counts_from_layers_or_raw |
-| `obsm['spatial']` in pixels, no `uns['microns_per_pixel']` | one warning line; `--microns-per-unit` scales, no warning | test_pixel_coordinates_warn_once_and_scale_flag_applies |
+| `obsm['spatial']` in pixels, no `uns['microns_per_pixel']` | one warning line; `--microns-per-unit` (fit, align, impute, evaluate) scales, no warning | test_pixel_coordinates_warn_once_and_scale_flag_applies, test_align_takes_the_unit_flag |
 | `uns['microns_per_pixel']` = "abc" / −1 | error naming the file and value | test_bad_microns_per_pixel |
 | one section with 3 coordinate columns, the others 2 | error naming the odd file; all 3-column + `--spacing` → error | test_mixed_coordinate_widths, test_xyz_with_spacing |
 | `--z-key` whose value is a string | error naming section, key and value | test_z_key_with_text_value |
@@ -225,6 +225,23 @@ def test_pixel_coordinates_warn_once_and_scale_flag_applies(tmp_path, capsys):
     xy_px = np.array(px.center[:2])
     np.testing.assert_allclose(np.array(um.center[:2]), xy_px * 0.05, rtol=1e-6, atol=1e-6)
     assert um.scale < px.scale / 10
+
+
+def test_align_takes_the_unit_flag(tmp_path, capsys):
+    """align --microns-per-unit scales pixel-like sections into µm (recorded per section), with no warning;
+    a non-positive value is refused by the parser in one line."""
+    paths = []
+    for s in _sections(n=2):
+        s.obsm["spatial"] = np.round(s.obsm["spatial"] * 20.0)
+        paths.append(tmp_path / f"{s.uns['section']}.h5ad")
+        s.write_h5ad(paths[-1])
+    t = tmp_path / "t.json"
+    argv = ["align", *paths, "--out", tmp_path / "a.h5ad", "--transforms", t, "--spacing", "10"]
+    rc, err, _ = run(capsys, *argv, "--microns-per-unit", "0.05", "--accept-low-confidence", "--no-progress")
+    assert rc == 0, err
+    assert not any("looks like pixels" in line for line in err), err
+    assert [e["microns_per_unit"] for e in json.loads(t.read_text())["sections"]] == [0.05, 0.05]
+    assert_error(capsys, tmp_path, [*argv, "--microns-per-unit", "-1"], "--microns-per-unit", "-1")
 
 
 @pytest.mark.parametrize("value", ["abc", -1.0, 0.0])

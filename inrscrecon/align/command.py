@@ -8,6 +8,8 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``align`` sub-command to an ``argparse`` sub-parsers object; returns the new parser."""
+    from inrscrecon.cli import positive_float  # the CLI's range-checked types
+
     p = subparsers.add_parser(
         "align",
         help="align consecutive sections into one 3D frame",
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--plots", default=None, help="folder for one PNG overlay per pair (default: next to --out)"
     )
     z = p.add_mutually_exclusive_group()
-    z.add_argument("--spacing", type=float, default=None, help="µm between consecutive sections")
+    z.add_argument("--spacing", type=positive_float, default=None, help="µm between consecutive sections")
     z.add_argument("--z-key", default=None, help="per-section z (µm) in uns[KEY] or obs[KEY]")
     p.add_argument(
         "--reference", default=None, help="name or index of the section whose frame is kept (default 0)"
@@ -45,6 +47,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="keep pairs whose overlay score is below the threshold (default: stop with exit status 2)",
     )
     p.add_argument("--spatial-key", default="spatial", help="obsm key of the 2D coordinates")
+    p.add_argument(
+        "--input",
+        choices=["auto", "counts", "normalized", "lognorm"],
+        default="auto",
+        help="what X holds (as for fit; default auto: uns['X_kind'], integer counts, layers['counts'] / .raw)",
+    )
+    p.add_argument(
+        "--microns-per-unit",
+        type=positive_float,
+        help="µm per coordinate unit (e.g. 0.57 for Visium full-resolution pixels); overrides "
+        "uns['microns_per_pixel']",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -56,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from inrscrecon.align.pipeline import align
     from inrscrecon.data.io import read_sections
 
-    sections = read_sections(args.sections, spatial_key=args.spatial_key)
+    sections = read_sections(
+        args.sections,
+        spatial_key=args.spatial_key,
+        input_kind=args.input,
+        microns_per_unit=args.microns_per_unit,
+    )
     reference = args.reference
     if reference is not None and str(reference).lstrip("-").isdigit():
         reference = int(reference)
