@@ -292,14 +292,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stack_flags(p: argparse.ArgumentParser) -> None:
-    """z placement, coordinate key and units: shared by fit and impute."""
-    z = p.add_mutually_exclusive_group()
-    z.add_argument(
-        "--spacing", type=positive_float, help="µm between consecutive sections (z = index × spacing)"
-    )
-    z.add_argument("--z-key", help="z (µm) per section from uns[KEY] or per cell from obs[KEY]")
-    p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
+def add_units_flag(p: argparse.ArgumentParser) -> None:
+    """``--microns-per-unit``: µm per coordinate unit (every command that reads sections)."""
     p.add_argument(
         "--microns-per-unit",
         type=positive_float,
@@ -308,11 +302,8 @@ def _add_stack_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_fit(sub) -> None:
-    p = sub.add_parser("fit", help="fit the field to sections (h5ad files, or one aligned h5ad)")
-    p.add_argument("sections", nargs="+", help="section .h5ad files (raw counts in X, coordinates in obsm)")
-    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    _add_stack_flags(p)
+def add_input_flag(p: argparse.ArgumentParser) -> None:
+    """``--input``: what X holds (every command that reads expression from sections)."""
     p.add_argument(
         "--input",
         choices=["auto", "counts", "normalized", "lognorm"],
@@ -321,6 +312,25 @@ def _add_fit(sub) -> None:
         "(library-size normalised; log1p applied), lognorm (already log1p-normalised; used as is), or auto "
         "(default: uns['X_kind'], else integer X as counts, else the kept counts, else log-normalised with a warning)",
     )
+
+
+def _add_stack_flags(p: argparse.ArgumentParser) -> None:
+    """z placement, coordinate key and units: shared by fit and impute."""
+    z = p.add_mutually_exclusive_group()
+    z.add_argument(
+        "--spacing", type=positive_float, help="µm between consecutive sections (z = index × spacing)"
+    )
+    z.add_argument("--z-key", help="z (µm) per section from uns[KEY] or per cell from obs[KEY]")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
+    add_units_flag(p)
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fit the field to sections (h5ad files, or one aligned h5ad)")
+    p.add_argument("sections", nargs="+", help="section .h5ad files (raw counts in X, coordinates in obsm)")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    _add_stack_flags(p)
+    add_input_flag(p)
     p.add_argument(
         "--holdout",
         action="append",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``align`` sub-command to an ``argparse`` sub-parsers object; returns the new parser."""
-    from inrscrecon.cli import positive_float  # the CLI's range-checked types
+    from inrscrecon.cli import add_input_flag, add_units_flag, positive_float  # the CLI's shared flags
 
     p = subparsers.add_parser(
         "align",
@@ -47,18 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="keep pairs whose overlay score is below the threshold (default: stop with exit status 2)",
     )
     p.add_argument("--spatial-key", default="spatial", help="obsm key of the 2D coordinates")
-    p.add_argument(
-        "--input",
-        choices=["auto", "counts", "normalized", "lognorm"],
-        default="auto",
-        help="what X holds (as for fit; default auto: uns['X_kind'], integer counts, layers['counts'] / .raw)",
-    )
-    p.add_argument(
-        "--microns-per-unit",
-        type=positive_float,
-        help="µm per coordinate unit (e.g. 0.57 for Visium full-resolution pixels); overrides "
-        "uns['microns_per_pixel']",
-    )
+    add_input_flag(p)
+    add_units_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)

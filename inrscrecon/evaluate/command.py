@@ -11,7 +11,7 @@ from inrscrecon.errors import InputError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the CLI's subparsers; returns the parser."""
-    from inrscrecon.cli import count, positive_float, positive_int  # the CLI's range-checked types
+    from inrscrecon.cli import add_input_flag, add_units_flag, count, positive_float, positive_int
 
     p = sub.add_parser(
         "evaluate",
@@ -38,17 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--holdout", action="append", help="section to hold out / thin out (repeatable or comma-separated)"
     )
-    p.add_argument(
-        "--input",
-        choices=["auto", "counts", "normalized", "lognorm"],
-        default="auto",
-        help="what X holds (as for fit; default auto: uns['X_kind'], integer counts, layers['counts'] / .raw)",
-    )
-    p.add_argument(
-        "--microns-per-unit",
-        type=positive_float,
-        help="µm per coordinate unit (overrides uns['microns_per_pixel'])",
-    )
+    add_input_flag(p)
+    add_units_flag(p)
     p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default 3)")
     p.add_argument(
         "--genes", type=positive_int, default=500, help="top variable shared genes evaluated (default 500)"
