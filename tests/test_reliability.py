@@ -501,7 +501,8 @@ def test_fit_holdout(stack, capsys):
 # -- interruption ----------------------------------------------------------------------------------------------
 
 _WRITER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job ignores SIGINT
 from inrscrecon.data.io import atomic_output
 with atomic_output(sys.argv[1], directory=sys.argv[2] == "dir") as tmp:
     if sys.argv[2] == "dir":
