@@ -108,8 +108,10 @@ class DeviceTable:
     @property
     def nbytes(self) -> int:
         """Bytes the resident tensors take on the device."""
-        return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.data, self.totals,
-                                                           self.coords))  # fmt: skip
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.indptr, self.indices, self.data, self.totals, self.coords)
+        )
 
     @property
     def bytes_per_cell(self) -> float:
@@ -183,8 +185,10 @@ def device_table_or_none(
     if free_bytes is not None and need > DEVICE_FRACTION * free_bytes:
         log.warning(
             "stack needs %.2f GB on %s but %.2f GB are free: streaming CSR batches from host memory instead",
-            need / 1e9, dev, free_bytes / 1e9,
-        )  # fmt: skip
+            need / 1e9,
+            dev,
+            free_bytes / 1e9,
+        )
         return None
     return DeviceTable(table, dev)
 
@@ -233,9 +237,13 @@ class HostBatchFeeder:
         indices = np.zeros(cap, dtype=np.int32)
         raw = np.zeros(cap, dtype=np.float32)
         indices[:nnz], raw[:nnz] = sub.indices, sub.data
-        parts = [torch.from_numpy(np.asarray(sub.indptr, dtype=np.int64)), torch.from_numpy(indices),
-                 torch.from_numpy(raw), torch.from_numpy(self._totals[rows]),
-                 torch.from_numpy(self._coords[rows])]  # fmt: skip
+        parts = [
+            torch.from_numpy(np.asarray(sub.indptr, dtype=np.int64)),
+            torch.from_numpy(indices),
+            torch.from_numpy(raw),
+            torch.from_numpy(self._totals[rows]),
+            torch.from_numpy(self._coords[rows]),
+        ]
         return [p.pin_memory() for p in parts] if self._cuda else parts
 
     def _send(self, rows: np.ndarray, cap: int) -> _InFlight:

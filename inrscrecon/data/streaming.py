@@ -122,9 +122,12 @@ class _Source:
         ip = np.asarray(x["indptr"][:])
         n_data, n_idx = int(x["data"].shape[0]), int(x["indices"].shape[0])
         if (
-            ip.shape[0] != self.shape[0] + 1 or ip[0] != 0 or ip[-1] != n_data or n_idx != n_data
+            ip.shape[0] != self.shape[0] + 1
+            or ip[0] != 0
+            or ip[-1] != n_data
+            or n_idx != n_data
             or (np.diff(ip) < 0).any()
-        ):  # fmt: skip
+        ):
             raise InputError(
                 f"{self.path}: X/indptr is inconsistent with X/data (indptr has {ip.shape[0]} entries ending at "
                 f"{ip[-1] if ip.size else None}, data has {n_data}); file truncated or corrupted?"
@@ -347,9 +350,14 @@ class StreamingTable:
                 self.stats["row_reads"] += len(uniq)
                 tot = self.totals[self.offsets[s] + uniq]
             out[order[part]] = gather_normalized(
-                block, idx, col_map=self.col_maps[s], n_out=len(self.genes), target_sum=self.target_sum,
-                log1p=True, row_totals=tot,
-            )  # fmt: skip
+                block,
+                idx,
+                col_map=self.col_maps[s],
+                n_out=len(self.genes),
+                target_sum=self.target_sum,
+                log1p=True,
+                row_totals=tot,
+            )
         return out
 
     def epoch_order(self, train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray | None:
@@ -373,8 +381,15 @@ class StreamingTable:
             block = src.rows(0, src.shape[0])[:, keep]
             perm = np.argsort(self.col_maps[s][keep])
             counts.append(sp.csr_matrix(block[:, perm], dtype=np.float32))
-        return CellTable(self.coords, sp.vstack(counts, format="csr"), self.totals, list(self.genes), self.section,
-                         self.obs_names, self.target_sum)  # fmt: skip
+        return CellTable(
+            self.coords,
+            sp.vstack(counts, format="csr"),
+            self.totals,
+            list(self.genes),
+            self.section,
+            self.obs_names,
+            self.target_sum,
+        )
 
     def close(self) -> None:
         self._cache.clear()
@@ -552,7 +567,16 @@ def open_stack(
             src.close()
         raise
     return StreamingTable(
-        sources=sources, col_maps=col_maps, offsets=offsets, coords=coords, totals=np.concatenate(totals),
-        genes=chosen, section_names=names, target_sum=target_sum, chunk_rows=chunk_rows, window=window,
-        shuffle=shuffle, cache_chunks=cache_chunks,
-    )  # fmt: skip
+        sources=sources,
+        col_maps=col_maps,
+        offsets=offsets,
+        coords=coords,
+        totals=np.concatenate(totals),
+        genes=chosen,
+        section_names=names,
+        target_sum=target_sum,
+        chunk_rows=chunk_rows,
+        window=window,
+        shuffle=shuffle,
+        cache_chunks=cache_chunks,
+    )

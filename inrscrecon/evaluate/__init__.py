@@ -51,8 +51,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {sys.version.split()[0]}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {sys.version.split()[0]}"
+    )
 
 
 def evaluate(
@@ -110,10 +112,18 @@ def evaluate(
                 if r.split.task not in seen:
                     seen.add(r.split.task)
                     figs += report.split_figures(r, out, f"{r.split.task}_{r.split.name}".replace("/", "_"))
-        meta = {"command": command or f"evaluate(task={task!r})", "machine": machine(),
-                "date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": wall,
-                "task_wall_s": {task: wall}, "config": asdict(cfg), "labels": prep.label_source,
-                "n_genes": len(prep.genes), "alignment": prep.info, "figures": [str(p) for p in figs]}  # fmt: skip
+        meta = {
+            "command": command or f"evaluate(task={task!r})",
+            "machine": machine(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "wall_s": wall,
+            "task_wall_s": {task: wall},
+            "config": asdict(cfg),
+            "labels": prep.label_source,
+            "n_genes": len(prep.genes),
+            "alignment": prep.info,
+            "figures": [str(p) for p in figs],
+        }
         paths = report.write_results(out, results, report.details(splits), meta)
     return EvalResult(results, splits, wall, paths)
 

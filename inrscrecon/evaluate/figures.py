@@ -113,8 +113,10 @@ def label_maps(xy: np.ndarray, panels: dict[str, np.ndarray], path: str | Path) 
     first = next(iter(panels.values())) if panels else None
     if first is not None:
         ref = {str(v) for v in np.asarray(first)}
-        panels = {k: (v if {str(x) for x in np.asarray(v)} <= ref else match_labels(np.asarray(first), v))
-                  for k, v in panels.items()}  # fmt: skip
+        panels = {
+            k: (v if {str(x) for x in np.asarray(v)} <= ref else match_labels(np.asarray(first), v))
+            for k, v in panels.items()
+        }
     names = sorted({str(v) for lab in panels.values() for v in np.asarray(lab)})
     colour = {n: i for i, n in enumerate(names)}
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")

@@ -19,8 +19,14 @@ from inrscrecon.evaluate import figures, metrics
 from inrscrecon.evaluate.tasks import INR_METHODS, METHOD_ORDER, SplitResult
 
 METRICS = ("ari", "ari_gmm", "ssim", "pearson", "rmse", "wall_s")
-METRIC_TITLES = {"ari": "ARI k-means", "ari_gmm": "ARI GMM", "ssim": "SSIM", "pearson": "Pearson (median)",
-                 "rmse": "RMSE", "wall_s": "wall s / fit"}  # fmt: skip
+METRIC_TITLES = {
+    "ari": "ARI k-means",
+    "ari_gmm": "ARI GMM",
+    "ssim": "SSIM",
+    "pearson": "Pearson (median)",
+    "rmse": "RMSE",
+    "wall_s": "wall s / fit",
+}
 HIGHER_IS_BETTER = {"ari": True, "ari_gmm": True, "ssim": True, "pearson": True, "rmse": False}
 
 #: The paper's Table 1 (ARI / SSIM), printed beside ours as *reported, not reproduced*.
@@ -118,7 +124,7 @@ def details(results: Sequence[SplitResult]) -> list[dict]:
             "n_test": r.split.test.n_cells,
             "metrics": {m: {k: _clean(v) for k, v in ms.items()} for m, ms in r.metrics.items()},
             "chosen": r.chosen,
-        }  # fmt: skip
+        }
         for r in results
     ]
 
@@ -135,8 +141,12 @@ def markdown_table(results: dict, reported: dict | None = None, metric_names: Se
     lines = []
     for task, methods in results.items():
         present = [m for m in metric_names if any(m in ms for ms in methods.values())]
-        lines += [f"### {task}", "", "| method | " + " | ".join(METRIC_TITLES.get(m, m) for m in present) + " |",
-                  "|---" * (len(present) + 1) + "|"]  # fmt: skip
+        lines += [
+            f"### {task}",
+            "",
+            "| method | " + " | ".join(METRIC_TITLES.get(m, m) for m in present) + " |",
+            "|---" * (len(present) + 1) + "|",
+        ]
         best = _best(methods, present)
         for method, ms in methods.items():
             cells = []
@@ -160,8 +170,11 @@ def _best(methods: dict, present: Sequence[str]) -> dict[str, str]:
     for m in present:
         if m not in HIGHER_IS_BETTER:
             continue
-        vals = {k: ms[m]["mean"] for k, ms in methods.items()
-                if k != "true_expression" and m in ms and ms[m]["mean"] is not None}  # fmt: skip
+        vals = {
+            k: ms[m]["mean"]
+            for k, ms in methods.items()
+            if k != "true_expression" and m in ms and ms[m]["mean"] is not None
+        }
         if vals:
             out[m] = (max if HIGHER_IS_BETTER[m] else min)(vals, key=lambda k: vals[k])
     return out
@@ -213,23 +226,36 @@ def write_results(
     """Write ``results.json``, ``details.json``, ``run.json`` and ``results.md`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"results": out / "results.json", "details": out / "details.json", "run": out / "run.json",
-             "markdown": out / "results.md"}  # fmt: skip
+    paths = {
+        "results": out / "results.json",
+        "details": out / "details.json",
+        "run": out / "run.json",
+        "markdown": out / "results.md",
+    }
     paths["results"].write_text(json.dumps(results, indent=2))
     paths["details"].write_text(json.dumps(records, indent=1, default=str))
     paths["run"].write_text(json.dumps(meta, indent=2, default=str))
-    head = ["# inrscrecon evaluation", "", f"Command: `{meta.get('command', '')}`", "",
-            f"Machine: {meta.get('machine', '')}; date: {meta.get('date', '')}; "
-            f"{meta.get('wall_label', 'total wall time')} {meta.get('wall_s', float('nan')):.0f} s", ""]  # fmt: skip
+    head = [
+        "# inrscrecon evaluation",
+        "",
+        f"Command: `{meta.get('command', '')}`",
+        "",
+        f"Machine: {meta.get('machine', '')}; date: {meta.get('date', '')}; "
+        f"{meta.get('wall_label', 'total wall time')} {meta.get('wall_s', float('nan')):.0f} s",
+        "",
+    ]
     if meta.get("task_wall_s"):
         head += [
             "Wall time per task: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["task_wall_s"].items()),
             "",
         ]
-    head += ["Values: mean ± s.d. over seeds (each seed averaged over the task's held-out sections). "
-             "Bold: best predicting method. Rows are labelled by what they are (results.json keeps the keys "
-             f"{', '.join(METHOD_LABELS)}); \"fit default\" marks the row that `inrscrecon fit` reproduces. "
-             "`wall s / fit` for the INR rows is their own fit; the encoding selection it comes from is in "
-             "details.json.", ""]  # fmt: skip
+    head += [
+        "Values: mean ± s.d. over seeds (each seed averaged over the task's held-out sections). "
+        "Bold: best predicting method. Rows are labelled by what they are (results.json keeps the keys "
+        f'{", ".join(METHOD_LABELS)}); "fit default" marks the row that `inrscrecon fit` reproduces. '
+        "`wall s / fit` for the INR rows is their own fit; the encoding selection it comes from is in "
+        "details.json.",
+        "",
+    ]
     paths["markdown"].write_text("\n".join(head) + markdown_table(results, reported) + meta.get("notes", ""))
     return paths

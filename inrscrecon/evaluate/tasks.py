@@ -201,9 +201,13 @@ def inter_splits(
 
 
 def intra_splits(
-    table: CellTable, labels: np.ndarray, holdout: Sequence[str] | None, seeds: Sequence[int],
-    drop_fraction: float = 0.5, neighbours: bool = False,
-) -> list[Split]:  # fmt: skip
+    table: CellTable,
+    labels: np.ndarray,
+    holdout: Sequence[str] | None,
+    seeds: Sequence[int],
+    drop_fraction: float = 0.5,
+    neighbours: bool = False,
+) -> list[Split]:
     """Drop a seeded ``drop_fraction`` of each section's cells; train on the rest (and with ``neighbours``, on
     the adjacent sections in z, all their cells)."""
     if not 0 < drop_fraction < 1:
@@ -274,8 +278,15 @@ def train_config(cfg: EvalConfig, n_fit: int, seed: int) -> TrainConfig:
         per_epoch = max(n_fit // min(cfg.batch_size, max(n_fit, 1)), 1)
         epochs = int(np.clip(int(np.ceil(cfg.steps / per_epoch)), 1, 10 * cfg.epochs))
         patience = max(cfg.patience, epochs // 6)
-    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=patience,
-                       val_fraction=cfg.val_fraction, seed=seed, progress=cfg.progress)  # fmt: skip
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        patience=patience,
+        val_fraction=cfg.val_fraction,
+        seed=seed,
+        progress=cfg.progress,
+    )
 
 
 def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
@@ -317,11 +328,20 @@ def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
                 spent = time.time() - t0
             preds[method] = predict(result.model, te.coords)
             wall[method] = spent
-            chosen[method] = {"encoding": describe(enc), "epochs_run": len(result.history),
-                              "best_epoch": int(np.argmin([h["val_rmse"] for h in result.history]))}  # fmt: skip
+            chosen[method] = {
+                "encoding": describe(enc),
+                "epochs_run": len(result.history),
+                "best_epoch": int(np.argmin([h["val_rmse"] for h in result.history])),
+            }
     t0 = time.time()
-    tuned = tuned_baselines(tr.coords[fit_rows], y_tr[fit_rows], tr.section[fit_rows], tr.coords[val_rows],
-                            y_tr[val_rows], te.coords)  # fmt: skip
+    tuned = tuned_baselines(
+        tr.coords[fit_rows],
+        y_tr[fit_rows],
+        tr.section[fit_rows],
+        tr.coords[val_rows],
+        y_tr[val_rows],
+        te.coords,
+    )
     per = (time.time() - t0) / max(len(tuned), 1)
     for name, t in tuned.items():
         preds[name] = t.prediction
@@ -394,9 +414,13 @@ def make_splits(
 
 
 def run_task(
-    task: str, prep: Prepared, holdout: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
-    cfg: EvalConfig | None = None, log=None,
-) -> list[SplitResult]:  # fmt: skip
+    task: str,
+    prep: Prepared,
+    holdout: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    cfg: EvalConfig | None = None,
+    log=None,
+) -> list[SplitResult]:
     """All splits of a task, one after the other (``log``: optional callable taking a progress line)."""
     cfg = cfg or EvalConfig()
     if cfg.threads:
@@ -410,6 +434,8 @@ def run_task(
         if log is not None:
             m = res.metrics
             best = {k: f"{m[k]['pearson']:.3f}/{m[k]['ari']:.3f}" for k in m if "pearson" in m[k]}
-            log(f"[{sp.task} {sp.name} seed {sp.seed}] {i + 1}/{len(splits)} {time.time() - t0:.0f}s "
-                f"pearson/ari {best}")  # fmt: skip
+            log(
+                f"[{sp.task} {sp.name} seed {sp.seed}] {i + 1}/{len(splits)} {time.time() - t0:.0f}s "
+                f"pearson/ari {best}"
+            )
     return out

@@ -62,9 +62,13 @@ def _score(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def tune_knn(
-    xyz: np.ndarray, expr: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray, query: np.ndarray,
+    xyz: np.ndarray,
+    expr: np.ndarray,
+    val_xyz: np.ndarray,
+    val_expr: np.ndarray,
+    query: np.ndarray,
     ks: tuple[int, ...] = KNN_KS,
-) -> Tuned:  # fmt: skip
+) -> Tuned:
     """Inverse-distance k-NN in 3D; k chosen on validation cells by RMSE."""
     ks = tuple(k for k in ks if k <= len(xyz)) or (len(xyz),)
     dist, idx = baselines.neighbours(xyz, val_xyz, max(ks))
@@ -75,9 +79,13 @@ def tune_knn(
 
 
 def tune_gaussian(
-    xyz: np.ndarray, expr: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray, query: np.ndarray,
+    xyz: np.ndarray,
+    expr: np.ndarray,
+    val_xyz: np.ndarray,
+    val_expr: np.ndarray,
+    query: np.ndarray,
     factors: tuple[float, ...] = BANDWIDTH_FACTORS,
-) -> Tuned:  # fmt: skip
+) -> Tuned:
     """Gaussian-kernel smoother in 3D; bandwidth (a multiple of the cell spacing) chosen on validation cells."""
     s = spacing(xyz)
     planar = bool(np.ptp(xyz[:, 2]) < 1e-9)
@@ -106,9 +114,14 @@ def _layered(xyz: np.ndarray) -> bool:
 
 
 def tune_linear_z(
-    xyz: np.ndarray, expr: np.ndarray, section: np.ndarray, val_xyz: np.ndarray, val_expr: np.ndarray,
-    query: np.ndarray, ks: tuple[int, ...] = LINEAR_Z_KS,
-) -> Tuned:  # fmt: skip
+    xyz: np.ndarray,
+    expr: np.ndarray,
+    section: np.ndarray,
+    val_xyz: np.ndarray,
+    val_expr: np.ndarray,
+    query: np.ndarray,
+    ks: tuple[int, ...] = LINEAR_Z_KS,
+) -> Tuned:
     """Linear-z interpolation between the nearest sections; the in-section k chosen on validation cells."""
     smallest = min(int((section == n).sum()) for n in np.unique(section))
     ks = tuple(k for k in ks if k <= smallest) or (max(1, smallest),)
@@ -138,7 +151,7 @@ def tuned_baselines(
             baselines.mean_profile(expr, len(query)),
             {},
             rmse(baselines.mean_profile(expr, len(val_xyz)), val_expr),
-        ),  # fmt: skip
+        ),
         "knn": tune_knn(xyz, expr, val_xyz, val_expr, query),
         "gaussian": tune_gaussian(xyz, expr, val_xyz, val_expr, query),
     }

@@ -83,9 +83,20 @@ def csr_gather_op(
         return out_idx, out_val
     grid = (triton.cdiv(cap, BLOCK),)
     _csr_gather_kernel[grid](
-        row, indptr, starts, stack_indices, stack_data, totals, out_idx, out_val, cap, n_rows,
-        float(target_sum), NORMALIZE=bool(target_sum > 0), BLOCK=BLOCK,
-    )  # fmt: skip
+        row,
+        indptr,
+        starts,
+        stack_indices,
+        stack_data,
+        totals,
+        out_idx,
+        out_val,
+        cap,
+        n_rows,
+        float(target_sum),
+        NORMALIZE=bool(target_sum > 0),
+        BLOCK=BLOCK,
+    )
     return out_idx, out_val
 
 
@@ -104,9 +115,14 @@ def triton_csr_gather(
     target_sum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(genes [CAP] int32, values [CAP] fp32) of a fixed-capacity batch (module docstring)."""
-    for name, t, dt in (("row", row, torch.int64), ("indptr", indptr, torch.int64),
-                        ("starts", starts, torch.int64), ("stack_indices", stack_indices, torch.int32),
-                        ("stack_data", stack_data, torch.float32), ("totals", totals, torch.float32)):  # fmt: skip
+    for name, t, dt in (
+        ("row", row, torch.int64),
+        ("indptr", indptr, torch.int64),
+        ("starts", starts, torch.int64),
+        ("stack_indices", stack_indices, torch.int32),
+        ("stack_data", stack_data, torch.float32),
+        ("totals", totals, torch.float32),
+    ):
         if t.dtype != dt or not t.is_contiguous():
             raise ValueError(f"triton_csr_gather: {name} must be contiguous {dt}, got {t.dtype}")
     return csr_gather_op(row, indptr, starts, stack_indices, stack_data, totals, float(target_sum))

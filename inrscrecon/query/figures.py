@@ -37,8 +37,11 @@ def _frame(group: Any, level: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def _planes(arr: Any, lead: tuple, k: int, j: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """xy [Y, X] at z = k, xz [Z, X] at y = j, yz [Y, Z] at x = i of arr[(*lead, z, y, x)]."""
-    return (np.asarray(arr[(*lead, k)]), np.asarray(arr[(*lead, slice(None), j)]),
-            np.asarray(arr[(*lead, slice(None), slice(None), i)]).T)  # fmt: skip
+    return (
+        np.asarray(arr[(*lead, k)]),
+        np.asarray(arr[(*lead, slice(None), j)]),
+        np.asarray(arr[(*lead, slice(None), slice(None), i)]).T,
+    )
 
 
 def _through_tissue(tissue: Any | None, shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -111,8 +114,10 @@ def write_slices_png(
         k = int(np.clip(round((mid - tz) / vz), 0, nz - 1))
     inside = _planes(tissue[0][_level_path(tissue[0], lvl)], (), k, j, i) if tissue is not None else None
     domains = labels["domains"] if labels is not None and "domains" in labels else None
-    markers = {p["label-value"]: p.get("markers", "") for p in
-               (domains.attrs.asdict()["ome"]["image-label"].get("properties", []) if domains else [])}  # fmt: skip
+    markers = {
+        p["label-value"]: p.get("markers", "")
+        for p in (domains.attrs.asdict()["ome"]["image-label"].get("properties", []) if domains else [])
+    }
 
     x0, x1 = tx - vx / 2, tx + (nx - 0.5) * vx
     y0, y1 = ty - vy / 2, ty + (ny - 0.5) * vy
@@ -198,8 +203,17 @@ def write_slices_png(
                 for d in range(1, n_dom + 1)
             ]
             handles.append(Patch(color=OUTSIDE, label="outside tissue"))
-            leg.legend(handles=handles, loc="upper left", fontsize=5.5, frameon=False, borderaxespad=0,
-                       title="domain: top marker", title_fontsize=6, handlelength=1, labelspacing=0.3)  # fmt: skip
+            leg.legend(
+                handles=handles,
+                loc="upper left",
+                fontsize=5.5,
+                frameon=False,
+                borderaxespad=0,
+                title="domain: top marker",
+                title_fontsize=6,
+                handlelength=1,
+                labelspacing=0.3,
+            )
         else:
             cb = sub.colorbar(im, cax=sub.add_subplot(gs[0, 2]))
             cb.set_label("log1p expr.", fontsize=7)

@@ -96,8 +96,14 @@ def bounds_of(xyz: np.ndarray, margin: float = 0.0, z_margin: float | None = Non
     ``z_margin`` (default ``margin``) in z."""
     zm = margin if z_margin is None else z_margin
     lo, hi = xyz.min(axis=0), xyz.max(axis=0)
-    return [float(lo[0] - margin), float(hi[0] + margin), float(lo[1] - margin), float(hi[1] + margin),
-            float(lo[2] - zm), float(hi[2] + zm)]  # fmt: skip
+    return [
+        float(lo[0] - margin),
+        float(hi[0] + margin),
+        float(lo[1] - margin),
+        float(hi[1] + margin),
+        float(lo[2] - zm),
+        float(hi[2] + zm),
+    ]
 
 
 def model_bounds(model: INRField) -> list[float]:

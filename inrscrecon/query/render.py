@@ -57,9 +57,11 @@ class RenderEstimate:
     level0_bytes: int
 
     def line(self) -> str:
-        return (f"estimate: {self.voxels:.3g} voxels ({self.voxels_inside:.3g} inside the mask) × {self.genes} "
-                f"gene(s): model time ≈ {_duration(self.seconds)} at {self.points_per_s:.3g} voxels/s measured here; level 0 "
-                f"≈ {self.level0_bytes / 1e9:.3g} GB uncompressed")  # fmt: skip
+        return (
+            f"estimate: {self.voxels:.3g} voxels ({self.voxels_inside:.3g} inside the mask) × {self.genes} "
+            f"gene(s): model time ≈ {_duration(self.seconds)} at {self.points_per_s:.3g} voxels/s measured here; level 0 "
+            f"≈ {self.level0_bytes / 1e9:.3g} GB uncompressed"
+        )
 
 
 def _duration(s: float) -> str:
@@ -172,8 +174,13 @@ def render(
 
         chunks = (1, slab, min(ny, 256), min(nx, 256))
         raw = zarr.open_group(str(scratch), mode="w")
-        img = raw.create_array("image", shape=(len(channels), nz, ny, nx), chunks=chunks,
-                               dtype="float32" if genes else "uint16", fill_value=0)  # fmt: skip
+        img = raw.create_array(
+            "image",
+            shape=(len(channels), nz, ny, nx),
+            chunks=chunks,
+            dtype="float32" if genes else "uint16",
+            fill_value=0,
+        )
         tis = raw.create_array("tissue", shape=(nz, ny, nx), chunks=chunks[1:], dtype="uint8", fill_value=0)
         lab = raw.create_array("domains", shape=(nz, ny, nx), chunks=chunks[1:], dtype="uint16", fill_value=0)
         for z0 in tqdm(range(0, nz, slab), desc="render", unit="slab", disable=not progress):
@@ -199,20 +206,33 @@ def render(
         if tmask is not None:
             labels["tissue"] = (da.from_zarr(tis), [{"label-value": 1, "name": "tissue"}])
         if dom is not None:
-            props = [{"label-value": d + 1, "name": f"domain {d + 1}", "markers": ", ".join(dom.markers[d])}
-                     for d in range(domains)]  # fmt: skip
+            props = [
+                {"label-value": d + 1, "name": f"domain {d + 1}", "markers": ", ".join(dom.markers[d])}
+                for d in range(domains)
+            ]
             labels["domains"] = (da.from_zarr(lab), props)
         attrs = {
             "values": "log1p(normalised expression, target_sum 1e4); 0 outside the tissue mask"
-            if genes else "domain labels",
+            if genes
+            else "domain labels",
             "mask": tmask.kind if tmask is not None else "none",
             "genes": channels,
             "domain_genes": dom.genes if dom is not None else [],
             "section_z": [float(z) for z in (tmask.section_z if tmask is not None else model.cfg.section_z)],
             "out_of_domain": ood,
-        }  # fmt: skip
-        write_ome_zarr(Path(tmp), da.from_zarr(img), channels, grid, factors, labels, chunks, attrs,
-                       image_is_label=not genes, weights=da.from_zarr(tis) if tmask is not None else None)  # fmt: skip
+        }
+        write_ome_zarr(
+            Path(tmp),
+            da.from_zarr(img),
+            channels,
+            grid,
+            factors,
+            labels,
+            chunks,
+            attrs,
+            image_is_label=not genes,
+            weights=da.from_zarr(tis) if tmask is not None else None,
+        )
     out = Path(out)
     pngs = write_slices_png(out, _png_path(out)) if png else []
     return RenderResult(out, grid, channels, len(factors), inside_total, pngs, time.time() - t0, ood)
@@ -231,5 +251,17 @@ def voxel_count_ok(grid: GridSpec, limit: float = 2e10) -> None:
         )
 
 
-__all__ = ["DEFAULT_MAX_VOXELS", "DomainModel", "GridSpec", "RenderEstimate", "RenderResult", "TissueMask",
-           "bounds_of", "check_budget", "estimate", "model_bounds", "render", "write_slices_png"]  # fmt: skip
+__all__ = [
+    "DEFAULT_MAX_VOXELS",
+    "DomainModel",
+    "GridSpec",
+    "RenderEstimate",
+    "RenderResult",
+    "TissueMask",
+    "bounds_of",
+    "check_budget",
+    "estimate",
+    "model_bounds",
+    "render",
+    "write_slices_png",
+]

@@ -20,28 +20,50 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by `inrscrecon fit`")
     p.add_argument("--genes", help="comma-separated gene names (channels of the volume)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--voxel", type=positive_float, nargs="+", metavar="UM",
-                      help="voxel size in µm: XY (isotropic) or XY Z (e.g. --voxel 50 10); default 128 "
-                      "voxels across the tissue, at least 2 z planes")  # fmt: skip
+    size.add_argument(
+        "--voxel",
+        type=positive_float,
+        nargs="+",
+        metavar="UM",
+        help="voxel size in µm: XY (isotropic) or XY Z (e.g. --voxel 50 10); default 128 "
+        "voxels across the tissue, at least 2 z planes",
+    )
     size.add_argument(
         "--shape", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), help="grid shape in voxels"
     )
-    p.add_argument("--bounds", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"),
-                   help="grid box in µm (default: the training cells' bounding box stored in the model, or that "
-                   "of --cells; z padded by half a section spacing)")  # fmt: skip
-    p.add_argument("--cells", help="training cell coordinates (.h5ad with obsm['spatial_3d'], .npy, .csv): "
-                   "bounds and tissue mask, for model files that do not store them")  # fmt: skip
-    p.add_argument("--mask", choices=["auto", "none", "hull", "tissue"], default="auto",
-                   help="tissue: per-section alpha-shape outlines interpolated in z (from --cells, else the "
-                   "model's); hull: per-section convex hulls of --cells; none: every voxel; auto (default): "
-                   "tissue when the model or --cells has it")  # fmt: skip
+    p.add_argument(
+        "--bounds",
+        type=float,
+        nargs=6,
+        metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"),
+        help="grid box in µm (default: the training cells' bounding box stored in the model, or that "
+        "of --cells; z padded by half a section spacing)",
+    )
+    p.add_argument(
+        "--cells",
+        help="training cell coordinates (.h5ad with obsm['spatial_3d'], .npy, .csv): "
+        "bounds and tissue mask, for model files that do not store them",
+    )
+    p.add_argument(
+        "--mask",
+        choices=["auto", "none", "hull", "tissue"],
+        default="auto",
+        help="tissue: per-section alpha-shape outlines interpolated in z (from --cells, else the "
+        "model's); hull: per-section convex hulls of --cells; none: every voxel; auto (default): "
+        "tissue when the model or --cells has it",
+    )
     p.add_argument(
         "--alpha",
         type=positive_float,
         help="alpha-shape radius in µm for --mask tissue with --cells (default: automatic)",
     )
-    p.add_argument("--domains", type=count, default=0, metavar="K",
-                   help="also write a label volume of K expression domains (labels/domains)")  # fmt: skip
+    p.add_argument(
+        "--domains",
+        type=count,
+        default=0,
+        metavar="K",
+        help="also write a label volume of K expression domains (labels/domains)",
+    )
     p.add_argument(
         "--domain-genes",
         type=positive_int,
@@ -53,8 +75,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--slab", type=positive_int, default=32, help="z-planes per written slab (and zarr chunk depth)"
     )
     p.add_argument("--levels", type=positive_int, default=4, help="multiscale pyramid levels (at most)")
-    p.add_argument("--max-voxels", type=positive_float, default=DEFAULT_MAX_VOXELS,
-                   help=f"refuse grids with more voxels than this unless --force (default {DEFAULT_MAX_VOXELS:.3g})")  # fmt: skip
+    p.add_argument(
+        "--max-voxels",
+        type=positive_float,
+        default=DEFAULT_MAX_VOXELS,
+        help=f"refuse grids with more voxels than this unless --force (default {DEFAULT_MAX_VOXELS:.3g})",
+    )
     p.add_argument("--force", action="store_true", help="render even beyond --max-voxels")
     p.add_argument("--no-png", action="store_true", help="skip the PNG orthogonal slices")
     p.add_argument("--seed", type=int, default=0)
@@ -111,19 +137,34 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.model}: {exc}") from None
     grid = GridSpec.from_bounds(bounds, voxel=args.voxel, shape=args.shape)
     voxel_count_ok(grid)
-    est = estimate(model, genes, grid, mask, args.domain_genes if args.domains else 0, args.chunk_points,
-                   args.seed)  # fmt: skip
+    est = estimate(
+        model, genes, grid, mask, args.domain_genes if args.domains else 0, args.chunk_points, args.seed
+    )
     check_budget(grid, args.max_voxels, args.force, est)
     if not args.quiet:
         print(est.line(), flush=True)
-    res = render(model, genes, grid, args.out, mask=mask, domains=args.domains, domain_genes=args.domain_genes,
-                 chunk_points=args.chunk_points, slab=args.slab, max_levels=args.levels, png=not args.no_png,
-                 seed=args.seed, progress=not args.quiet)  # fmt: skip
+    res = render(
+        model,
+        genes,
+        grid,
+        args.out,
+        mask=mask,
+        domains=args.domains,
+        domain_genes=args.domain_genes,
+        chunk_points=args.chunk_points,
+        slab=args.slab,
+        max_levels=args.levels,
+        png=not args.no_png,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     n = grid.n_points
     where = "inside the tissue mask" if mask is not None else "evaluated (no mask)"
-    print(f"wrote {res.path}: {len(res.channels)} channel(s) × {grid.shape} voxels (z, y, x) of "
-          f"{'×'.join(f'{v:.3g}' for v in grid.voxel[::-1])} µm, {res.levels} levels, "
-          f"{res.voxels_inside}/{n} voxels {where}; {time.time() - t0:.1f} s")  # fmt: skip
+    print(
+        f"wrote {res.path}: {len(res.channels)} channel(s) × {grid.shape} voxels (z, y, x) of "
+        f"{'×'.join(f'{v:.3g}' for v in grid.voxel[::-1])} µm, {res.levels} levels, "
+        f"{res.voxels_inside}/{n} voxels {where}; {time.time() - t0:.1f} s"
+    )
     for p in res.pngs:
         print(f"slices: {p}")
     return 0

@@ -32,8 +32,9 @@ def pyramid_factors(
     out = [(1, 1, 1)]
     cur = np.array(shape)
     while len(out) < max_levels and cur[1:].max() // 2 >= min_size:
-        step = np.array([2 if cur[0] >= MIN_Z_FOR_DOWNSAMPLING else 1, 2 if cur[1] >= 2 else 1,
-                         2 if cur[2] >= 2 else 1])  # fmt: skip
+        step = np.array(
+            [2 if cur[0] >= MIN_Z_FOR_DOWNSAMPLING else 1, 2 if cur[1] >= 2 else 1, 2 if cur[2] >= 2 else 1]
+        )
         cur = np.maximum(cur // step, 1)
         out.append(tuple(int(a * b) for a, b in zip(out[-1], step)))  # type: ignore[arg-type]
     return out
@@ -67,8 +68,11 @@ def masked_mean_levels(image: Any, weights: Any | None, factors: list[tuple[int,
     import dask.array as da
 
     image = da.asarray(image).astype(np.float32)
-    w = da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=np.float32) if weights is None else (
-        da.asarray(weights) > 0).astype(np.float32)  # fmt: skip
+    w = (
+        da.ones(image.shape[1:], chunks=image.chunks[1:], dtype=np.float32)
+        if weights is None
+        else (da.asarray(weights) > 0).astype(np.float32)
+    )
     num = image * w[None]
     levels = [image]
     for f in factors[1:]:
@@ -128,26 +132,57 @@ def write_ome_zarr(
         sample = np.asarray(image[c, :: max(1, grid.shape[0] // 8), ::4, ::4], dtype=np.float64)
         hi = float(np.percentile(sample[sample > 0], 99.5)) if (sample > 0).any() else 1.0
         windows.append({"min": 0.0, "max": float(sample.max() or 1.0), "start": 0.0, "end": hi})
-    omero = {"channels": [{"label": c, "color": COLOURS[i % len(COLOURS)], "window": windows[i],
-                           "active": i < 3} for i, c in enumerate(channels)]}  # fmt: skip
+    omero = {
+        "channels": [
+            {"label": c, "color": COLOURS[i % len(COLOURS)], "window": windows[i], "active": i < 3}
+            for i, c in enumerate(channels)
+        ]
+    }
     name = path.name.split(".")[0]
     if image_is_label:
-        write_image(da.asarray(image), root, scale_factors=sf, method=Methods.NEAREST, fmt=FormatV05(), axes="czyx",
-                    scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=name, omero=omero)  # fmt: skip
+        write_image(
+            da.asarray(image),
+            root,
+            scale_factors=sf,
+            method=Methods.NEAREST,
+            fmt=FormatV05(),
+            axes="czyx",
+            scale=scale,
+            axes_units=UNITS,
+            storage_options={"chunks": chunks},
+            name=name,
+            omero=omero,
+        )
         _set_transforms(root, _transforms(grid, factors, True))
     else:
-        write_multiscale(masked_mean_levels(image, weights, factors), root, fmt=FormatV05(), axes="czyx",
-                         scale=scale, axes_units=UNITS, storage_options={"chunks": chunks}, name=name)  # fmt: skip
+        write_multiscale(
+            masked_mean_levels(image, weights, factors),
+            root,
+            fmt=FormatV05(),
+            axes="czyx",
+            scale=scale,
+            axes_units=UNITS,
+            storage_options={"chunks": chunks},
+            name=name,
+        )
         _set_transforms(root, _transforms(grid, factors, True))
         meta: dict[str, Any] = root.attrs.asdict()
         meta["ome"]["omero"] = {**omero, "version": "0.5"}  # write_multiscale does not take omero
         root.attrs.put(meta)
     for name, (vol, props) in labels.items():
         write_labels(
-            da.asarray(vol), root, name=name, scaler=None, scale_factors=sf, fmt=FormatV05(), axes="zyx",
-            scale={k: v for k, v in scale.items() if k != "c"}, axes_units=UNITS,
-            storage_options={"chunks": chunks[1:]}, label_metadata={"properties": props},
-        )  # fmt: skip
+            da.asarray(vol),
+            root,
+            name=name,
+            scaler=None,
+            scale_factors=sf,
+            fmt=FormatV05(),
+            axes="zyx",
+            scale={k: v for k, v in scale.items() if k != "c"},
+            axes_units=UNITS,
+            storage_options={"chunks": chunks[1:]},
+            label_metadata={"properties": props},
+        )
         _set_transforms(
             zarr.open_group(str(path / "labels" / name), mode="r+"), _transforms(grid, factors, False)
         )

@@ -142,5 +142,13 @@ class ShardLoss(nn.Module):
 
 
 __all__ = [
-    "DistInfo", "ShardLoss", "allreduce_numpy", "barrier", "cleanup", "device_for", "info", "init_from_env", "shard",
-]  # fmt: skip
+    "DistInfo",
+    "ShardLoss",
+    "allreduce_numpy",
+    "barrier",
+    "cleanup",
+    "device_for",
+    "info",
+    "init_from_env",
+    "shard",
+]

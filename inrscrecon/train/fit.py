@@ -180,8 +180,14 @@ def run_record(
     settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
     settings.update(batch_size=bs, lr=lr)
     enc: Any = encoding if isinstance(encoding, str) else asdict(encoding or EncodingConfig())
-    return {"settings": settings, "encoding": enc, "width": width, "n_layers": n_layers,
-            "loss": asdict(loss_cfg or LossConfig()), "data": data_fingerprint(table)}  # fmt: skip
+    return {
+        "settings": settings,
+        "encoding": enc,
+        "width": width,
+        "n_layers": n_layers,
+        "loss": asdict(loss_cfg or LossConfig()),
+        "data": data_fingerprint(table),
+    }
 
 
 def record_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
@@ -287,8 +293,10 @@ class _SparseValidation:
     ):
         self.source = source
         self.device = device
-        self.chunks = [(rows[s : s + chunk], source.exact_capacity(rows[s : s + chunk]))
-                       for s in range(0, len(rows), chunk)]  # fmt: skip
+        self.chunks = [
+            (rows[s : s + chunk], source.exact_capacity(rows[s : s + chunk]))
+            for s in range(0, len(rows), chunk)
+        ]
         self.dev_rows = (
             [torch.as_tensor(r, device=device) for r, _ in self.chunks]
             if isinstance(source, DeviceTable)
@@ -358,10 +366,17 @@ def _data_source(
         source = device_table_or_none(table, device)
     if source is None:
         return HostBatchFeeder(table, device), {"placement": "CSR batches streamed from host memory"}
-    info = {"placement": f"CSR resident on {device}", "device_bytes": source.nbytes,
-            "bytes_per_cell": source.bytes_per_cell}  # fmt: skip
-    log.info("stack resident on %s: %.1f MB, %.0f bytes per cell", device, source.nbytes / 1e6,
-             source.bytes_per_cell)  # fmt: skip
+    info = {
+        "placement": f"CSR resident on {device}",
+        "device_bytes": source.nbytes,
+        "bytes_per_cell": source.bytes_per_cell,
+    }
+    log.info(
+        "stack resident on %s: %.1f MB, %.0f bytes per cell",
+        device,
+        source.nbytes / 1e6,
+        source.bytes_per_cell,
+    )
     return source, info
 
 
@@ -541,8 +556,9 @@ def fit(
             model.load_state_dict(best_state)
             model.eval()
             model.training_record = {**getattr(model, "training_record", {}), "run": record}
-            return FitResult(model, history, stopped_early=st["stopped"], resumed_finished=True,
-                             data_info=data_info)  # fmt: skip
+            return FitResult(
+                model, history, stopped_early=st["stopped"], resumed_finished=True, data_info=data_info
+            )
 
     def save() -> None:
         if ckpt is None:
@@ -552,14 +568,20 @@ def fit(
             return
         save_checkpoint(
             {
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "extractor": extractor.state_dict() if extractor is not None else {}, "best_model": best_state,
-                "counters": dict(st), "history": history, "rng": _rng_state(), "acc": acc.cpu(),
-                "field_config": cfg.to_json(), "loss_config": json.dumps(asdict(loss_cfg)),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "extractor": extractor.state_dict() if extractor is not None else {},
+                "best_model": best_state,
+                "counters": dict(st),
+                "history": history,
+                "rng": _rng_state(),
+                "acc": acc.cpu(),
+                "field_config": cfg.to_json(),
+                "loss_config": json.dumps(asdict(loss_cfg)),
                 "run": json.dumps(record),
             },
             ckpt,
-        )  # fmt: skip
+        )
         if di.world > 1:
             ddp.barrier()
 

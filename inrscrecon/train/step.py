@@ -110,13 +110,27 @@ class TrainStep:
             factor = _lr_factor_tensor(state[0]["step"], self.total, self.min_lr_ratio)
             beta1, beta2 = group["betas"]
             adam_update(
-                params, [cast(torch.Tensor, p.grad) for p in params], [s["exp_avg"] for s in state],
-                [s["exp_avg_sq"] for s in state], [], [s["step"] for s in state],
-                foreach=group.get("foreach"), capturable=bool(group.get("capturable")), differentiable=False,
-                fused=None, grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
-                beta1=beta1, beta2=beta2, lr=(self.lr * factor).float(), weight_decay=group["weight_decay"],
-                eps=group["eps"], maximize=False,
-            )  # fmt: skip
+                params,
+                [cast(torch.Tensor, p.grad) for p in params],
+                [s["exp_avg"] for s in state],
+                [s["exp_avg_sq"] for s in state],
+                [],
+                [s["step"] for s in state],
+                foreach=group.get("foreach"),
+                capturable=bool(group.get("capturable")),
+                differentiable=False,
+                fused=None,
+                grad_scale=None,
+                found_inf=None,
+                has_complex=False,
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=(self.lr * factor).float(),
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
         for p in params:
             p.grad = None
         acc.add_(parts.double())
@@ -131,8 +145,11 @@ class TrainStep:
                 except Exception as err:  # tracing / code generation failed before the step ran
                     if self.strict or not self._first:
                         raise
-                    log.warning("compiled train step unavailable (%s: %s); running it eager",
-                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+                    log.warning(
+                        "compiled train step unavailable (%s: %s); running it eager",
+                        type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "",
+                    )
                     self.compiled, self._fn = False, self._eager
                     self._first = False
                     return self(acc, host_step, *args)
