@@ -125,16 +125,21 @@ def _sparse_bwd(
     )
 
 
+def _fp32_grads_like(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake (shape-only) fp32 gradients of hidden [B, W], weight [M, W] and bias [M]."""
+    f32 = torch.float32
+    return (
+        hidden.new_empty(hidden.shape, dtype=f32),
+        hidden.new_empty(weight.shape, dtype=f32),
+        hidden.new_empty(weight.shape[0], dtype=f32),
+    )
+
+
 @_sparse_bwd.register_fake
 def _sparse_bwd_fake(
     hidden, weight, bias, indptr, indices, values, row_weight, rowstat, coef, kl_eps, has_kl
 ):
-    f32 = dict(dtype=torch.float32)
-    return (
-        hidden.new_empty(hidden.shape, **f32),
-        hidden.new_empty(weight.shape, **f32),
-        hidden.new_empty(weight.shape[0], **f32),
-    )
+    return _fp32_grads_like(hidden, weight)
 
 
 def _sparse_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -281,12 +286,7 @@ def _dense_bwd(
 
 @_dense_bwd.register_fake
 def _dense_bwd_fake(hidden, weight, bias, target, rowstat, coef, kl_eps, has_kl):
-    f32 = dict(dtype=torch.float32)
-    return (
-        hidden.new_empty(hidden.shape, **f32),
-        hidden.new_empty(weight.shape, **f32),
-        hidden.new_empty(weight.shape[0], **f32),
-    )
+    return _fp32_grads_like(hidden, weight)
 
 
 def _dense_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
