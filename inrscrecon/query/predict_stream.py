@@ -10,7 +10,6 @@ is renamed onto ``out`` only when complete.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from inrscrecon.data.atomic import commit
 from inrscrecon.data.io import check_writable
 from inrscrecon.errors import InputError
 from inrscrecon.field.model import INRField
@@ -29,17 +29,6 @@ from inrscrecon.query.domain_check import check_domain
 from inrscrecon.query.predict import LOG1P_UNS, X_NOTE, gene_indices, predict, query_obs_frame
 
 X_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary file or folder onto ``final`` (replacing what was there)."""
-    if final.is_dir() and not final.is_symlink():
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, trash / final.name)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def predict_to_file(
@@ -97,7 +86,7 @@ def predict_to_file(
             x.attrs.update(X_ATTRS)
             _fill(model, xyz, genes, x, batch_size, progress)
             zarr.consolidate_metadata(str(tmp))  # anndata reads the consolidated listing: include X
-        replace_dir(tmp, out)
+        commit(tmp, out)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return out
@@ -133,4 +122,4 @@ def query_obs(path: str | Path) -> pd.DataFrame | None:
     return None
 
 
-__all__ = ["predict_to_file", "query_obs", "replace_dir"]
+__all__ = ["predict_to_file", "query_obs"]
