@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 
 from inrscrecon.data.device_table import DeviceTable
 from inrscrecon.data.stack import CellTable
+from inrscrecon.evaluate import cpu_name
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import FieldConfig, INRField
@@ -86,15 +86,7 @@ def _sync(dev: torch.device) -> None:
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def bf16_peak_tflops(dev: torch.device) -> float | None:

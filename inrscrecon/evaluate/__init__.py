@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from inrscrecon.evaluate.tasks import EvalConfig, SplitResult
 
-__all__ = ["EvalResult", "evaluate", "machine"]
+__all__ = ["EvalResult", "cpu_name", "evaluate", "machine"]
 
 
 @dataclass
@@ -37,22 +37,26 @@ class EvalResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where readable, else the platform's word for it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu
+
+
 def machine() -> str:
     """One line describing this machine (CPU, cores, torch threads, Python, torch)."""
     import os
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"Python {sys.version.split()[0]}"
     )
 
