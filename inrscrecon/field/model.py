@@ -1,19 +1,38 @@
 """The field f(x, y, z) → expression of M genes: encoding → MLP trunk → softplus head (DESIGN §2).
 
-Coordinates enter in physical units (µm) and are normalised inside with one isotropic scale:
-``c = (xyz − center) / scale`` so that the training cells lie in [−1, 1]³ along their longest axis.
+Coordinate frame (docs/coordinates.md). Coordinates enter in physical units (µm) and are normalised inside:
+``c = (xyz − center) / scale`` with one isotropic scale, so that the training cells lie in [−1, 1] along
+their longest axis, and then ``c_z ← z_stretch · c_z`` (x, y unchanged). A serial-section stack is flat (on
+Visium DLPFC z spans ≈ 5 % of the cube), so with ``z_stretch = 1`` the encoding's bands barely vary along z;
+``z_stretch > 1`` gives z more bandwidth without touching the encoding or the fused Fourier trunk, which only
+ever see normalised coordinates. Everything outside the field (tissue frame, out-of-domain checks, render
+grids, section knots) stays in µm.
+
+Section codes (``section_code_dim = D > 0``, NeRF-W-style appearance embedding): one learned vector per
+training section (``section_codes`` [S, D], initialised to 0) at the section's z (``section_knots_z``, µm);
+the code at any z is the linear interpolation between the two knots around it (clamped outside the knot
+range) and enters the features as ``hidden = trunk(enc(c)) + code(z) @ code_projᵀ``. The head being linear in
+the features, this is a rank-D per-section gene-wise offset on the head's pre-activation, so every fused
+head + loss kernel works unchanged. A training cell sits on its section's knot and gets exactly its code; a
+held-out section between two training sections gets its neighbours' codes interpolated in z
+(:meth:`INRField.code_use` says which, and warns once).
 
 Model file (one ``.safetensors``): the state dict's tensors, and string metadata ``kind`` =
 ``inrscrecon.INRField``, ``format`` (:data:`FORMAT_VERSION`), ``config`` (:class:`FieldConfig` as JSON) and,
 from format 2 on, ``training`` (JSON: how the model was fitted, e.g. the held-out sections). Loading checks
 every part against this schema (:func:`check_model_file`): a supported format, config keys that are fields of
-the config dataclasses, tensor names and shapes that the config implies, finite weights.
+the config dataclasses, tensor names and shapes that the config implies, finite weights. Format 3 adds the
+config fields ``z_stretch``, ``section_code_dim``, ``section_knots_z`` (and the tensors ``section_codes``,
+``code_proj.weight`` when codes are on); files of formats 1 and 2 load with their defaults (isotropic, no
+codes) and predict exactly as before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,10 +46,13 @@ from torch import nn
 from inrscrecon.field.encoding import EncodingConfig, PositionalEncoding
 from inrscrecon.field.mlp import Trunk
 
-#: Version written by :meth:`INRField.save`. 1: tensors + config; 2: adds the ``training`` record.
-FORMAT_VERSION = 2
-SUPPORTED_FORMATS = (1, 2)
+#: Version written by :meth:`INRField.save`. 1: tensors + config; 2: adds the ``training`` record;
+#: 3: anisotropic frame (``z_stretch``) and per-section codes (``section_code_dim``, ``section_knots_z``).
+FORMAT_VERSION = 3
+SUPPORTED_FORMATS = (1, 2, 3)
 KIND = "inrscrecon.INRField"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +72,14 @@ class FieldConfig:
     section_z: list[float] = field(default_factory=list)
     tissue: list[list[list[list[float]]]] = field(default_factory=list)
     spot_um: float = 0.0
+    # anisotropic frame: normalised z is multiplied by z_stretch (x, y unchanged); 1 = isotropic (format ≤ 2)
+    z_stretch: float = 1.0
+    # per-section appearance codes of this width (0 = off), one per training section at its z (µm, sorted)
+    section_code_dim: int = 0
+    section_knots_z: list[float] = field(default_factory=list)
+    # training loss: "rmse" | "poisson" | "nb"; count models read η = h·Wᵀ + b as the log-rate per 1e4 counts
+    # (the prediction stays softplus(η)); "nb" adds the gene-wise log dispersion ``log_theta`` [M]
+    likelihood: str = "rmse"
 
     @staticmethod
     def frame_for(coords: np.ndarray, margin: float = 1.02) -> tuple[tuple[float, float, float], float]:
@@ -68,11 +98,39 @@ class FieldConfig:
         return config_from_dict(json.loads(text), "config")
 
 
+def interpolate_codes(
+    z: torch.Tensor,  # [N] normalised z
+    knots: torch.Tensor,  # [S] normalised z of the sections, strictly increasing
+    codes: torch.Tensor,  # [S, D]
+) -> torch.Tensor:
+    """Per-point code [N, D]: linear interpolation of ``codes`` between the two knots around each z, the
+    first / last code outside the knot range. Exact at a knot (weights 1 and 0)."""
+    s = knots.shape[0]
+    if s == 1:
+        return codes.expand(z.shape[0], codes.shape[1])
+    z = z.to(knots.dtype).contiguous()
+    hi = torch.searchsorted(knots, z, right=True).clamp(1, s - 1)
+    lo = hi - 1
+    k_lo, k_hi = knots[lo], knots[hi]
+    t = ((z - k_lo) / (k_hi - k_lo)).clamp(0.0, 1.0)[:, None].to(codes.dtype)
+    return (1 - t) * codes[lo] + t * codes[hi]
+
+
+class InterpolatedCodesWarning(UserWarning):
+    """Query points between (or beyond) the training sections got z-interpolated (or clamped) section codes."""
+
+
 class INRField(nn.Module):
-    """Encoding + trunk + gene head. ``forward`` takes normalised coords [N, 3] and returns [N, M] ≥ 0."""
+    """Encoding + trunk (+ section codes) + gene head. ``forward`` takes normalised coords [N, 3] and returns
+    [N, M] ≥ 0."""
 
     center: torch.Tensor
     scale: torch.Tensor
+    stretch: torch.Tensor  # [3]: (1, 1, z_stretch)
+    knots: torch.Tensor  # [S]: section knots in normalised z
+    section_codes: nn.Parameter | None
+    log_theta: nn.Parameter | None  # [M] NB models only
+    code_proj: nn.Linear | None
 
     def __init__(self, cfg: FieldConfig):
         super().__init__()
@@ -82,15 +140,86 @@ class INRField(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.n_genes)
         self.register_buffer("center", torch.tensor(cfg.center, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(cfg.scale, dtype=torch.float32))
+        # derived from the config, so not saved: the frame's z stretch and the knots in normalised z (computed
+        # with the same float32 operations as normalize, so a cell at a knot's z lands exactly on it)
+        stretch = torch.tensor([1.0, 1.0, cfg.z_stretch], dtype=torch.float32)
+        self.register_buffer("stretch", stretch, persistent=False)
+        knots = torch.tensor(cfg.section_knots_z, dtype=torch.float32).reshape(-1)
+        self.register_buffer("knots", (knots - self.center[2]) / self.scale * stretch[2], persistent=False)
+        if cfg.section_code_dim > 0:
+            if not cfg.section_knots_z:
+                raise ValueError("section_code_dim > 0 needs section_knots_z (one z per training section)")
+            self.section_codes = nn.Parameter(torch.zeros(len(cfg.section_knots_z), cfg.section_code_dim))
+            self.code_proj = nn.Linear(cfg.section_code_dim, cfg.width, bias=False)
+        else:
+            self.section_codes, self.code_proj = None, None
+        # NB dispersion θ_g = exp(log_theta_g), trained with the field; θ = 10 at the start
+        nb = cfg.likelihood == "nb"
+        self.log_theta = nn.Parameter(torch.full((cfg.n_genes,), math.log(10.0))) if nb else None
         self.training_record: dict[str, Any] = {}  # how the model was fitted (saved with it, format ≥ 2)
 
     def normalize(self, xyz: torch.Tensor) -> torch.Tensor:
-        """Physical coordinates [N, 3] (µm) → normalised [N, 3]."""
-        return (xyz.to(self.center.dtype) - self.center) / self.scale
+        """Physical coordinates [N, 3] (µm) → normalised [N, 3]: isotropic frame, then z × z_stretch."""
+        return (xyz.to(self.center.dtype) - self.center) / self.scale * self.stretch
+
+    def code_term(self, coords: torch.Tensor) -> torch.Tensor:
+        """Section-code contribution to the features: code(z) @ code_projᵀ, normalised coords [N, 3] → [N, W].
+        Only for a model with codes (``section_code_dim > 0``)."""
+        assert self.section_codes is not None and self.code_proj is not None, "the model has no section codes"
+        code = interpolate_codes(coords[:, 2], self.knots, self.section_codes)
+        return self.code_proj(code)
+
+    def with_codes(self, hidden: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Trunk features [N, W] plus the section-code term at normalised coords [N, 3] (unchanged without
+        codes): what a fused trunk's output needs to equal :meth:`hidden`."""
+        if self.section_codes is None:
+            return hidden
+        return hidden + self.code_term(coords).to(hidden.dtype)
 
     def hidden(self, coords: torch.Tensor) -> torch.Tensor:
-        """Normalised coords [N, 3] → trunk features [N, W]."""
-        return self.trunk(self.encoding(coords))
+        """Normalised coords [N, 3] → features [N, W]: trunk(encoding) (+ the section-code term)."""
+        return self.with_codes(self.trunk(self.encoding(coords)), coords)
+
+    def code_use(self, xyz: np.ndarray, warn: bool = True) -> dict[str, Any] | None:
+        """Which section codes queries at xyz [N, 3] (µm) get; None for a model without codes.
+
+        Returns ``{"knots_z_um", "n_at_knot", "n_interpolated", "n_clamped", "interpolated_between"}`` (the
+        last: ``[[z_lo, z_hi, n_points], ...]`` µm, the knot pairs whose codes were interpolated). With ``warn``
+        one :class:`InterpolatedCodesWarning` says so when any point is off the knots."""
+        if self.section_codes is None:
+            return None
+        knots = np.asarray(self.cfg.section_knots_z, dtype=np.float64)
+        z = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)[:, 2]
+        tol = 1e-6 * max(float(self.cfg.scale), 1.0)  # float32 rounding of µm coordinates
+        near = np.abs(z[:, None] - knots[None, :]).min(axis=1) <= tol if len(z) else np.zeros(0, bool)
+        clamped = ~near & ((z < knots[0]) | (z > knots[-1]))
+        between = ~near & ~clamped
+        hi = np.searchsorted(knots, z[between], side="right")
+        pairs = [
+            [float(knots[h - 1]), float(knots[h]), int(n)] for h, n in zip(*np.unique(hi, return_counts=True))
+        ]
+        rec = {
+            "knots_z_um": [float(k) for k in knots],
+            "n_at_knot": int(near.sum()),
+            "n_interpolated": int(between.sum()),
+            "n_clamped": int(clamped.sum()),
+            "interpolated_between": pairs,
+        }
+        if warn and (pairs or clamped.any()):
+            parts = []
+            if pairs:
+                said = "; ".join(f"z={a:g} and {b:g} µm ({n} points)" for a, b, n in pairs[:4])
+                more = f" and {len(pairs) - 4} more pairs" if len(pairs) > 4 else ""
+                parts.append(f"section codes interpolated in z between sections at {said}{more}")
+            if clamped.any():
+                parts.append(
+                    f"{int(clamped.sum())} points beyond the training sections (z={knots[0]:g}..{knots[-1]:g} "
+                    "µm) take the nearest end section's code"
+                )
+            msg = "; ".join(parts)
+            log.info(msg)
+            warnings.warn(msg, InterpolatedCodesWarning, stacklevel=2)
+        return rec
 
     def head_out(self, hidden: torch.Tensor, gene_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden [N, W] → softplus head [N, M] or only the rows ``gene_idx`` [K] of the head → [N, K]."""
@@ -109,6 +238,12 @@ class INRField(nn.Module):
         mean-profile baseline instead of softplus(0) everywhere."""
         y = mean_expr.to(self.head.bias).clamp_min(1e-3)
         self.head.bias.copy_(y + torch.log(-torch.expm1(-y)))
+
+    @torch.no_grad()
+    def init_count_bias(self, mean_rate: torch.Tensor) -> None:
+        """Start a count model at the mean profile: bias = log(mean normalised rate [M] per 1e4 counts),
+        clamped to ≥ log(1e-3), so exp(η) starts at each gene's mean rate."""
+        self.head.bias.copy_(torch.log(mean_rate.to(self.head.bias).clamp_min(1e-3)))
 
     def save(self, path: str | Path, training: dict[str, Any] | None = None) -> None:
         """Weights + config in one safetensors file (config JSON in its metadata), written atomically.
@@ -130,7 +265,7 @@ class INRField(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> INRField:
-        """Load a field saved by :meth:`save` (format 1 or 2; safetensors: no pickled objects are executed).
+        """Load a field saved by :meth:`save` (format 1, 2 or 3; safetensors: no pickled objects are executed).
 
         Raises InputError naming the file and the offending field for anything that does not match the schema.
         """
@@ -220,6 +355,29 @@ def config_from_dict(d: Any, where: str) -> FieldConfig:
         )
     if len(set(genes)) < len(genes):
         raise InputError(f"{where}: model metadata config.genes has duplicate names")
+    if d.get("likelihood", "rmse") not in ("rmse", "poisson", "nb"):
+        raise InputError(
+            f"{where}: model metadata config.likelihood = {d['likelihood']!r} is not rmse, poisson or nb"
+        )
+    z_stretch = d.get("z_stretch", 1.0)
+    if not (_finite(z_stretch) and z_stretch > 0):
+        raise InputError(f"{where}: model metadata config.z_stretch = {z_stretch!r} is not a positive number")
+    _positive_int(d, "section_code_dim", "config", where, minimum=0)
+    knots = d.get("section_knots_z", [])
+    if not (isinstance(knots, list) and all(_finite(k) for k in knots)):
+        raise InputError(
+            f"{where}: model metadata config.section_knots_z = {knots!r} is not a list of numbers"
+        )
+    if any(b <= a for a, b in zip(knots[:-1], knots[1:])):
+        raise InputError(
+            f"{where}: model metadata config.section_knots_z = {knots!r} is not strictly increasing "
+            "(one z per training section, sorted)"
+        )
+    if d.get("section_code_dim", 0) > 0 and not knots:
+        raise InputError(
+            f"{where}: model metadata config.section_code_dim = {d['section_code_dim']} but "
+            "config.section_knots_z is empty (one z per training section)"
+        )
     d = dict(d, encoding=EncodingConfig(**enc), center=tuple(float(c) for c in center))
     try:
         return FieldConfig(**d)
@@ -276,9 +434,14 @@ def check_model_file(
     for name, shape in expected.items():
         t = state[name]
         if tuple(t.shape) != shape:
+            codes = (
+                f", section_code_dim={cfg.section_code_dim}, {len(cfg.section_knots_z)} section knots"
+                if cfg.section_code_dim
+                else ""
+            )
             raise InputError(
                 f"{where}: tensor {name!r} has shape {list(t.shape)} but the config (n_genes={cfg.n_genes}, "
-                f"width={cfg.width}, n_layers={cfg.n_layers}) implies {list(shape)}"
+                f"width={cfg.width}, n_layers={cfg.n_layers}{codes}) implies {list(shape)}"
             )
         if not t.is_floating_point():
             raise InputError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
