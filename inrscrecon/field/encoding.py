@@ -18,8 +18,13 @@ from torch import nn
 class EncodingConfig:
     """Which encoding and its bandwidth.
 
-    kind: ``"fourier"`` (log-spaced bands 2^k π, k = 0..n_bands-1) or ``"gaussian"`` (random Fourier
-    features, B ~ N(0, sigma²), features sin/cos(2π B c)).
+    kind: ``"fourier"`` (log-spaced bands 2^k π, k = 0..n_bands-1), ``"gaussian"`` (random Fourier
+    features, B ~ N(0, sigma²), features sin/cos(2π B c)) or ``"hashgrid"`` (multi-resolution hash grid,
+    :mod:`inrscrecon.field.hashgrid`: ``levels`` levels of ``features_per_level`` learned features, grid
+    resolution geometric from ``base_resolution`` to ``max_resolution`` vertices across [−1, 1], at most
+    2^``log2_table_size`` table rows per level). The hash-grid defaults suit tissue sections: the finest
+    level (64 across the cube) is about one Visium spot spacing, finer levels would fit spot noise; with
+    few sections the z axis sees only a few vertices per level either way.
     """
 
     kind: str = "fourier"
@@ -28,6 +33,11 @@ class EncodingConfig:
     n_features: int = 64
     include_input: bool = True
     seed: int = 0
+    levels: int = 8
+    features_per_level: int = 2
+    log2_table_size: int = 15
+    base_resolution: int = 4
+    max_resolution: int = 64
 
 
 def fourier_encode(coords: torch.Tensor, n_bands: int, include_input: bool = True) -> torch.Tensor:
@@ -51,14 +61,15 @@ def gaussian_encode(coords: torch.Tensor, basis: torch.Tensor, include_input: bo
 
 
 class PositionalEncoding(nn.Module):
-    """nn.Module wrapper around the two encodings; ``out_dim`` is the feature width."""
+    """nn.Module wrapper around the encodings; ``out_dim`` is the feature width. A hash grid's table is the
+    parameter ``hashgrid.table`` (in the state dict); its implementation is ``hashgrid.impl`` (auto)."""
 
     basis: torch.Tensor
 
     def __init__(self, cfg: EncodingConfig, in_dim: int = 3):
         super().__init__()
-        if cfg.kind not in ("fourier", "gaussian"):
-            raise ValueError(f"encoding kind must be 'fourier' or 'gaussian', got {cfg.kind!r}")
+        if cfg.kind not in ("fourier", "gaussian", "hashgrid"):
+            raise ValueError(f"encoding kind must be 'fourier', 'gaussian' or 'hashgrid', got {cfg.kind!r}")
         self.cfg = cfg
         self.in_dim = in_dim
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -67,8 +78,23 @@ class PositionalEncoding(nn.Module):
         inp = in_dim if cfg.include_input else 0
         n_freq = in_dim * cfg.n_bands if cfg.kind == "fourier" else cfg.n_features
         self.out_dim = inp + 2 * n_freq
+        if cfg.kind == "hashgrid":
+            from inrscrecon.field.hashgrid import HashGrid
+
+            self.hashgrid = HashGrid(
+                cfg.levels,
+                cfg.features_per_level,
+                cfg.log2_table_size,
+                cfg.base_resolution,
+                cfg.max_resolution,
+                seed=cfg.seed,
+            )
+            self.out_dim = inp + self.hashgrid.out_dim
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:  # coords: [N, 3] in [-1, 1]
+        if self.cfg.kind == "hashgrid":
+            feats = self.hashgrid(coords)  # [N, L·F] fp32
+            return torch.cat([coords.to(feats.dtype), feats], dim=1) if self.cfg.include_input else feats
         if self.cfg.kind == "fourier":
             return fourier_encode(coords, self.cfg.n_bands, self.cfg.include_input)
         return gaussian_encode(coords, self.basis.to(coords.dtype), self.cfg.include_input)
