@@ -204,10 +204,9 @@ def _fit(args: argparse.Namespace) -> int:
     def checkpoint_for(e: EncodingConfig) -> Path:
         return ckpt.with_name(f"{ckpt.stem}.L{e.n_bands}{ckpt.suffix}")
 
-    auto = args.bands == "auto"
-    spec = (
-        "auto" if auto else EncodingConfig(args.encoding, int(args.bands), sigma=args.sigma, seed=args.seed)
-    )
+    auto = args.bands == "auto" and args.encoding != "hashgrid"  # a hash grid has no bands to choose
+    n_bands = 4 if args.bands == "auto" else int(args.bands)
+    spec = "auto" if auto else EncodingConfig(args.encoding, n_bands, sigma=args.sigma, seed=args.seed)
     run = run_record(table, spec, args.width, args.layers, loss, tc)
     ckpts = [checkpoint_for(e) for e in DEFAULT_CANDIDATES] if auto else [ckpt]
     resume = plan_resume(out, ckpts, run, args.resume, args.resume_or_start)
@@ -229,7 +228,7 @@ def _fit(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{c['name']}: {c['val_rmse']:.4f}" for c in sel.candidates)
             print(f"encoding chosen on validation RMSE: {describe(sel.encoding)} ({scores})")
     else:
-        enc = EncodingConfig(kind=args.encoding, n_bands=int(args.bands), sigma=args.sigma, seed=args.seed)
+        enc = EncodingConfig(kind=args.encoding, n_bands=n_bands, sigma=args.sigma, seed=args.seed)
         result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=resume)
     distributed.barrier()
     if not di.main:  # rank 0 alone writes the model and reports
@@ -355,7 +354,7 @@ def _add_fit(sub) -> None:
     )
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--layers", type=positive_int, default=4)
-    p.add_argument("--encoding", choices=["fourier", "gaussian"], default="fourier")
+    p.add_argument("--encoding", choices=["fourier", "gaussian", "hashgrid"], default="fourier")
     p.add_argument(
         "--bands",
         type=_bands,

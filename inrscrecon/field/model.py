@@ -334,12 +334,14 @@ def config_from_dict(d: Any, where: str) -> FieldConfig:
     _positive_int(d, "n_layers", "config", where, minimum=0)
     enc = d.get("encoding", {})
     _check_keys(enc, EncodingConfig, "config.encoding", where)
-    if enc.get("kind", "fourier") not in ("fourier", "gaussian"):
+    if enc.get("kind", "fourier") not in ("fourier", "gaussian", "hashgrid"):
         raise InputError(
-            f"{where}: model metadata config.encoding.kind = {enc['kind']!r} is not fourier or gaussian"
+            f"{where}: model metadata config.encoding.kind = {enc['kind']!r} is not fourier, gaussian or hashgrid"
         )
     for key in ("n_bands", "n_features"):
         _positive_int(enc, key, "config.encoding", where, minimum=0)
+    for key in ("levels", "features_per_level", "log2_table_size", "base_resolution", "max_resolution"):
+        _positive_int(enc, key, "config.encoding", where)
     center = d.get("center", (0.0, 0.0, 0.0))
     if not (isinstance(center, list | tuple) and len(center) == 3 and all(_finite(c) for c in center)):
         raise InputError(f"{where}: model metadata config.center = {center!r} is not three finite numbers")

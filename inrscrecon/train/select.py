@@ -29,7 +29,9 @@ DEFAULT_CANDIDATES: tuple[EncodingConfig, ...] = (
 
 
 def describe(enc: EncodingConfig) -> str:
-    """Short name of an encoding, e.g. ``fourier L=4`` or ``gaussian σ=1``."""
+    """Short name of an encoding, e.g. ``fourier L=4``, ``gaussian σ=1`` or ``hashgrid 8×2 4–64``."""
+    if enc.kind == "hashgrid":
+        return f"hashgrid {enc.levels}×{enc.features_per_level} {enc.base_resolution}–{enc.max_resolution}"
     return f"fourier L={enc.n_bands}" if enc.kind == "fourier" else f"gaussian σ={enc.sigma:g}"
 
 
