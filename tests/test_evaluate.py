@@ -226,22 +226,47 @@ def test_evaluate_end_to_end(stack, tmp_path):
     assert len(pngs) == 4 and all(p.stat().st_size < 300_000 for p in pngs)
     details = json.loads((tmp_path / "details.json").read_text())
     assert details[0]["chosen"]["inr_selection"]["encoding"] in ("fourier L=1", "fourier L=2")
+    assert details[0]["chosen"]["selection"]["mode"] == "spots"  # intra: random validation spots
     assert details[0]["chosen"]["knn"]["params"]["k"] in tuning.KNN_KS
 
 
 def test_method_labels_name_the_loss_and_mark_fits_default():
+    from inrscrecon.evaluate.inr import INR_METHODS
     from inrscrecon.evaluate.report import METHOD_LABELS, fit_default_method, markdown_table, method_label
     from inrscrecon.field.losses import LossConfig
 
     default = fit_default_method()
-    assert (
-        LossConfig.preset({"inr": "full", "inr_no_rc": "no_rc", "inr_rmse": "rmse"}[default]) == LossConfig()
-    )
+    assert default == "inr_rmse" and INR_METHODS[default].loss_config() == LossConfig()
     assert method_label(default).endswith("(fit default)")
     assert [m for m in METHOD_LABELS if method_label(m).endswith("(fit default)")] == [default]
     cell = {"mean": 0.5, "sd": 0.1}
     table = markdown_table({"inter": {"inr": {"pearson": cell}, "inr_rmse": {"pearson": cell}}})
     assert "| INR, paper loss (RMSE + RC + KL) | " in table and "| inr |" not in table
+    assert set(INR_METHODS) <= set(METHOD_LABELS)  # every method key has a readable label
+
+
+def test_report_renders_readable_names_from_saved_json(tmp_path):
+    """results.md is rebuilt from results.json + run.json with labels and task titles; the JSON stay as
+    they were (keys kept)."""
+    from inrscrecon.evaluate.report import render_markdown, task_title, write_results
+
+    cell = {"mean": 0.3, "sd": 0.01}
+    results = {
+        "inter_dlpfc": {m: {"pearson": cell, "ari": cell} for m in ("inr_nb", "inr_rmse", "gaussian")},
+        "intra_paper_dlpfc": {"inr_rmse": {"ari_gmm": cell}, "true_expression": {"ari_gmm": cell}},
+    }
+    meta = {"command": "x", "machine": "m", "date": "d", "wall_s": 1.0, "notes": "\nNOTES"}
+    write_results(tmp_path, results, [], meta, reported={"intra_paper_dlpfc": {"paper": (0.65, 0.7)}})
+    before = {p: (tmp_path / p).read_text() for p in ("results.json", "run.json")}
+    (tmp_path / "results.md").write_text("| inr_nb | stale |")
+    md = render_markdown(tmp_path).read_text()
+    assert {p: (tmp_path / p).read_text() for p in before} == before
+    assert "### Inter-slice prediction (held-out section) — DLPFC (`inter_dlpfc`)" in md
+    assert "paper protocol (scored on the complete section) — DLPFC" in md
+    assert "| INR, negative-binomial count loss |" in md and "| inr_nb |" not in md
+    assert "| Gaussian-kernel smoother (tuned bandwidth) |" in md and "0.65 (reported)" in md
+    assert md.rstrip().endswith("NOTES") and "stale" not in md
+    assert task_title("inter") == "Inter-slice prediction (held-out section)" and task_title("zzz") == "zzz"
 
 
 def test_evaluate_3d_and_inter(stack):
@@ -293,3 +318,108 @@ def test_real_dlpfc_fast(tmp_path):
     assert m["gaussian"]["pearson"]["mean"] > 0.05 and m["mean_profile"]["pearson"]["mean"] == 0.0
     assert -0.1 < m["true_expression"]["ari"]["mean"] < 1.0
     assert (tmp_path / "results.json").exists()
+
+
+# ---------------------------------------------------------------- held-out-section choices (inter)
+
+
+def test_fold_table_makes_fit_validate_on_the_section(stack):
+    from inrscrecon.evaluate.inr import fold_table, interior_sections
+
+    _, table = stack
+    names = sorted(table.sections())
+    assert interior_sections(table) == names[1:-1]
+    ft, frac = fold_table(table, names[2], seed=5)
+    _, val_rows = tuning.validation_split(ft.n_cells, frac, 5)
+    assert set(ft.section[val_rows]) == {names[2]} and len(val_rows) == int((table.section == names[2]).sum())
+    assert sorted(ft.obs_names) == sorted(table.obs_names)  # a reordering, nothing lost
+
+
+def test_loso_choice_and_refit(stack):
+    """Inter: candidates scored on held-out interior training sections; the lowest mean wins; the final model
+    is refitted on every training cell for the chosen number of steps."""
+    from inrscrecon.evaluate.inr import INR_METHODS, candidates, choose_and_fit, steps_per_epoch
+    from inrscrecon.evaluate.tasks import train_config
+
+    _, table = stack
+    names = sorted(table.sections())
+    tr = table.subset(table.section != names[1])  # training sections 0, 2, 3 → interior fold: 2
+    cfg = replace(TINY, steps=30)
+    cands = candidates(INR_METHODS["inr_rmse"], cfg.candidates, None)
+    got = choose_and_fit(
+        tr, INR_METHODS["inr_rmse"], cands, 16, 1, lambda n: train_config(cfg, n, 0), [names[2]]
+    )
+    rec = got.record
+    assert rec["selection"] == "sections" and rec["folds"] == [names[2]]
+    assert [c["name"] for c in rec["candidates"]] == ["fourier L=1", "fourier L=2"]
+    best = min(rec["candidates"], key=lambda c: c["val_rmse"])
+    assert rec["chosen"] == best["name"] and rec["val_rmse"] == best["val_rmse"]
+    per = steps_per_epoch(tr.n_cells, cfg.batch_size)
+    assert rec["refit_epochs"] == max(1, -(-best["best_steps"][0] // per))
+    assert len(got.result.history) == rec["refit_epochs"]  # no early stop, no cells held back
+    assert got.result.model.training_record["run"]["settings"]["val_fraction"] == 0.0
+
+
+def test_loso_baselines_use_fold_means_then_all_cells():
+    rng = np.random.default_rng(7)
+    z = np.repeat([0.0, 10.0, 20.0, 30.0], 150)
+    xyz = np.column_stack([rng.uniform(0, 100, (600, 2)), z])
+    sec = np.repeat(["a", "b", "c", "d"], 150)
+    expr = (np.sin(xyz[:, :1] / 20) + z[:, None] / 30 + rng.normal(0, 0.3, (600, 1))).astype(np.float32)
+    q = np.column_stack([rng.uniform(0, 100, (30, 2)), np.full(30, 15.0)])
+    out = tuning.tuned_baselines_sections(xyz, expr, sec, ["b", "c"], q)
+    assert set(out) == {"mean_profile", "knn", "gaussian", "linear_z"}
+    fits = [sec != h for h in ("b", "c")]
+    per_fold = [tuning.tune_knn(xyz[f], expr[f], xyz[~f], expr[~f], q[:1]).scores for f in fits]
+    mean = {k: np.mean([s[k] for s in per_fold]) for k in per_fold[0]}
+    k = min(mean, key=mean.get)
+    assert out["knn"].params["k"] == float(k)
+    np.testing.assert_allclose(
+        out["knn"].prediction, baselines.knn_interpolate(xyz, expr, q, int(k)), rtol=1e-6
+    )
+    # linear in z between sections: linear-z with the right k beats the mean profile on the held-out folds
+    assert out["linear_z"].val_rmse < out["mean_profile"].val_rmse
+
+
+def test_inter_split_chooses_on_training_sections_only(stack):
+    from inrscrecon.evaluate.tasks import run_split
+
+    _, table = stack
+    names = sorted(table.sections())
+    lab = table.labels["domain"]
+    split = inter_splits(table, lab, [names[1]], [0])[0]
+    cfg = replace(TINY, steps=10, ablations=("inr_rmse",), candidates=(EncodingConfig("fourier", n_bands=1),))
+    res = run_split(split, cfg)
+    assert res.chosen["selection"] == {"mode": "sections", "folds": [names[2]]}
+    assert names[1] not in res.chosen["selection"]["folds"]
+    assert res.chosen["gaussian"]["params"]["factor"] in tuning.BANDWIDTH_FACTORS
+    assert np.isfinite(res.metrics["inr_rmse"]["pearson"])
+    # with spots selection the old protocol is kept
+    res2 = run_split(split, replace(cfg, inter_selection="spots"))
+    assert res2.chosen["selection"]["mode"] == "spots"
+
+
+# ---------------------------------------------------------------- paper protocol
+
+
+def test_cli_paper_protocol(tmp_path, stack):
+    from inrscrecon.cli import main
+    from inrscrecon.data.io import write_h5ad
+
+    sections, _ = stack
+    path = str(write_h5ad(sections[0].copy(), tmp_path / "one.h5ad"))
+    out = tmp_path / "paper"
+    assert main(["evaluate", "--task", "inter", path, "--protocol", "paper", "--out", str(out)]) == 2
+    argv = ["evaluate", "--task", "intra", path, "--protocol", "paper", "--label-key", "domain", "--seeds", "1",
+            "--genes", "40", "--steps", "10", "--width", "16", "--layers", "1", "--bands", "1",
+            "--ablations", "inr_rmse", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"intra_paper"}
+    assert {"ari", "ari_gmm"} <= set(results["intra_paper"]["inr_rmse"])
+    details = json.loads((out / "details.json").read_text())
+    n_section = sections[0].n_obs
+    assert details[0]["n_test"] == n_section and details[0]["n_train"] == n_section // 2  # scored on all
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert cfg["protocol"] == "paper" and cfg["n_pcs"] == 30 and cfg["n_genes"] == 40
+    assert "paper protocol" in (out / "results.md").read_text()

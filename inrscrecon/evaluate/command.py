@@ -42,7 +42,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_units_flag(p)
     p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default 3)")
     p.add_argument(
-        "--genes", type=positive_int, default=500, help="top variable shared genes evaluated (default 500)"
+        "--genes",
+        type=positive_int,
+        help="top variable shared genes evaluated (default 500; 3000 with --protocol paper)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["ours", "paper"],
+        default="ours",
+        help="paper: intra-slice completion scored on the complete section (training + dropped spots), "
+        "3000 genes, PCA 30 + GMM and k-means, as the INRScrecon paper scores it (default: ours)",
+    )
+    p.add_argument(
+        "--hvg",
+        choices=["pooled", "batch"],
+        default="pooled",
+        help="gene selection: pooled variance, or per section and combined (Seurat v3 rule; default pooled)",
+    )
+    p.add_argument(
+        "--inter-selection",
+        choices=["sections", "spots"],
+        default="sections",
+        help="inter: choose knobs on held-out interior training sections (default) or on random spots",
     )
     p.add_argument("--steps", type=count, default=1000, help="optimizer steps per fit (0: use --epochs)")
     p.add_argument("--epochs", type=positive_int, default=60)
@@ -62,7 +83,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=7,
         help="k of the k-means domains when there is no --label-key",
     )
-    p.add_argument("--ablations", default="inr,inr_no_rc,inr_rmse", help="INR variants (comma-separated)")
+    p.add_argument(
+        "--ablations",
+        default="inr,inr_no_rc,inr_rmse",
+        help="INR methods (comma-separated): inr, inr_no_rc, inr_rmse, inr_poisson, inr_nb, inr_zstretch, "
+        "inr_codes, inr_hashgrid",
+    )
     p.add_argument(
         "--no-neighbours", action="store_true", help="intra: skip the with-neighbouring-sections setting"
     )
@@ -103,8 +129,17 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise InputError(f"unknown ablation {bad[0]!r}; choose from {list(INR_METHODS)}")
     holdout = parse_names(args.holdout) or None
+    paper = args.protocol == "paper"
+    if paper and args.task != "intra":
+        raise InputError(
+            f"--protocol paper scores intra-slice completion; use --task intra, not {args.task!r}"
+        )
     cfg = EvalConfig(
-        n_genes=args.genes,
+        n_genes=args.genes or (3000 if paper else 500),
+        protocol=args.protocol,
+        n_pcs=30 if paper else EvalConfig.n_pcs,
+        gene_selection=args.hvg,
+        inter_selection=args.inter_selection,
         width=args.width,
         n_layers=args.layers,
         epochs=args.epochs,
@@ -115,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         ablations=ablations,
         band=(band[0], band[1]),
         n_domains=args.domains,
-        intra_settings=("alone",) if args.no_neighbours else ("alone", "neighbours"),
+        intra_settings=("alone",) if args.no_neighbours or paper else ("alone", "neighbours"),
         max_cells=args.max_cells,
         threads=args.threads,
     )

@@ -72,13 +72,18 @@ def cluster(
 
 
 def ari(
-    expr: np.ndarray, labels: np.ndarray, method: str = "kmeans", seed: int = 0, exclude: str = "unknown"
+    expr: np.ndarray,
+    labels: np.ndarray,
+    method: str = "kmeans",
+    seed: int = 0,
+    exclude: str = "unknown",
+    n_pcs: int = N_PCS,
 ) -> float:
     """ARI between clusters of ``expr`` (k = number of distinct labels) and ``labels``, ``exclude`` dropped."""
     keep = np.asarray(labels).astype(str) != exclude
     lab = np.asarray(labels)[keep]
     k = len(np.unique(lab))
-    return float(adjusted_rand_score(lab, cluster(expr[keep], k, method, seed=seed)))
+    return float(adjusted_rand_score(lab, cluster(expr[keep], k, method, n_pcs=n_pcs, seed=seed)))
 
 
 def project_2d(xyz: np.ndarray) -> np.ndarray:

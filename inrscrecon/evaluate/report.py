@@ -49,6 +49,11 @@ METHOD_LABELS = {
     "inr": "INR, paper loss (RMSE + RC + KL)",
     "inr_no_rc": "INR, RMSE + KL (paper loss w/o RC)",
     "inr_rmse": "INR, RMSE loss",
+    "inr_poisson": "INR, Poisson count loss",
+    "inr_nb": "INR, negative-binomial count loss",
+    "inr_zstretch": "INR, RMSE loss, z-stretch chosen on validation",
+    "inr_codes": "INR, RMSE loss + per-section codes (D = 8)",
+    "inr_hashgrid": "INR, RMSE loss, hash-grid encoding",
     "gaussian": "Gaussian-kernel smoother (tuned bandwidth)",
     "knn": "k-NN, inverse distance (tuned k)",
     "linear_z": "linear-z between neighbouring sections",
@@ -57,12 +62,30 @@ METHOD_LABELS = {
 }
 
 
-def fit_default_method() -> str | None:
-    """The INR method key whose loss equals ``fit``'s default :class:`LossConfig` (None if none does)."""
-    from inrscrecon.field.losses import LossConfig
+#: Readable titles of task keys (``<task>[_<dataset>]``) for table headings.
+TASK_TITLES = {
+    "inter": "Inter-slice prediction (held-out section)",
+    "intra": "Intra-slice completion (50 % of a section's spots dropped)",
+    "intra_neighbours": "Intra-slice completion, adjacent sections also trained on",
+    "intra_paper": "Intra-slice completion, paper protocol (scored on the complete section)",
+    "3d": "3D: held-out z-band",
+}
+DATASET_TITLES = {"dlpfc": "DLPFC", "breast": "breast cancer (PASTE)", "drosophila": "Drosophila (BDTNP)"}
 
-    default = LossConfig()
-    return next((k for k, preset in INR_METHODS.items() if LossConfig.preset(preset) == default), None)
+
+def task_title(key: str) -> str:
+    """Heading of a task key, e.g. ``inter_dlpfc`` → ``Inter-slice prediction (held-out section) — DLPFC``."""
+    for task in sorted(TASK_TITLES, key=len, reverse=True):
+        if key == task:
+            return TASK_TITLES[task]
+        if key.startswith(task + "_") and key[len(task) + 1 :] in DATASET_TITLES:
+            return f"{TASK_TITLES[task]} — {DATASET_TITLES[key[len(task) + 1 :]]}"
+    return key
+
+
+def fit_default_method() -> str | None:
+    """The INR method key that ``fit`` reproduces with its default settings (None if none does)."""
+    return next((k for k, v in INR_METHODS.items() if v.is_fit_default()), None)
 
 
 def method_label(method: str) -> str:
@@ -137,12 +160,13 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
 
 
 def markdown_table(results: dict, reported: dict | None = None, metric_names: Sequence[str] = METRICS) -> str:
-    """One markdown table per task; ``reported`` rows ({name: (ari, ssim)}) are appended per task key."""
+    """One markdown table per task; ``reported`` rows ({name: (ari, ssim)}) are appended per task key (the
+    reported ARI, clustering unspecified, under each ARI column)."""
     lines = []
     for task, methods in results.items():
         present = [m for m in metric_names if any(m in ms for ms in methods.values())]
         lines += [
-            f"### {task}",
+            f"### {task_title(task)}" + (f" (`{task}`)" if task_title(task) != task else ""),
             "",
             "| method | " + " | ".join(METRIC_TITLES.get(m, m) for m in present) + " |",
             "|---" * (len(present) + 1) + "|",
@@ -156,7 +180,11 @@ def markdown_table(results: dict, reported: dict | None = None, metric_names: Se
             lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
         for name, (a, s) in (reported or {}).get(task, {}).items():
             cells = [
-                f"{a:.2f} (reported)" if m == "ari" else f"{s:.2f} (reported)" if m == "ssim" else ""
+                f"{a:.2f} (reported)"
+                if m in ("ari", "ari_gmm")
+                else f"{s:.2f} (reported)"
+                if m == "ssim"
+                else ""
                 for m in present
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -232,9 +260,30 @@ def write_results(
         "run": out / "run.json",
         "markdown": out / "results.md",
     }
+    if reported:
+        meta = {**meta, "reported": reported}
     paths["results"].write_text(json.dumps(results, indent=2))
     paths["details"].write_text(json.dumps(records, indent=1, default=str))
     paths["run"].write_text(json.dumps(meta, indent=2, default=str))
+    paths["markdown"].write_text(markdown_report(results, meta))
+    return paths
+
+
+def render_markdown(out_dir: str | Path) -> Path:
+    """Rewrite ``results.md`` from the ``results.json`` and ``run.json`` under ``out_dir`` (current labels and
+    titles; the JSON files are read, never rewritten)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    meta = json.loads((out / "run.json").read_text())
+    path = out / "results.md"
+    path.write_text(markdown_report(results, meta))
+    return path
+
+
+def markdown_report(results: dict, meta: dict) -> str:
+    """The results.md text: header from ``meta`` (command, machine, date, wall times, ``reported`` rows,
+    ``notes``) and one table per task."""
+    reported = meta.get("reported")
     head = [
         "# inrscrecon evaluation",
         "",
@@ -251,11 +300,10 @@ def write_results(
         ]
     head += [
         "Values: mean ± s.d. over seeds (each seed averaged over the task's held-out sections). "
-        "Bold: best predicting method. Rows are labelled by what they are (results.json keeps the keys "
-        f'{", ".join(METHOD_LABELS)}); "fit default" marks the row that `inrscrecon fit` reproduces. '
-        "`wall s / fit` for the INR rows is their own fit; the encoding selection it comes from is in "
-        "details.json.",
+        "Bold: best predicting method. Rows are labelled by what they are (results.json keeps the method "
+        'keys, e.g. `inr_rmse`, and each heading names its task key); "fit default" marks the row that '
+        "`inrscrecon fit` reproduces. `wall s / fit` of an INR row includes the choice of its knobs "
+        "(candidates fitted on validation data, details.json).",
         "",
     ]
-    paths["markdown"].write_text("\n".join(head) + markdown_table(results, reported) + meta.get("notes", ""))
-    return paths
+    return "\n".join(head) + markdown_table(results, reported) + meta.get("notes", "")

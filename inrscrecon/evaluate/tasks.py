@@ -7,11 +7,17 @@
 * **3d**: hold out the cells of a z-band (quantiles ``band`` of z; default the middle 20 %) of a 3D point cloud
   or stack, train on the rest, predict the band; cluster the prediction into domains.
 
-Methods on every split: the INR with the full loss (``inr``), w/o RC (``inr_no_rc``), w/o RC & KL
-(``inr_rmse``); baselines ``gaussian``, ``knn``, ``linear_z`` (stacks only), ``mean_profile``; and
-``true_expression``, the same clustering applied to the measured expression (ARI reference). The INR's
-encoding bandwidth and early-stopping epoch, and each baseline's k / bandwidth, are chosen on the same
-validation cells (a seeded 10 % of the training cells); test cells are never used for a choice.
+* **paper protocol** (``EvalConfig.protocol = "paper"``, intra only; task key ``intra_paper``): the same
+  50 % split, scored on the *complete* section (training and dropped cells), as the INRScrecon paper scores
+  intra-slice completion (with ``n_genes = 3000``, ``n_pcs = 30`` and GMM + k-means in the command's defaults).
+
+Methods on every split: the INR variants of ``EvalConfig.ablations`` (:data:`inrscrecon.evaluate.inr.
+INR_METHODS`: full loss ``inr``, w/o RC ``inr_no_rc``, w/o RC & KL ``inr_rmse``, count likelihoods, z-stretch,
+section codes, hash grid); baselines ``gaussian``, ``knn``, ``linear_z`` (stacks only), ``mean_profile``; and
+``true_expression``, the same clustering applied to the measured expression (ARI reference). Every INR knob
+(encoding bandwidth, early-stopping epoch, variant options) and each baseline's k / bandwidth are chosen on
+the same validation data: for inter splits by leave-one-section-out among the interior training sections,
+otherwise on a seeded 10 % of the training cells; test cells are never used for a choice.
 
 Labels for ARI: ``label_key`` (e.g. DLPFC ``layer``; "unknown" dropped) or, without labels, domains =
 k-means (k = ``n_domains``) on PCA of the measured expression of *all* cells of the dataset, seed 0.
@@ -31,19 +37,17 @@ from inrscrecon.data.preprocess import is_counts, select_genes
 from inrscrecon.data.stack import CellTable, build_cell_table
 from inrscrecon.errors import InputError
 from inrscrecon.evaluate import metrics
-from inrscrecon.evaluate.tuning import tuned_baselines, validation_split
+from inrscrecon.evaluate.inr import INR_METHODS, candidates, choose_and_fit, interior_sections
+from inrscrecon.evaluate.tuning import tuned_baselines, tuned_baselines_sections, validation_split
 from inrscrecon.field.encoding import EncodingConfig
-from inrscrecon.field.losses import LossConfig
 from inrscrecon.query.predict import predict
-from inrscrecon.train.fit import TrainConfig, fit
-from inrscrecon.train.select import DEFAULT_CANDIDATES, describe, select_encoding
+from inrscrecon.train.fit import TrainConfig
+from inrscrecon.train.select import DEFAULT_CANDIDATES
 
 TASKS = ("inter", "intra", "3d")
-INR_METHODS = {"inr": "full", "inr_no_rc": "no_rc", "inr_rmse": "rmse"}
+PROTOCOLS = ("ours", "paper")
 METHOD_ORDER = (
-    "inr",
-    "inr_no_rc",
-    "inr_rmse",
+    *INR_METHODS,
     "gaussian",
     "knn",
     "linear_z",
@@ -69,7 +73,11 @@ class EvalConfig:
     val_fraction: float = 0.1
     candidates: tuple[EncodingConfig, ...] = DEFAULT_CANDIDATES  # encodings tried on validation cells
     select_loss: str = "rmse"  # loss preset used while choosing the encoding (its winner is ``inr_rmse``)
-    ablations: tuple[str, ...] = ("inr", "inr_no_rc", "inr_rmse")
+    ablations: tuple[str, ...] = ("inr", "inr_no_rc", "inr_rmse")  # INR method keys (evaluate.inr)
+    inter_selection: str = "sections"  # inter: choose on held-out training sections ("spots": random cells)
+    gene_selection: str = "pooled"  # select_genes method: "pooled" | "batch"
+    protocol: str = "ours"  # "paper": intra scored on the complete section (see evaluate.tasks docs)
+    n_pcs: int = metrics.N_PCS  # PCA components before clustering (the paper protocol uses 30)
     drop_fraction: float = 0.5
     band: tuple[float, float] = (0.4, 0.6)
     n_domains: int = 7
@@ -207,14 +215,17 @@ def intra_splits(
     seeds: Sequence[int],
     drop_fraction: float = 0.5,
     neighbours: bool = False,
+    complete: bool = False,
 ) -> list[Split]:
     """Drop a seeded ``drop_fraction`` of each section's cells; train on the rest (and with ``neighbours``, on
-    the adjacent sections in z, all their cells)."""
+    the adjacent sections in z, all their cells). ``complete``: score on the whole section (training and
+    dropped cells; the paper's intra-slice protocol) instead of the dropped cells only."""
     if not 0 < drop_fraction < 1:
         raise InputError(f"drop fraction must be in (0, 1), got {drop_fraction}")
     order = section_order(table)
     held = _check_holdout(holdout, order) if holdout else order
     task = "intra_neighbours" if neighbours else "intra"
+    task += "_paper" if complete else ""
     out = []
     for name in held:
         rows = np.flatnonzero(table.section == name)
@@ -226,6 +237,8 @@ def intra_splits(
             n_drop = int(round(drop_fraction * len(rows)))
             test, kept = np.sort(rows[perm[:n_drop]]), np.sort(rows[perm[n_drop:]])
             train = np.sort(np.concatenate([kept, extra]))
+            if complete:
+                test = rows
             out.append(Split(task, name, seed, table.subset(train), table.subset(test), labels[test]))
     return out
 
@@ -266,7 +279,7 @@ def _aris(expr: np.ndarray, labels: np.ndarray, cfg: EvalConfig, seed: int) -> d
     out = {}
     for m in cfg.cluster_methods:
         key = "ari" if m == "kmeans" else f"ari_{m}"
-        out[key] = metrics.ari(expr, labels, m, seed=seed)
+        out[key] = metrics.ari(expr, labels, m, seed=seed, n_pcs=cfg.n_pcs)
     return out
 
 
@@ -289,59 +302,59 @@ def train_config(cfg: EvalConfig, n_fit: int, seed: int) -> TrainConfig:
     )
 
 
+def _inr_order(methods: Sequence[str], cfg: EvalConfig) -> list[str]:
+    """INR methods with the encoding-selecting one (loss ``cfg.select_loss``) first."""
+    sel = [m for m in methods if INR_METHODS[m] == INR_METHODS.get("inr_" + cfg.select_loss)]
+    return sel[:1] + [m for m in methods if m not in sel[:1]]
+
+
 def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
-    """Train / tune every method on ``split.train`` and score it on ``split.test``."""
+    """Train / tune every method on ``split.train`` and score it on ``split.test``.
+
+    Inter-slice splits with ``cfg.inter_selection == "sections"`` choose every knob by leave-one-section-out
+    among the interior training sections (:mod:`inrscrecon.evaluate.inr`), the final fits use all training
+    cells; otherwise (and when no training section is interior) choices are made on ``fit``'s seeded
+    validation cells, as every method's final fit leaves them out."""
     tr, te = split.train, split.test
     y_tr = tr.targets(np.arange(tr.n_cells))
     y_te = te.targets(np.arange(te.n_cells))
+    if cfg.inter_selection not in ("sections", "spots"):
+        raise InputError(f"inter selection must be 'sections' or 'spots', got {cfg.inter_selection!r}")
+    folds = interior_sections(tr) if split.task == "inter" and cfg.inter_selection == "sections" else []
     fit_rows, val_rows = validation_split(tr.n_cells, cfg.val_fraction, split.seed)
-    if len(val_rows) == 0:
+    if not folds and len(val_rows) == 0:
         raise InputError(f"split {split.name!r}: too few training cells ({tr.n_cells}) for validation")
     preds: dict[str, np.ndarray] = {}
-    chosen: dict[str, dict] = {}
+    chosen: dict[str, dict] = {"selection": {"mode": "sections" if folds else "spots", "folds": folds}}
     wall: dict[str, float] = {}
-    tc = train_config(cfg, len(fit_rows), split.seed)
-    want = [m for m in cfg.ablations if m in INR_METHODS]
-    if want:
-        t0 = time.time()
-        sel = select_encoding(
-            tr, cfg.candidates, cfg.width, cfg.n_layers, LossConfig.preset(cfg.select_loss), tc
+    unknown = [m for m in cfg.ablations if m not in INR_METHODS]
+    if unknown:
+        raise InputError(f"unknown INR method {unknown[0]!r}; choose from {list(INR_METHODS)}")
+    selected_enc: EncodingConfig | None = None
+    for method in _inr_order(cfg.ablations, cfg):
+        variant = INR_METHODS[method]
+        cands = candidates(variant, cfg.candidates, selected_enc)
+        got = choose_and_fit(
+            tr, variant, cands, cfg.width, cfg.n_layers, lambda n: train_config(cfg, n, split.seed), folds
         )
-        sel_name = next(k for k, v in INR_METHODS.items() if v == cfg.select_loss)
-        wall["select"] = time.time() - t0
-        enc = sel.encoding
-        chosen["inr_selection"] = {
-            "encoding": describe(enc),
-            "val_rmse": sel.val_rmse,
-            "candidates": sel.candidates,
-        }
-        for method in want:
-            preset = INR_METHODS[method]
-            t0 = time.time()
-            if method == sel_name:
-                result, spent = (
-                    sel.result,
-                    next(c["seconds"] for c in sel.candidates if c["name"] == describe(enc)),
-                )
-            else:
-                result = fit(tr, enc, cfg.width, cfg.n_layers, LossConfig.preset(preset), tc)
-                spent = time.time() - t0
-            preds[method] = predict(result.model, te.coords)
-            wall[method] = spent
-            chosen[method] = {
-                "encoding": describe(enc),
-                "epochs_run": len(result.history),
-                "best_epoch": int(np.argmin([h["val_rmse"] for h in result.history])),
-            }
+        if selected_enc is None and variant.encoding == "fourier":
+            selected_enc = got.candidate.encoding
+            chosen["inr_selection"] = {"method": method, **got.record}
+        preds[method] = predict(got.result.model, te.coords)
+        wall[method] = got.seconds
+        chosen[method] = got.record
     t0 = time.time()
-    tuned = tuned_baselines(
-        tr.coords[fit_rows],
-        y_tr[fit_rows],
-        tr.section[fit_rows],
-        tr.coords[val_rows],
-        y_tr[val_rows],
-        te.coords,
-    )
+    if folds:
+        tuned = tuned_baselines_sections(tr.coords, y_tr, tr.section, folds, te.coords)
+    else:
+        tuned = tuned_baselines(
+            tr.coords[fit_rows],
+            y_tr[fit_rows],
+            tr.section[fit_rows],
+            tr.coords[val_rows],
+            y_tr[val_rows],
+            te.coords,
+        )
     per = (time.time() - t0) / max(len(tuned), 1)
     for name, t in tuned.items():
         preds[name] = t.prediction
@@ -352,8 +365,6 @@ def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
         scores[name] = _scores(p, y_te, te.coords, split.labels, cfg, split.seed)
         scores[name]["wall_s"] = wall.get(name, float("nan"))
     scores["true_expression"] = _aris(y_te, split.labels, cfg, split.seed)
-    if "select" in wall:
-        chosen.setdefault("inr_selection", {})["seconds"] = wall["select"]
     return SplitResult(split, scores, preds, y_te, chosen)
 
 
@@ -382,7 +393,7 @@ def prepare(
     cfg = cfg or EvalConfig()
     if not sections:
         raise InputError("no sections to evaluate")
-    genes = select_genes(list(sections), cfg.n_genes)
+    genes = select_genes(list(sections), cfg.n_genes, method=cfg.gene_selection)
     table, info = stack_sections(sections, genes, spacing, z_key, label_key)
     table = table.subset(_subsample(table, cfg.max_cells, 0))
     labels, source = reference_labels(table, label_key, cfg.n_domains)
@@ -394,6 +405,14 @@ def make_splits(
 ) -> list[Split]:
     """Every split of ``task`` ("inter", "intra" — plus "intra_neighbours" for stacks — or "3d")."""
     t, lab = prep.table, prep.labels
+    if cfg.protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {cfg.protocol!r}; choose from {list(PROTOCOLS)}")
+    if cfg.protocol == "paper":
+        if task != "intra":
+            raise InputError(
+                f"--protocol paper scores intra-slice completion; use --task intra, not {task!r}"
+            )
+        return intra_splits(t, lab, holdout, seeds, cfg.drop_fraction, complete=True)
     if task == "inter":
         return inter_splits(t, lab, holdout, seeds)
     if task == "intra":
