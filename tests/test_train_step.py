@@ -17,7 +17,7 @@ from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import FieldConfig, INRField
 from inrscrecon.train import distributed as ddp
 from inrscrecon.train.fit import TrainConfig, _epoch_rows, epoch_batches, fit
-from inrscrecon.train.objective import objective_tensors
+from inrscrecon.train.objective import PARTS, objective_tensors
 from inrscrecon.train.step import TrainStep, lr_factor
 
 
@@ -64,8 +64,8 @@ def test_whole_step_compiles_fullgraph_and_matches_eager(table, backend):
     eager = TrainStep(f_e, opt_e, 1e-2, total=10, min_lr_ratio=0.05, compile=False)
     # fullgraph=True: any graph break (a host sync, an untraceable call) raises here
     compiled = TrainStep(f_c, opt_c, 1e-2, 10, 0.05, compile=True, compile_backend=backend)
-    acc_e = torch.zeros(4, dtype=torch.float64, device=DEV)
-    acc_c = torch.zeros(4, dtype=torch.float64, device=DEV)
+    acc_e = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
+    acc_c = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
     for k in range(3):
         eager(acc_e, k, batches[k])
         compiled(acc_c, k, batches[k])

@@ -6,8 +6,10 @@ library sizes and coordinates as tensors on the training device (CPU or CUDA). A
 
     values[j] = log1p(x[rows[b], c] · target_sum / total[rows[b]])   for the j-th non-zero, row b of the batch
 
-so every step has the same shapes (capacity = the largest number of non-zeros any batch of B training rows can
-hold; slots past ``indptr[B]`` are zero padding) and nothing of size [B, M] is built. All ops are static-shape
+(in *raw* mode, for the count losses, values stay the stored counts and each row's offset
+``log_offset[b] = log(total[rows[b]] / target_sum)`` comes beside them), so every step has the same shapes
+(capacity = the largest number of non-zeros any batch of B training rows can hold; slots past ``indptr[B]``
+are zero padding) and nothing of size [B, M] is built. All ops are static-shape
 torch ops (searchsorted, gather, where): no host synchronisation, traceable by ``torch.compile(fullgraph=True)``.
 The arithmetic follows the C++ CPU gather (scale and product in float64, rounded to float32, log1p in float64),
 so a batch equals ``CellTable.targets`` of the same rows.
@@ -37,14 +39,17 @@ DEVICE_FRACTION = 0.6
 
 @dataclass
 class SparseBatch:
-    """One batch on the device: coords [B, 3] µm (fp32) and its log1p-normalised targets as CSR with a fixed
-    capacity: indptr [B+1] int64, indices [CAP] int32 gene, values [CAP] fp32 (slots ≥ indptr[B] are 0)."""
+    """One batch on the device: coords [B, 3] µm (fp32) and its targets as CSR with a fixed capacity:
+    indptr [B+1] int64, indices [CAP] int32 gene, values [CAP] fp32 (slots ≥ indptr[B] are 0). The values are
+    log1p-normalised, or raw counts when ``log_offset`` [B] fp32 (log(L / target_sum), −inf where L = 0) is
+    set (raw mode, for the count losses)."""
 
     coords: torch.Tensor  # [B, 3]
     indptr: torch.Tensor  # [B+1]
     indices: torch.Tensor  # [CAP]
     values: torch.Tensor  # [CAP]
     indices_sorted: bool = False  # each row's genes ascending (the fused loss then skips its per-row sort)
+    log_offset: torch.Tensor | None = None  # [B] raw mode only
 
     def dense(self, n_genes: int) -> torch.Tensor:
         """The targets as a dense [B, M] fp32 tensor (reference / RC path; static shapes)."""
@@ -80,9 +85,17 @@ def batch_capacity(counts: sp.csr_matrix, rows: np.ndarray, batch: int) -> int:
 class DeviceTable:
     """A CellTable's CSR, library sizes and coordinates resident on ``device`` (module docstring)."""
 
-    def __init__(self, table: CellTable, device: str | torch.device, rows: np.ndarray | None = None):
-        """The whole table, or only ``rows`` of it (local row k = ``rows[k]``; a DDP rank's shard)."""
+    def __init__(
+        self,
+        table: CellTable,
+        device: str | torch.device,
+        rows: np.ndarray | None = None,
+        raw: bool = False,
+    ):
+        """The whole table, or only ``rows`` of it (local row k = ``rows[k]``; a DDP rank's shard).
+        ``raw``: batches carry raw counts + offsets (count losses) instead of log1p-normalised values."""
         self.device = torch.device(device)
+        self.raw = raw
         counts = table.counts.tocsr() if not sp.isspmatrix_csr(table.counts) else table.counts
         coords, totals = table.coords, table.totals
         if rows is not None:
@@ -125,11 +138,15 @@ class DeviceTable:
         """Non-zeros of exactly these ``rows`` (for fixed chunks such as the validation cells)."""
         return max(int(np.diff(self.host_indptr)[rows].sum()), 1)
 
-    def gather(self, rows: torch.Tensor, cap: int, impl: str = "torch") -> SparseBatch:
+    def gather(
+        self, rows: torch.Tensor, cap: int, impl: str = "torch", raw: bool | None = None
+    ) -> SparseBatch:
         """Batch of ``rows`` ([B] int64 on the device) with CSR capacity ``cap`` (≥ the rows' non-zeros).
 
         ``impl="triton"`` normalises with the Triton kernel (CUDA, or the interpreter); ``"torch"`` everywhere.
+        ``raw`` (default: the table's mode): raw counts + ``log_offset`` instead of normalised values.
         """
+        raw = self.raw if raw is None else raw
         rows = rows.to(torch.int64)
         starts = self.indptr[rows]  # [B]
         lens = self.indptr[rows + 1] - starts  # [B]
@@ -139,7 +156,7 @@ class DeviceTable:
         row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP] in [0, B]
         live = row < n
         rc = row.clamp(max=max(n - 1, 0))
-        if impl == "triton":
+        if impl == "triton" and not raw:
             from inrscrecon.kernels.triton_csr_gather import triton_csr_gather
 
             genes, values = triton_csr_gather(
@@ -148,9 +165,20 @@ class DeviceTable:
             return SparseBatch(self.coords[rows], indptr, genes, values, indices_sorted=True)
         src = torch.where(live, starts[rc] + (slots - indptr[rc]), 0)  # [CAP] position in the stack's CSR
         genes = torch.where(live, self.indices[src], 0)
-        raw = torch.where(live, self.data[src], 0.0)
-        values = normalize_log1p_torch(raw, rc, live, self.totals[rows], self.target_sum)
+        stored = torch.where(live, self.data[src], 0.0)
+        if raw:
+            offset = log_offset_torch(self.totals[rows], self.target_sum)
+            return SparseBatch(
+                self.coords[rows], indptr, genes, stored, indices_sorted=True, log_offset=offset
+            )
+        values = normalize_log1p_torch(stored, rc, live, self.totals[rows], self.target_sum)
         return SparseBatch(self.coords[rows], indptr, genes, values, indices_sorted=True)
+
+
+def log_offset_torch(totals: torch.Tensor, target_sum: float) -> torch.Tensor:
+    """log(L / target_sum) of library sizes [B] fp32 → [B] fp32 (−inf where L = 0); float64 arithmetic as
+    :func:`inrscrecon.data.stack.log_offsets`, so the sparse and dense paths see the same offsets."""
+    return torch.log(totals.double() / target_sum).float()
 
 
 def normalize_log1p_torch(
@@ -173,7 +201,7 @@ def normalize_log1p_torch(
 
 
 def device_table_or_none(
-    table: CellTable, device: str | torch.device, free_bytes: int | None = None
+    table: CellTable, device: str | torch.device, free_bytes: int | None = None, raw: bool = False
 ) -> DeviceTable | None:
     """A DeviceTable of ``table`` on ``device``, or None — said once, as a logged warning — when the stack
     would take more than ``DEVICE_FRACTION`` of the device's free memory (``free_bytes``; default: what CUDA
@@ -190,7 +218,7 @@ def device_table_or_none(
             free_bytes / 1e9,
         )
         return None
-    return DeviceTable(table, dev)
+    return DeviceTable(table, dev, raw=raw)
 
 
 @dataclass
@@ -208,11 +236,13 @@ class HostBatchFeeder:
     """Batches for a stack kept in host memory: each batch's CSR rows are gathered on the host (sparse, never
     dense), copied into pinned buffers and sent to the device on a side stream one batch ahead (double buffer).
 
-    ``gather`` has the DeviceTable's contract (same SparseBatch, same capacity) given host row ids.
+    ``gather`` has the DeviceTable's contract (same SparseBatch, same capacity, same ``raw`` mode) given host
+    row ids.
     """
 
-    def __init__(self, table: CellTable, device: str | torch.device):
+    def __init__(self, table: CellTable, device: str | torch.device, raw: bool = False):
         self.device = torch.device(device)
+        self.raw = raw
         self.table = table
         self.n_genes = len(table.genes)
         self.n_cells = table.n_cells
@@ -257,27 +287,37 @@ class HostBatchFeeder:
             event.record(self._stream)
         return _InFlight(rows, cap, host, dev, event)
 
-    def _finish(self, f: _InFlight) -> SparseBatch:
-        """The main stream waits for ``f``'s copy (on the device: the host runs on), then normalises."""
+    def _finish(self, f: _InFlight, raw: bool) -> SparseBatch:
+        """The main stream waits for ``f``'s copy (on the device: the host runs on), then normalises (or, raw,
+        attaches the offsets)."""
         if f.event is not None:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(f.event)  # type: ignore[arg-type]
             for t in f.dev:  # made on the side stream, used on the main one: not to be reused early
                 t.record_stream(main)
-        indptr, genes, raw, totals, coords = f.dev
+        indptr, genes, stored, totals, coords = f.dev
+        if raw:
+            offset = log_offset_torch(totals, self.target_sum)
+            return SparseBatch(coords, indptr, genes, stored, indices_sorted=True, log_offset=offset)
         slots = torch.arange(f.cap, device=indptr.device, dtype=torch.int64)
         row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)
         n = len(f.rows)
         live = row < n
         rc = row.clamp(max=max(n - 1, 0))
-        values = normalize_log1p_torch(raw, rc, live, totals, self.target_sum)
+        values = normalize_log1p_torch(stored, rc, live, totals, self.target_sum)
         return SparseBatch(coords, indptr, genes, values, indices_sorted=True)
 
-    def gather_host(self, rows: np.ndarray, cap: int, next_rows: np.ndarray | None = None) -> SparseBatch:
+    def gather_host(
+        self,
+        rows: np.ndarray,
+        cap: int,
+        next_rows: np.ndarray | None = None,
+        raw: bool | None = None,
+    ) -> SparseBatch:
         """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now and is finished
-        when it is asked for, so its transfer overlaps this batch's step."""
+        when it is asked for, so its transfer overlaps this batch's step. ``raw``: as in DeviceTable.gather."""
         f = self._next
         if f is None or f.cap != cap or not np.array_equal(f.rows, rows):
             f = self._send(rows, cap)
         self._next = self._send(next_rows, cap) if next_rows is not None else None
-        return self._finish(f)
+        return self._finish(f, self.raw if raw is None else raw)

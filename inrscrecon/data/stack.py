@@ -40,6 +40,14 @@ class CellTable:
             self.counts, rows, target_sum=self.target_sum, log1p=True, row_totals=self.totals
         )
 
+    def raw_targets(self, rows: np.ndarray) -> np.ndarray:
+        """Raw values (counts as stored) of ``rows`` on the model genes → [len(rows), G] float32."""
+        return gather_normalized(self.counts, rows, target_sum=0.0, log1p=False, row_totals=self.totals)
+
+    def log_offsets(self, rows: np.ndarray) -> np.ndarray:
+        """Count-model offsets log(L / target_sum) of ``rows`` → [len(rows)] float32 (−inf where L = 0)."""
+        return log_offsets(self.totals[np.asarray(rows, dtype=np.int64)], self.target_sum)
+
     def subset(self, rows: np.ndarray) -> CellTable:
         """The table restricted to ``rows`` (an index array or boolean mask)."""
         return CellTable(
@@ -57,6 +65,26 @@ class CellTable:
         """Section names in order of first appearance."""
         _, first = np.unique(self.section, return_index=True)
         return [str(self.section[i]) for i in sorted(first)]
+
+
+def log_offsets(totals: np.ndarray, target_sum: float) -> np.ndarray:
+    """log(L / target_sum) per library size L [N] → [N] float32; −inf where L = 0 (such rows carry no
+    information about the rates and get weight 0 in the count losses)."""
+    tot = np.asarray(totals, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(tot / target_sum).astype(np.float32)
+
+
+def require_counts(table: CellTable | object, likelihood: str) -> None:
+    """InputError unless ``table`` holds raw counts (``target_sum > 0``) when ``likelihood`` is a count loss."""
+    if likelihood == "rmse" or float(getattr(table, "target_sum", 0.0)) > 0:
+        return
+    names = table.sections() if hasattr(table, "sections") else []
+    where = f"section {names[0]!r}" if names else "the table"
+    raise InputError(
+        f"--loss {likelihood} needs raw counts; X of {where} is normalised (uns['X_kind']); give the raw "
+        "counts (X, layers['counts'] or .raw with --input counts) or use --loss rmse"
+    )
 
 
 def section_z(sections: Sequence[ad.AnnData], spacing: float | None = None, z_key: str | None = None) -> list:

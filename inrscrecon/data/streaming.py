@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from inrscrecon.data.csr_gather import gather_normalized
 from inrscrecon.data.preprocess import TARGET_SUM, is_counts, normalize_log1p, shared_genes
-from inrscrecon.data.stack import CellTable, section_xyz, section_z
+from inrscrecon.data.stack import CellTable, log_offsets, section_xyz, section_z
 from inrscrecon.data.validate import coordinates
 from inrscrecon.errors import InputError
 
@@ -322,6 +322,17 @@ class StreamingTable:
 
     def targets(self, rows: np.ndarray) -> np.ndarray:
         """log1p-normalised expression of global ``rows`` [B] (any order) → [B, G] float32."""
+        return self._gather(rows, raw=False)
+
+    def raw_targets(self, rows: np.ndarray) -> np.ndarray:
+        """Raw values (counts as stored) of global ``rows`` [B] on the model genes → [B, G] float32."""
+        return self._gather(rows, raw=True)
+
+    def log_offsets(self, rows: np.ndarray) -> np.ndarray:
+        """Count-model offsets log(L / target_sum) of ``rows`` → [B] float32 (−inf where L = 0)."""
+        return log_offsets(self.totals[np.asarray(rows, dtype=np.int64)], self.target_sum)
+
+    def _gather(self, rows: np.ndarray, raw: bool) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
             raise InputError(f"rows out of range [0, {self.n_cells})")
@@ -354,8 +365,8 @@ class StreamingTable:
                 idx,
                 col_map=self.col_maps[s],
                 n_out=len(self.genes),
-                target_sum=self.target_sum,
-                log1p=True,
+                target_sum=0.0 if raw else self.target_sum,
+                log1p=not raw,
                 row_totals=tot,
             )
         return out

@@ -12,6 +12,10 @@ so rank k back-propagates ``world · (n_k / B) · (r_k / R) · r_k`` (coefficien
 ``world · (n_k / B) · (λ_KL · KL_k + λ_RC · RC_k)``; DDP's average over ``world`` ranks then gives exactly the
 global gradient, for any shard sizes. R and the global parts come from one all-reduce of
 (S_k, n_k · KL_k, n_k · RC_k) in the forward pass.
+
+A count likelihood's NLL (and its KL) is a mean over weighted rows: with W_k the rank's row-weight sum
+(cells with counts) and W = Σ_k W_k, rank k back-propagates ``world · (W_k / W) · (NLL_k + λ_KL · KL_k)``
+(RC as above), which DDP's average turns into the global batch's gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import nn
 
 from inrscrecon.field.losses import LossConfig
 from inrscrecon.field.model import INRField
-from inrscrecon.train.objective import SparseTarget, loss_terms
+from inrscrecon.train.objective import SparseTarget, count_rows, loss_terms, split_parts
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,27 @@ class ShardLoss(nn.Module):
         coords: torch.Tensor,  # [n_k, 3] normalised
         target: torch.Tensor | SparseTarget,  # [n_k, M] or the shard's CSR rows
         n_global: int,
+        log_offset: torch.Tensor | None = None,  # [n_k] count losses with a dense target
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to back-propagate, global parts [4] float64 in ``PARTS`` order, on the device)."""
+        """(loss to back-propagate, global parts [5] in ``PARTS`` order, on the device)."""
         lc = self.loss_cfg
-        r, k, rc = loss_terms(self.model, coords, target, lc, self._extractor[0], self.impl, self.precision)
+        ext = self._extractor[0]
+        r, k, rc = loss_terms(self.model, coords, target, lc, ext, self.impl, self.precision, log_offset)
         n_k, m = coords.shape[0], self.model.cfg.n_genes
+        if lc.likelihood != "rmse":  # r is the NLL: weighted means over rows
+            off = log_offset if isinstance(target, torch.Tensor) else target.log_offset
+            assert off is not None
+            w_k = count_rows(off)[1].sum().double()
+            stats = torch.stack(
+                [r.detach().double() * w_k, k.detach().double() * w_k, rc.detach().double() * n_k, w_k]
+            )
+            dist.all_reduce(stats)
+            big_w = stats[3].clamp_min(1e-30)
+            frac_w = (self.world * w_k / big_w).float()
+            loss = frac_w * (r + lc.lambda_kl * k) + self.world * n_k / n_global * lc.lambda_rc * rc
+            g_nll, g_kl, g_rc = stats[0] / big_w, stats[1] / big_w, stats[2] / n_global
+            total = g_nll + lc.lambda_kl * g_kl + lc.lambda_rc * g_rc
+            return loss, split_parts(total, g_nll, g_kl, g_rc, lc.likelihood)
         stats = torch.stack(
             [r.detach().double() ** 2 * n_k * m, k.detach().double() * n_k, rc.detach().double() * n_k]
         )
@@ -138,7 +158,7 @@ class ShardLoss(nn.Module):
         loss = frac * (coef * r + lc.lambda_kl * k + lc.lambda_rc * rc)
         g_kl, g_rc = stats[1] / n_global, stats[2] / n_global
         total = big_r + lc.lambda_kl * g_kl + lc.lambda_rc * g_rc
-        return loss, torch.stack([total, big_r, g_kl, g_rc])
+        return loss, split_parts(total, big_r, g_kl, g_rc, lc.likelihood)
 
 
 __all__ = [

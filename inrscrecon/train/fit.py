@@ -17,6 +17,12 @@ batch's; validation is sharded and all-reduced; only rank 0 writes checkpoints; 
 With an in-memory table each rank keeps on its device only its shard: the CSR rows it visits in the epoch
 (copied once per epoch, in visiting order) and its validation rows.
 
+Count likelihoods (``LossConfig.likelihood`` "poisson" | "nb"): every data path feeds raw counts and each row's
+offset log(L / 1e4) instead of log1p-normalised values (the table must hold raw counts); the head starts at the
+log of each gene's mean normalised rate. Each epoch's history keeps ``val_rmse`` (RMSE of the normalised
+prediction, comparable across losses) and adds ``val_nll``; early stopping and the best epoch follow the
+validation NLL for count losses and the validation RMSE for RMSE.
+
 Resume: the checkpoint records every setting that changes the result (:data:`RESULT_SETTINGS`, the model and
 loss configuration) and a fingerprint of the data; resuming with any of them changed is refused, naming it.
 The epoch's running loss sums are checkpointed, so a resumed epoch logs the loss the uninterrupted one does;
@@ -45,15 +51,21 @@ from inrscrecon.data.device_table import (
     batch_capacity,
     device_table_or_none,
 )
-from inrscrecon.data.stack import CellTable
+from inrscrecon.data.stack import CellTable, require_counts
 from inrscrecon.data.streaming import StreamingTable
 from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import EncodingConfig
-from inrscrecon.field.losses import LossConfig, ProfileExtractor, pretrain_extractor
+from inrscrecon.field.losses import (
+    LossConfig,
+    ProfileExtractor,
+    count_head_loss_reference,
+    pretrain_extractor,
+    sparse_count_head_loss_reference,
+)
 from inrscrecon.field.model import FieldConfig, INRField
 from inrscrecon.train import distributed as ddp
 from inrscrecon.train.checkpoint import load_checkpoint, save_checkpoint
-from inrscrecon.train.objective import PARTS, objective_tensors
+from inrscrecon.train.objective import PARTS, count_rows, objective_tensors, part_names
 from inrscrecon.train.step import TrainStep
 
 Table = CellTable | StreamingTable  # anything with coords, targets(rows), n_cells, genes
@@ -173,14 +185,20 @@ def run_record(
     n_layers: int,
     loss_cfg: LossConfig | None,
     tc: TrainConfig,
+    *,
+    z_stretch: float = 1.0,
+    section_code_dim: int = 0,
 ) -> dict[str, Any]:
-    """Every setting that changes a fit's result, plus the data fingerprint (JSON-serialisable)."""
+    """Every setting that changes a fit's result, plus the data fingerprint (JSON-serialisable).
+
+    ``z_stretch`` / ``section_code_dim`` enter the record only when they differ from their defaults, so records
+    of fits made before they existed still match."""
     n_train = len(_split(table.n_cells, tc.val_fraction, tc.seed)[0])
     bs, lr = resolved_batch_lr(tc, tc.device, n_train)
     settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
     settings.update(batch_size=bs, lr=lr)
     enc: Any = encoding if isinstance(encoding, str) else asdict(encoding or EncodingConfig())
-    return {
+    record: dict[str, Any] = {
         "settings": settings,
         "encoding": enc,
         "width": width,
@@ -188,6 +206,11 @@ def run_record(
         "loss": asdict(loss_cfg or LossConfig()),
         "data": data_fingerprint(table),
     }
+    if z_stretch != 1.0:
+        record["z_stretch"] = float(z_stretch)
+    if section_code_dim != 0:
+        record["section_code_dim"] = int(section_code_dim)
+    return record
 
 
 def record_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
@@ -259,34 +282,73 @@ def _saved_run(model_path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _count_nll_sums(
+    model: INRField, hidden: torch.Tensor, target: Any, log_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_b w_b · mean-over-genes NLL_b, Σ_b w_b) of one validation chunk (torch reference, fp32); ``target``
+    is dense raw counts [B, M] or a raw-count SparseBatch."""
+    lik = model.cfg.likelihood
+    off, w = count_rows(log_offset)
+    head, theta = model.head, model.log_theta
+    if isinstance(target, torch.Tensor):
+        _, nll, _ = count_head_loss_reference(
+            hidden, head.weight, head.bias, target, off, lik, theta, row_weight=w
+        )
+    else:
+        csr = (target.indptr, target.indices, target.values, off, lik, theta)
+        _, nll, _ = sparse_count_head_loss_reference(hidden, head.weight, head.bias, *csr, row_weight=w)
+    return nll.double() * w.sum().double(), w.sum().double()
+
+
 @torch.no_grad()
-def _sse(model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int) -> tuple[float, int]:
-    sse, n = 0.0, 0
+def _val_sums(model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int) -> np.ndarray:
+    """[SSE, n values, Σ w·NLL, Σ w] of the field on ``rows`` (the NLL entries 0 for an RMSE model)."""
+    out = torch.zeros(4, dtype=torch.float64, device=device)
     model.eval()
     for s in range(0, len(rows), chunk):
         r = rows[s : s + chunk]
         xyz = model.normalize(torch.as_tensor(table.coords[r], device=device))
-        pred = model(xyz)
-        sse += float(((pred - torch.as_tensor(table.targets(r), device=device)) ** 2).sum())
-        n += pred.numel()
+        hidden = model.hidden(xyz)
+        pred = model.head_out(hidden)
+        out[0] += ((pred - torch.as_tensor(table.targets(r), device=device)) ** 2).sum().double()
+        out[1] += pred.numel()
+        if model.cfg.likelihood != "rmse":
+            counts = torch.as_tensor(table.raw_targets(r), device=device)
+            offset = torch.as_tensor(table.log_offsets(r), device=device)
+            nll, w = _count_nll_sums(model, hidden, counts, offset)
+            out[2] += nll
+            out[3] += w
     model.train()
-    return sse, n
+    return out.cpu().numpy()
+
+
+def _scores(sums: np.ndarray, count: bool) -> tuple[float, float | None]:
+    """(RMSE, NLL or None) from all-reduced :func:`_val_sums`-style sums."""
+    rmse = math.sqrt(float(sums[0]) / max(float(sums[1]), 1.0))
+    return rmse, (float(sums[2]) / max(float(sums[3]), 1e-30) if count else None)
+
+
+def validation_scores(
+    model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int = 1024
+) -> tuple[float, float | None]:
+    """(RMSE of the normalised prediction in log1p units, count NLL per value or None for an RMSE model) of
+    the field on ``rows`` of ``table``; sharded and all-reduced over ranks when a process group is set up."""
+    di = ddp.info()
+    sums = _val_sums(model, table, ddp.shard(rows, di), device, chunk)
+    if di.world > 1:
+        sums = ddp.allreduce_numpy(sums)
+    return _scores(sums, model.cfg.likelihood != "rmse")
 
 
 def validation_rmse(model: INRField, table: Table, rows: np.ndarray, device: str, chunk: int = 1024) -> float:
-    """RMSE of the field on ``rows`` of ``table`` (log1p-normalised units); sharded and all-reduced over
-    ranks when a process group is initialised."""
-    di = ddp.info()
-    sse, n = _sse(model, table, ddp.shard(rows, di), device, chunk)
-    if di.world > 1:
-        tot = ddp.allreduce_numpy(np.array([sse, n], dtype=np.float64))
-        sse, n = float(tot[0]), int(tot[1])
-    return math.sqrt(sse / max(n, 1))
+    """RMSE of the field on ``rows`` of ``table`` (log1p-normalised units); see :func:`validation_scores`."""
+    return validation_scores(model, table, rows, device, chunk)[0]
 
 
 class _SparseValidation:
-    """Validation SSE on the sparse data path: the chunks (rows, capacity) are fixed once; the sum stays on
-    the device until the epoch's one read."""
+    """Validation sums on the sparse data path (:func:`_val_sums`' four entries): the chunks (rows, capacity)
+    are fixed once; the sums stay on the device until the epoch's one read. A count model's chunks are
+    gathered twice: normalised for the RMSE, raw for the NLL."""
 
     def __init__(
         self, source: DeviceTable | HostBatchFeeder, rows: np.ndarray, device: str, chunk: int = 4096
@@ -304,20 +366,30 @@ class _SparseValidation:
         )
         self.n = sum(len(r) for r, _ in self.chunks) * source.n_genes
 
-    def _batch(self, k: int) -> SparseBatch:
+    def _batch(self, k: int, raw: bool) -> SparseBatch:
         rows, cap = self.chunks[k]
         if isinstance(self.source, DeviceTable):
-            return self.source.gather(self.dev_rows[k], cap)
-        return self.source.gather_host(rows, cap)
+            return self.source.gather(self.dev_rows[k], cap, raw=raw)
+        return self.source.gather_host(rows, cap, raw=raw)
 
     @torch.no_grad()
-    def sse(self, model: INRField) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+    def sums(self, model: INRField) -> torch.Tensor:
+        """[SSE, n values, Σ w·NLL, Σ w] float64 on the device."""
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
+        total[1] = self.n
+        count = model.cfg.likelihood != "rmse"
         model.eval()
         for k in range(len(self.chunks)):
-            b = self._batch(k)
-            pred = model(model.normalize(b.coords))
-            total += ((pred - b.dense(self.source.n_genes)) ** 2).sum().double()
+            b = self._batch(k, raw=False)
+            hidden = model.hidden(model.normalize(b.coords))
+            pred = model.head_out(hidden)
+            total[0] += ((pred - b.dense(self.source.n_genes)) ** 2).sum().double()
+            if count:
+                rb = self._batch(k, raw=True)
+                assert rb.log_offset is not None
+                nll, w = _count_nll_sums(model, hidden, rb, rb.log_offset)
+                total[2] += nll
+                total[3] += w
         model.train()
         return total
 
@@ -351,7 +423,7 @@ def _resume_mode(resume: bool | str) -> str:
 
 
 def _data_source(
-    table: Table, tc: TrainConfig, device: str
+    table: Table, tc: TrainConfig, device: str, raw: bool = False
 ) -> tuple[DeviceTable | HostBatchFeeder | None, dict]:
     if tc.data not in ("auto", "device", "host", "dense"):
         raise InputError(f"TrainConfig.data must be auto, device, host or dense, got {tc.data!r}")
@@ -363,9 +435,9 @@ def _data_source(
         return None, {"placement": "dense host batches"}
     source: DeviceTable | None = None
     if tc.data in ("auto", "device"):
-        source = device_table_or_none(table, device)
+        source = device_table_or_none(table, device, raw=raw)
     if source is None:
-        return HostBatchFeeder(table, device), {"placement": "CSR batches streamed from host memory"}
+        return HostBatchFeeder(table, device, raw=raw), {"placement": "CSR batches streamed from host memory"}
     info = {
         "placement": f"CSR resident on {device}",
         "device_bytes": source.nbytes,
@@ -389,17 +461,25 @@ def fit(
     train_cfg: TrainConfig | None = None,
     checkpoint: str | Path | None = None,
     resume: bool | str = False,
+    *,
+    z_stretch: float = 1.0,
+    section_code_dim: int = 0,
 ) -> FitResult:
-    """Fit a field to ``table``; returns the model at its best validation epoch.
+    """Fit a field to ``table``; returns the model at its best validation epoch (lowest validation RMSE, or
+    validation NLL under a count likelihood).
 
     ``checkpoint``: path written atomically every ``checkpoint_every`` steps and at each epoch end.
     ``resume=True`` continues from it (InputError when it does not exist or was made with other settings or
     data) and reaches the same result, weights and logged history as an uninterrupted run; ``"or_start"``
     starts afresh when there is no checkpoint. The model's ``training_record["run"]`` holds
-    :func:`run_record` of this fit.
+    :func:`run_record` of this fit. ``z_stretch`` (normalised z multiplied by it) and ``section_code_dim``
+    (per-section appearance codes, 0 = off) go into the model's FieldConfig; ``loss_cfg.likelihood`` too
+    (a count likelihood needs a table of raw counts: InputError otherwise).
     """
     loss_cfg = loss_cfg or LossConfig()
     tc = train_cfg or TrainConfig()
+    count = loss_cfg.likelihood != "rmse"
+    require_counts(table, loss_cfg.likelihood)
     mode = _resume_mode(resume)
     di = ddp.info()
     device = ddp.device_for(tc.device, di)
@@ -416,8 +496,19 @@ def fit(
         scale,
         list(table.genes),
         **tissue_frame(table.coords),
+        z_stretch=z_stretch,
+        likelihood=loss_cfg.likelihood,
     )
-    record = run_record(table, cfg.encoding, width, n_layers, loss_cfg, tc)
+    record = run_record(
+        table,
+        cfg.encoding,
+        width,
+        n_layers,
+        loss_cfg,
+        tc,
+        z_stretch=z_stretch,
+        section_code_dim=section_code_dim,
+    )
     ckpt = Path(checkpoint) if checkpoint else None
     if mode == "yes" and (ckpt is None or not ckpt.exists()):
         raise InputError(
@@ -430,7 +521,15 @@ def fit(
     init_rows = np.sort(
         np.random.default_rng(tc.seed).choice(train_rows, min(len(train_rows), 4096), replace=False)
     )
-    model.init_head_bias(torch.as_tensor(table.targets(init_rows).mean(axis=0)))
+    if count:  # log of each gene's mean rate per target_sum counts, over the sampled cells with counts
+        tot = np.asarray(table.totals[init_rows], dtype=np.float64)
+        has = tot > 0
+        rates = table.raw_targets(init_rows[has]) * (table.target_sum / tot[has])[:, None]
+        model.init_count_bias(
+            torch.as_tensor(rates.mean(axis=0) if has.any() else np.zeros(len(table.genes)))
+        )
+    else:
+        model.init_head_bias(torch.as_tensor(table.targets(init_rows).mean(axis=0)))
     extractor: ProfileExtractor | None = None
     if loss_cfg.lambda_rc > 0:
         sample = np.random.default_rng(tc.seed).choice(train_rows, min(len(train_rows), 2048), replace=False)
@@ -447,12 +546,14 @@ def fit(
     source: DeviceTable | HostBatchFeeder | None
     if shard_resident:
         assert isinstance(table, CellTable)
-        source = DeviceTable(table, device, rows=np.zeros(0, dtype=np.int64))  # replaced at each epoch
+        source = DeviceTable(
+            table, device, rows=np.zeros(0, dtype=np.int64), raw=count
+        )  # replaced each epoch
         data_info: dict[str, Any] = {
             "placement": f"CSR shard resident on {device} (rank {di.rank} of {di.world})"
         }
     else:
-        source, data_info = _data_source(table, tc, device)
+        source, data_info = _data_source(table, tc, device, raw=count)
     ddp_loss = None
     if di.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -486,10 +587,14 @@ def fit(
     else:
         cap = source.capacity(train_rows, shard_bs) if source is not None else 0
 
-    def loss_of(xyz: torch.Tensor, target: Any, n_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_of(
+        xyz: torch.Tensor, target: Any, n_global: int, log_offset: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if ddp_loss is not None:
-            return ddp_loss(xyz, target, n_global)
-        return objective_tensors(model, xyz, target, loss_cfg, extractor, tc.backend, tc.precision)
+            return ddp_loss(xyz, target, n_global, log_offset)
+        return objective_tensors(
+            model, xyz, target, loss_cfg, extractor, tc.backend, tc.precision, log_offset
+        )
 
     def loss_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # device-table step: rows [B_k]
         assert isinstance(source, DeviceTable)
@@ -500,9 +605,9 @@ def fit(
         return loss_of(model.normalize(b.coords), b, bs)
 
     def loss_dense(
-        xyz: torch.Tensor, target: torch.Tensor, n_global: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss_of(model.normalize(xyz), target, n_global)
+        xyz: torch.Tensor, target: torch.Tensor, n_global: int, log_offset: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # target: log1p-normalised, or raw counts + log_offset [B_k]
+        return loss_of(model.normalize(xyz), target, n_global, log_offset)
 
     fn = loss_rows if isinstance(source, DeviceTable) else loss_batch if source is not None else loss_dense
     stepper = TrainStep(
@@ -514,7 +619,7 @@ def fit(
         val_mine = ddp.shard(val_rows, di)
         if shard_resident:
             assert isinstance(table, CellTable)
-            val_source = DeviceTable(table, device, rows=val_mine)
+            val_source = DeviceTable(table, device, rows=val_mine, raw=count)
             val_sparse = _SparseValidation(val_source, np.arange(len(val_mine)), device)
         else:
             val_sparse = _SparseValidation(source, val_mine, device)
@@ -596,7 +701,7 @@ def fit(
             shard_resident and mine is not None
         ):  # this epoch's rows of this rank, copied once, in visiting order
             assert isinstance(table, CellTable)
-            source = DeviceTable(table, device, rows=mine.ravel())
+            source = DeviceTable(table, device, rows=mine.ravel(), raw=count)
             local = np.arange(mine.size).reshape(mine.shape)
             rows_dev: torch.Tensor | None = torch.as_tensor(local, device=device)
         else:
@@ -611,8 +716,13 @@ def fit(
                 rows = np.sort(order[step * bs : (step + 1) * bs])
                 shard = ddp.shard(rows, di)
                 xyz = torch.as_tensor(table.coords[shard], device=device)
-                target = torch.as_tensor(table.targets(shard), device=device)
-                stepper(acc, st["global_step"], xyz, target, len(rows))
+                if count:
+                    target = torch.as_tensor(table.raw_targets(shard), device=device)
+                    off = torch.as_tensor(table.log_offsets(shard), device=device)
+                    stepper(acc, st["global_step"], xyz, target, len(rows), off)
+                else:
+                    target = torch.as_tensor(table.targets(shard), device=device)
+                    stepper(acc, st["global_step"], xyz, target, len(rows))
             st["global_step"] += 1
             st["step_in_epoch"] = step + 1
             if tc.stop_after_steps is not None and st["global_step"] >= tc.stop_after_steps:
@@ -624,25 +734,27 @@ def fit(
         if interrupted:
             break
         n_steps = max(steps_per_epoch, 1)
+        scores: tuple[float, float | None] | None = None
         if val_sparse is not None:
-            sums = torch.cat([acc, val_sparse.sse(model)[None]]).tolist()  # the epoch's one read
-            sse = sums.pop()
+            both = torch.cat([acc, val_sparse.sums(model)]).tolist()  # the epoch's one read
+            sums, vsums = both[: len(PARTS)], np.array(both[len(PARTS) :])
             if di.world > 1:
-                tot = ddp.allreduce_numpy(np.array([sse, val_sparse.n], dtype=np.float64))
-                sse, n_val = float(tot[0]), int(tot[1])
-            else:
-                n_val = val_sparse.n
-            val: float | None = math.sqrt(sse / max(n_val, 1))
+                vsums = ddp.allreduce_numpy(vsums)
+            scores = _scores(vsums, count)
         else:
-            sums, val = acc.tolist(), None
-        record_ep = {k: v / n_steps for k, v in zip(PARTS, sums)}
-        if val is None:
-            val = (
-                validation_rmse(model, table, val_rows, device)
-                if len(val_rows)
-                else record_ep.get("rmse", 0.0)
-            )
-        record_ep.update(epoch=float(st["epoch"]), val_rmse=val)
+            sums = acc.tolist()
+        names = part_names(loss_cfg.likelihood)
+        record_ep = {k: v / n_steps for k, v in zip(PARTS, sums) if k in names}
+        if scores is None:
+            if len(val_rows):
+                scores = validation_scores(model, table, val_rows, device)
+            else:  # no validation cells: the training loss stands in
+                scores = (record_ep.get("rmse", math.nan), record_ep.get("nll") if count else None)
+        val_rmse, val_nll = scores
+        record_ep.update(epoch=float(st["epoch"]), val_rmse=val_rmse)
+        if val_nll is not None:
+            record_ep["val_nll"] = val_nll
+        val = val_nll if val_nll is not None else val_rmse  # the fit's own criterion
         history.append(record_ep)
         acc.zero_()
         if val < st["best_val"] - 1e-6:
@@ -656,7 +768,7 @@ def fit(
         st["finished"] = st["stopped"] or st["epoch"] >= tc.epochs
         save()
         bar.update(1)
-        bar.set_postfix(loss=f"{record_ep.get('loss', 0):.4f}", val_rmse=f"{val:.4f}")
+        bar.set_postfix(loss=f"{record_ep.get('loss', 0):.4f}", val_rmse=f"{val_rmse:.4f}")
     bar.close()
     if not interrupted:
         model.load_state_dict(best_state)

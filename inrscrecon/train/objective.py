@@ -1,5 +1,10 @@
 """The training objective on one batch: RMSE + λ1·RC + λ2·KL (DESIGN §3), through the selected backend.
 
+With a count likelihood (``LossConfig.likelihood`` "poisson" | "nb") the data term is the count NLL of raw
+counts with the library size as an offset instead of the RMSE: the target is raw counts and each row carries
+its offset o = log(L / 1e4) (−inf for a cell with no counts: such rows get weight 0); KL and RC still act on the
+normalised prediction softplus(η) against the log1p-normalised target.
+
 The target is either a dense [B, M] tensor (streaming tables, references) or the batch's sparse CSR rows
 (:class:`~inrscrecon.data.device_table.SparseBatch` from the device-resident table): with RC off, the sparse
 target goes straight into the sparse-target head + loss, and no [B, M] target exists. Parts are returned as
@@ -15,24 +20,29 @@ from torch import nn
 
 from inrscrecon.field.losses import (
     LossConfig,
+    count_head_loss_reference,
     head_loss_reference,
     kl_divergence,
+    normalised_counts,
     representation_consistency,
     rmse,
+    sparse_count_head_loss_reference,
 )
 from inrscrecon.field.model import INRField
 
 PRECISIONS = ("auto", "fp32", "bf16")
-PARTS = ("loss", "rmse", "kl", "rc")  # order of the parts tensor
+#: order of the parts tensor; "rmse" is 0 under a count likelihood and "nll" is 0 under RMSE
+PARTS = ("loss", "rmse", "kl", "rc", "nll")
 
 
 class SparseTarget(Protocol):
     """CSR targets of a batch: indptr [B+1] int64, indices [CAP] int32 gene, values [CAP] fp32 (padding past
-    indptr[B] is ignored)."""
+    indptr[B] is ignored); for count losses raw counts with ``log_offset`` [B] set."""
 
     indptr: torch.Tensor
     indices: torch.Tensor
     values: torch.Tensor
+    log_offset: torch.Tensor | None
 
     def dense(self, n_genes: int) -> torch.Tensor: ...
 
@@ -51,16 +61,31 @@ def _autocast_trunk(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cuda"
 
 
+def count_rows(log_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets [B] (−inf where L = 0) → (offsets with those set to 0, row weights [B]: 0 there, else 1)."""
+    finite = torch.isfinite(log_offset)
+    return torch.where(finite, log_offset.float(), 0.0), finite.float()
+
+
+def _batch_offset(target: torch.Tensor | SparseTarget, log_offset: torch.Tensor | None) -> torch.Tensor:
+    off = log_offset if isinstance(target, torch.Tensor) else getattr(target, "log_offset", None)
+    if off is None:
+        raise ValueError("a count likelihood needs raw-count batches with their log offsets")
+    return off
+
+
 def loss_terms(
     model: INRField,
     coords: torch.Tensor,  # [B, 3] normalised
-    target: torch.Tensor | SparseTarget,  # [B, M] log1p-normalised, or the batch's CSR rows
+    target: torch.Tensor | SparseTarget,  # [B, M] log1p-normalised (raw counts), or the batch's CSR rows
     loss_cfg: LossConfig,
     extractor: nn.Module | None = None,
     impl: str = "torch",
     precision: str = "fp32",
+    log_offset: torch.Tensor | None = None,  # [B] count losses with a dense target
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(RMSE, KL, RC) scalars with gradients; KL / RC are 0 when their λ is 0.
+    """(data term, KL, RC) scalars with gradients; KL / RC are 0 when their λ is 0. The data term is the RMSE,
+    or the count NLL (mean over weighted rows and genes) under a count likelihood.
 
     A sparse target uses the sparse-target head + loss (``field.fused.sparse_head_loss``) unless RC is on
     (the extractor needs the dense profile, which is then built from the CSR rows).
@@ -81,10 +106,15 @@ def loss_terms(
             from inrscrecon.field.fused import trunk_forward
 
             hidden = trunk_forward(coords, enc.n_bands, model.trunk, impl=impl)
+            hidden = model.with_codes(hidden, coords)  # + the section-code term, as model.hidden adds it
     w, b = model.head.weight.to(dtype), model.head.bias.to(dtype)
     hidden = hidden.to(dtype)
     zero = torch.zeros((), device=coords.device)
     rc_on = loss_cfg.lambda_rc > 0 and extractor is not None
+    if loss_cfg.likelihood != "rmse":
+        return _count_terms(
+            model, hidden, w, b, target, loss_cfg, extractor if rc_on else None, impl, log_offset
+        )
     if not isinstance(target, torch.Tensor):  # CSR rows (a SparseTarget; duck-typed: traceable)
         if not rc_on:
             from inrscrecon.field.fused import sparse_head_loss
@@ -116,6 +146,50 @@ def loss_terms(
     return r, k, zero
 
 
+def _count_terms(
+    model: INRField,
+    hidden: torch.Tensor,  # [B, W] in the head's dtype
+    w: torch.Tensor,  # [M, W]
+    b: torch.Tensor,  # [M]
+    target: torch.Tensor | SparseTarget,  # [B, M] raw counts, or CSR rows of raw counts
+    loss_cfg: LossConfig,
+    extractor: nn.Module | None,  # RC on when given
+    impl: str,
+    log_offset: torch.Tensor | None,  # [B] with a dense target
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NLL, KL, RC) of a count likelihood: the count references on the torch backend, else the fused ops."""
+    lik, lam, eps = loss_cfg.likelihood, loss_cfg.lambda_kl, loss_cfg.kl_eps
+    off, row_w = count_rows(_batch_offset(target, log_offset))
+    log_theta = model.log_theta if lik == "nb" else None
+    zero = torch.zeros((), device=hidden.device)
+    if extractor is not None:  # RC needs both dense profiles: the plain torch path
+        counts = target if isinstance(target, torch.Tensor) else target.dense(model.cfg.n_genes)
+        _, nll, k = count_head_loss_reference(hidden, w, b, counts, off, lik, log_theta, lam, eps, row_w)
+        pred = torch.nn.functional.softplus(torch.nn.functional.linear(hidden, w, b)).float()
+        return nll, k, representation_consistency(extractor, pred, normalised_counts(counts, off))
+    if not isinstance(target, torch.Tensor):
+        csr = (target.indptr, target.indices, target.values, off, lik, log_theta, lam, eps)
+        if impl == "torch":
+            _, nll, k = sparse_count_head_loss_reference(hidden, w, b, *csr, row_weight=row_w)
+        else:
+            from inrscrecon.field.fused import sparse_count_head_loss
+
+            sorted_ = bool(getattr(target, "indices_sorted", False))
+            _, nll, k = sparse_count_head_loss(
+                hidden, w, b, *csr, row_weight=row_w, impl=impl, indices_sorted=sorted_
+            )
+        return nll, k, zero
+    if impl == "torch":
+        _, nll, k = count_head_loss_reference(hidden, w, b, target, off, lik, log_theta, lam, eps, row_w)
+    else:
+        from inrscrecon.field.fused import count_head_loss
+
+        _, nll, k = count_head_loss(
+            hidden, w, b, target.float(), off, lik, log_theta, lam, eps, row_weight=row_w, impl=impl
+        )
+    return nll, k, zero
+
+
 def objective_tensors(
     model: INRField,
     coords: torch.Tensor,  # [B, 3] normalised
@@ -124,23 +198,40 @@ def objective_tensors(
     extractor: nn.Module | None = None,
     impl: str = "torch",
     precision: str = "fp32",
+    log_offset: torch.Tensor | None = None,  # [B] count losses with a dense target
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total loss RMSE + λ_KL·KL + λ_RC·RC (scalar with grad) and its detached parts [4] (order ``PARTS``),
-    on the device: nothing here waits for the host."""
-    r, k, rc = loss_terms(model, coords, target, loss_cfg, extractor, impl, precision)
-    loss = r + loss_cfg.lambda_kl * k + loss_cfg.lambda_rc * rc
-    return loss, torch.stack([loss, r, k, rc]).detach().float()
+    """Total loss D + λ_KL·KL + λ_RC·RC (D = RMSE, or the count NLL) as a scalar with grad, and its detached
+    parts [5] (order ``PARTS``), on the device: nothing here waits for the host."""
+    d, k, rc = loss_terms(model, coords, target, loss_cfg, extractor, impl, precision, log_offset)
+    loss = d + loss_cfg.lambda_kl * k + loss_cfg.lambda_rc * rc
+    return loss, split_parts(loss, d, k, rc, loss_cfg.likelihood)
+
+
+def split_parts(
+    loss: torch.Tensor, data: torch.Tensor, k: torch.Tensor, rc: torch.Tensor, likelihood: str
+) -> torch.Tensor:
+    """The parts [5] fp32 (order ``PARTS``, detached) with the data term in the "rmse" or "nll" slot."""
+    zero = torch.zeros_like(data)
+    r, nll = (data, zero) if likelihood == "rmse" else (zero, data)
+    return torch.stack([loss, r, k, rc, nll]).detach().float()
+
+
+def part_names(likelihood: str) -> tuple[str, ...]:
+    """The parts a history row reports: ``PARTS`` without the data-term slot the likelihood leaves empty."""
+    return tuple(p for p in PARTS if p != ("nll" if likelihood == "rmse" else "rmse"))
 
 
 def objective(
     model: INRField,
     coords: torch.Tensor,  # [B, 3] normalised
-    target: torch.Tensor | SparseTarget,  # [B, M] log1p-normalised, or CSR rows
+    target: torch.Tensor | SparseTarget,  # [B, M] log1p-normalised (raw counts), or CSR rows
     loss_cfg: LossConfig,
     extractor: nn.Module | None = None,
     impl: str = "torch",
     precision: str = "fp32",
+    log_offset: torch.Tensor | None = None,  # [B] count losses with a dense target
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss (scalar with grad) and its parts as floats (reads them back: one host sync)."""
-    loss, parts = objective_tensors(model, coords, target, loss_cfg, extractor, impl, precision)
-    return loss, dict(zip(PARTS, parts.tolist()))
+    loss, parts = objective_tensors(model, coords, target, loss_cfg, extractor, impl, precision, log_offset)
+    names = part_names(loss_cfg.likelihood)
+    return loss, {k: v for k, v in zip(PARTS, parts.tolist()) if k in names}

@@ -53,11 +53,13 @@ class Selection:
 
 
 def best_val(result: FitResult) -> tuple[float, int]:
-    """(lowest validation RMSE, its epoch) of a fit's history."""
+    """(lowest validation score, its epoch) of a fit's history: the fit's own criterion, i.e. the validation
+    NLL of a count likelihood (``val_nll``), else the validation RMSE."""
     if not result.history:
         return math.inf, -1
-    i = min(range(len(result.history)), key=lambda j: result.history[j]["val_rmse"])
-    return float(result.history[i]["val_rmse"]), i
+    key = "val_nll" if "val_nll" in result.history[0] else "val_rmse"
+    i = min(range(len(result.history)), key=lambda j: result.history[j][key])
+    return float(result.history[i][key]), i
 
 
 def select_encoding(
@@ -93,10 +95,12 @@ def select_encoding(
         res = fit(table, enc, width, n_layers, loss_cfg, tc, checkpoint=ckpt, resume=resume)
         val, epoch = best_val(res)
         seconds = time.time() - t0
+        crit = "val_nll" if "val_nll" in (res.history[0] if res.history else {}) else "val_rmse"
         rows.append(
             {
                 "name": describe(enc),
-                "val_rmse": val,
+                "val_rmse": float(res.history[epoch]["val_rmse"]) if epoch >= 0 else val,
+                **({crit: val} if crit == "val_nll" else {}),
                 "epochs": len(res.history),
                 "best_epoch": epoch,
                 "seconds": seconds,
