@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from inrscrecon.errors import InputError
+from inrscrecon.query.render_command import add_uncertainty_flags, uncertainty_level
 
 
 class Parser(argparse.ArgumentParser):
@@ -236,8 +237,17 @@ def _fit(args: argparse.Namespace) -> int:
     if not di.main:  # rank 0 alone writes the model and reports
         distributed.cleanup()
         return 0
+    from inrscrecon.query.uncertainty import calibration_record  # count intervals: NB fitted on val cells
+    from inrscrecon.train.fit import _split
+
+    val_rows = _split(table.n_cells, tc.val_fraction, tc.seed)[1]
+    uncertainty = calibration_record(result.model, table, val_rows, tc.seed)
     result.model.save(
-        out, training={"sections": trained_on, "holdout": holdout, "input": args.input, "run": run}
+        out,
+        training={
+            **{"sections": trained_on, "holdout": holdout, "input": args.input, "run": run},
+            "uncertainty": uncertainty,
+        },
     )
     distributed.cleanup()
     if not args.keep_checkpoints:  # the candidates' checkpoints served the selection; the model is complete
@@ -268,7 +278,8 @@ def _predict(args: argparse.Namespace) -> int:
     xyz, ids = read_coords(args.coords)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     obs = query_obs(args.coords)  # the query's own columns are kept in the output
-    predict_to_file(model, xyz, args.out, genes, ids, progress=True, obs=obs)  # written chunk by chunk
+    level = uncertainty_level(args)  # --uncertainty: interval layers beside X
+    predict_to_file(model, xyz, args.out, genes, ids, progress=True, obs=obs, level=level)
     print(f"wrote {args.out}: {len(xyz)} points × {len(genes) if genes else model.cfg.n_genes} genes")
     return 0
 
@@ -281,7 +292,12 @@ def _impute(args: argparse.Namespace) -> int:
     model = INRField.load(args.model, device=args.device)
     sections = _load_stack(args, [])
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
-    out = impute_sections(model, sections, genes, args.spacing, args.z_key, args.spatial_key)
+    level = uncertainty_level(args)  # --uncertainty: interval layers beside X
+    if level is not None:
+        from inrscrecon.query.predict import interval_setup
+
+        interval_setup(model, genes, level)  # a model that cannot give intervals fails before reading
+    out = impute_sections(model, sections, genes, args.spacing, args.z_key, args.spatial_key, level=level)
     write_h5ad(out, args.out)
     print(f"wrote {args.out}: {out.n_obs} spots × {out.n_vars} genes")
     return 0
@@ -461,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--genes", help="comma-separated gene names (default: all)")
     p.add_argument("--device", default="cpu")
+    add_uncertainty_flags(p, "layers['lower_90'] / layers['upper_90'] at the training median library size")
     p.set_defaults(func=_predict)
     p = sub.add_parser("impute", help="impute (denoise/complete) expression at every spot of sections")
     p.add_argument("model", help="model file written by `inrscrecon fit`")
@@ -471,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", help="comma-separated gene names (default: all)")
     _add_stack_flags(p)
     p.add_argument("--device", default="cpu")
+    add_uncertainty_flags(p, "layers['lower_90'] / layers['upper_90'] given each spot's total counts")
     p.set_defaults(func=_impute)
     p = sub.add_parser("bench", help="quick train-step benchmark of each available backend on a device")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, …")

@@ -11,7 +11,8 @@ import pandas as pd
 from inrscrecon.data.stack import section_xyz, section_z
 from inrscrecon.field.model import INRField
 from inrscrecon.query.domain_check import check_domain
-from inrscrecon.query.predict import LOG1P_UNS, predict
+from inrscrecon.query.predict import LOG1P_UNS, add_interval_layers, interval_setup, predict
+from inrscrecon.query.uncertainty import MEDIAN_RULE, spot_library_sizes
 
 
 def _observed(sections: Sequence[ad.AnnData], spatial_key: str, xyz: np.ndarray) -> np.ndarray:
@@ -37,12 +38,18 @@ def impute_sections(
     spacing: float | None = None,
     z_key: str | None = None,
     spatial_key: str = "spatial",
+    level: float | None = None,
 ) -> ad.AnnData:
     """Predict every spot of ``sections`` (placed in 3D as for ``fit``) → one AnnData, scverse conventions:
     X = imputed log1p-normalised expression [N, K] (``uns['log1p']`` set), the input obs columns and
     ``obs['section']``, ``obsm['spatial']`` the observed coordinates (as the input had them),
     ``obsm['spatial_aligned']`` the aligned x, y and ``obsm['spatial_3d']`` x, y, z (µm);
-    ``uns['inrscrecon']['out_of_domain']`` the fraction of spots outside the training tissue."""
+    ``uns['inrscrecon']['out_of_domain']`` the fraction of spots outside the training tissue.
+
+    ``level`` (e.g. 0.9): also each spot's predictive interval of counts given its own library size (total
+    counts; the training median where the sections hold no counts), ``layers['lower_90']`` /
+    ``layers['upper_90']`` in the units of X, recorded in ``uns['inrscrecon']['uncertainty']``."""
+    dist = interval_setup(model, genes, level)
     aligned = len(sections) == 1 and "spatial_3d" in sections[0].obsm
     zs = [0.0] * len(sections) if aligned else section_z(sections, spacing, z_key)
     xyz = np.concatenate([section_xyz(s, z, spatial_key) for s, z in zip(sections, zs)])
@@ -62,4 +69,11 @@ def impute_sections(
         "X": "imputed log1p(normalised expression, target_sum 1e4) from the fitted field",
         "out_of_domain": ood or {},
     }
+    # which section codes the spots got (one warning when interpolated in z)
+    if (codes := model.code_use(xyz)) is not None:
+        out.uns["inrscrecon"]["section_codes"] = codes
+    if dist is not None and level is not None:
+        library = spot_library_sizes(sections)
+        rule = None if library is not None else f"{MEDIAN_RULE}; the sections hold no counts for every spot"
+        add_interval_layers(out, values, dist, level, library, rule)
     return out

@@ -65,13 +65,19 @@ def predict_anndata(
     genes: Sequence[str] | None = None,
     obs_names: Sequence[str] | None = None,
     obs: pd.DataFrame | None = None,
+    level: float | None = None,
 ) -> ad.AnnData:
     """Prediction as AnnData (scverse conventions): X [N, K] log1p-normalised (``uns['log1p']`` set),
     ``obsm['spatial']`` the query x, y, ``obsm['spatial_3d']`` x, y, z (µm), ``obs`` the query's columns
     when given; ``uns['inrscrecon']['out_of_domain']`` the fraction of points outside the training tissue
-    (one :class:`~inrscrecon.query.domain_check.OutOfDomainWarning` when above zero)."""
+    (one :class:`~inrscrecon.query.domain_check.OutOfDomainWarning` when above zero).
+
+    ``level`` (e.g. 0.9): also the predictive interval of each point's counts at the training median library
+    size, ``layers['lower_90']`` / ``layers['upper_90']`` in the units of X and
+    ``uns['inrscrecon']['uncertainty']`` (:mod:`inrscrecon.query.uncertainty`)."""
     from inrscrecon.query.domain_check import check_domain
 
+    dist = interval_setup(model, genes, level)
     xyz = np.asarray(xyz, dtype=np.float64)
     ood = check_domain(model, xyz) if xyz.ndim == 2 and xyz.shape[-1] == 3 else None
     values = predict(model, xyz, genes)
@@ -82,7 +88,46 @@ def predict_anndata(
     out.obsm["spatial"] = xyz[:, :2].copy()
     out.uns["log1p"] = dict(LOG1P_UNS)
     out.uns["inrscrecon"] = {"X": X_NOTE, "out_of_domain": ood or {}}
+    # which section codes the points got (one warning when interpolated in z)
+    if (codes := model.code_use(xyz)) is not None:
+        out.uns["inrscrecon"]["section_codes"] = codes
+    if dist is not None and level is not None:
+        add_interval_layers(out, values, dist, level)
     return out
+
+
+def interval_setup(model: INRField, genes: Sequence[str] | None, level: float | None):
+    """The predictive distribution of ``genes`` when intervals are asked for (``level`` not None), else None;
+    InputError before any work when the level or the model cannot give them."""
+    if level is None:
+        return None
+    from inrscrecon.query.uncertainty import check_level, predictive
+
+    check_level(level)
+    return predictive(model).genes(gene_indices(model, genes))
+
+
+def add_interval_layers(
+    out: ad.AnnData,
+    values: np.ndarray,  # [N, K] the prediction (X)
+    dist,  # uncertainty.Predictive of the K genes
+    level: float,
+    library: np.ndarray | None = None,  # [N] per-spot library sizes; None: the training median
+    rule: str | None = None,  # how the library sizes were chosen (default: from ``library``)
+) -> None:
+    """Add ``layers['lower_<pct>']`` / ``layers['upper_<pct>']`` and ``uns['inrscrecon']['uncertainty']``."""
+    from inrscrecon.query.uncertainty import (
+        MEDIAN_RULE,
+        SPOT_RULE,
+        interval_from_prediction,
+        layer_names,
+        record,
+    )
+
+    lo_name, hi_name = layer_names(level)
+    out.layers[lo_name], out.layers[hi_name] = interval_from_prediction(values, dist, level, library)
+    rule = rule or (MEDIAN_RULE if library is None else SPOT_RULE)
+    out.uns["inrscrecon"]["uncertainty"] = record(dist, level, rule)
 
 
 def _names(model: INRField, genes: Sequence[str] | None) -> list[str]:

@@ -26,7 +26,15 @@ from inrscrecon.data.io import check_writable
 from inrscrecon.errors import InputError
 from inrscrecon.field.model import INRField
 from inrscrecon.query.domain_check import check_domain
-from inrscrecon.query.predict import LOG1P_UNS, X_NOTE, gene_indices, predict, query_obs_frame
+from inrscrecon.query.predict import (
+    LOG1P_UNS,
+    X_NOTE,
+    gene_indices,
+    interval_setup,
+    predict,
+    query_obs_frame,
+)
+from inrscrecon.query.uncertainty import MEDIAN_RULE, interval_from_prediction, layer_names, record
 
 X_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -40,11 +48,14 @@ def predict_to_file(
     batch_size: int = 65536,
     progress: bool = False,
     obs: pd.DataFrame | None = None,
+    level: float | None = None,
 ) -> Path:
     """Predict ``genes`` (None: all) at ``xyz`` and write an AnnData ``out`` (``.h5ad`` or ``.zarr``) chunk by
     chunk. ``obs``: the query's own columns, kept (see :func:`query_obs`). Peak memory ≈ batch_size × (K +
     width) × 4 bytes plus the coordinates. Points outside the training tissue warn once and are recorded in
-    ``uns['inrscrecon']['out_of_domain']``."""
+    ``uns['inrscrecon']['out_of_domain']``. ``level`` (e.g. 0.9): also the predictive interval of each point's
+    counts at the training median library size, ``layers['lower_90']`` / ``layers['upper_90']`` (units of X),
+    written chunk by chunk beside X (:mod:`inrscrecon.query.uncertainty`)."""
     out = check_writable(out)
     if out.suffix not in (".h5ad", ".zarr"):
         raise InputError(f"{out}: output must end in .h5ad or .zarr, got {out.suffix!r}")
@@ -54,6 +65,7 @@ def predict_to_file(
         raise InputError(f"{len(ids)} point ids for {len(xyz)} coordinates")
     names = list(genes) if genes is not None else list(model.cfg.genes)
     gene_indices(model, genes)  # unknown genes fail before anything is written
+    dist = interval_setup(model, genes, level)  # so does a model that cannot give intervals
     n, k = len(xyz), len(names)
     ood = check_domain(model, xyz)
     shell = ad.AnnData(obs=query_obs_frame(n, ids, obs), var=pd.DataFrame(index=names))
@@ -62,6 +74,13 @@ def predict_to_file(
     shell.obsm["spatial"] = coords[:, :2].copy()
     shell.uns["log1p"] = dict(LOG1P_UNS)
     shell.uns["inrscrecon"] = {"X": X_NOTE, "out_of_domain": ood or {}}
+    # which section codes the points got (one warning when interpolated in z)
+    if (codes := model.code_use(coords)) is not None:
+        shell.uns["inrscrecon"]["section_codes"] = codes
+    names_iv: tuple[str, ...] = ()
+    if dist is not None and level is not None:
+        names_iv = layer_names(level)
+        shell.uns["inrscrecon"]["uncertainty"] = record(dist, level, MEDIAN_RULE)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)) / out.name
     rows = max(1, min(batch_size, n))
     try:
@@ -74,7 +93,12 @@ def predict_to_file(
                     "X", shape=(n, k), dtype="float32", chunks=(min(rows, 4096), max(k, 1)) if n else None
                 )
                 x.attrs.update(X_ATTRS)
-                _fill(model, xyz, genes, x, batch_size, progress)
+                layers = []
+                for name in names_iv:
+                    d = f["layers"].create_dataset(name, shape=(n, k), dtype="float32", chunks=x.chunks)
+                    d.attrs.update(X_ATTRS)
+                    layers.append(d)
+                _fill(model, xyz, genes, x, batch_size, progress, layers, dist, level)
         else:
             import zarr
 
@@ -84,7 +108,12 @@ def predict_to_file(
             g = zarr.open_group(str(tmp), mode="r+")
             x = g.create_array("X", shape=(n, k), dtype="float32", chunks=(min(rows, 16384), max(k, 1)))
             x.attrs.update(X_ATTRS)
-            _fill(model, xyz, genes, x, batch_size, progress)
+            layers = []
+            for name in names_iv:
+                d = g.create_array(f"layers/{name}", shape=(n, k), dtype="float32", chunks=x.chunks)
+                d.attrs.update(X_ATTRS)
+                layers.append(d)
+            _fill(model, xyz, genes, x, batch_size, progress, layers, dist, level)
             zarr.consolidate_metadata(str(tmp))  # anndata reads the consolidated listing: include X
         commit(tmp, out)
     finally:
@@ -93,10 +122,22 @@ def predict_to_file(
 
 
 def _fill(
-    model: INRField, xyz: np.ndarray, genes: Sequence[str] | None, x, batch_size: int, progress: bool
+    model: INRField,
+    xyz: np.ndarray,
+    genes: Sequence[str] | None,
+    x,
+    batch_size: int,
+    progress: bool,
+    layers: Sequence = (),  # (lower, upper) datasets when intervals are written
+    dist=None,
+    level: float | None = None,
 ) -> None:
     for s in tqdm(range(0, len(xyz), batch_size), desc="predict", unit="chunk", disable=not progress):
-        x[s : s + batch_size] = predict(model, np.asarray(xyz[s : s + batch_size]), genes, batch_size)
+        values = predict(model, np.asarray(xyz[s : s + batch_size]), genes, batch_size)
+        x[s : s + batch_size] = values
+        if layers and level is not None:
+            lo, hi = interval_from_prediction(values, dist, level)
+            layers[0][s : s + batch_size], layers[1][s : s + batch_size] = lo, hi
 
 
 def query_obs(path: str | Path) -> pd.DataFrame | None:

@@ -24,9 +24,16 @@ from inrscrecon.query.domain_check import check_domain
 from inrscrecon.query.domains import DomainModel
 from inrscrecon.query.figures import write_slices_png
 from inrscrecon.query.grid import GridSpec, bounds_of, model_bounds
-from inrscrecon.query.predict import gene_indices, predict
+from inrscrecon.query.predict import gene_indices, interval_setup, predict
 from inrscrecon.query.render_command import DEFAULT_MAX_VOXELS
 from inrscrecon.query.tissue import TissueMask
+from inrscrecon.query.uncertainty import (
+    DEFAULT_LEVEL,
+    MEDIAN_RULE,
+    interval_from_prediction,
+    layer_names,
+    record,
+)
 from inrscrecon.query.writers import pyramid_factors, staged_dir, write_ome_zarr
 
 
@@ -98,9 +105,11 @@ def estimate(
     domain_genes: int = 0,
     chunk_points: int = 65536,
     seed: int = 0,
+    intervals: bool = False,
 ) -> RenderEstimate:
     """Cost of rendering ``genes`` (+ ``domain_genes`` for domains) on ``grid``: the inside fraction from 4096
-    sampled voxels, the rate from timing one prediction chunk of up to 8192 points."""
+    sampled voxels, the rate from timing one prediction chunk of up to 8192 points (``intervals``: three
+    channels per gene, and the interval end points in the timing)."""
     m = _mask_arg(model, mask)
     sample = _sample(grid, 4096, seed)
     frac = float(m.contains(sample).mean()) if m is not None else 1.0
@@ -108,10 +117,13 @@ def estimate(
     probe = sample[: min(len(sample), 8192)]
     predict(model, probe[:64], want or None)  # warm-up
     t0 = time.perf_counter()
-    predict(model, probe, want or None, batch_size=chunk_points)
+    pred = predict(model, probe, want or None, batch_size=chunk_points)
+    if intervals and genes:
+        dist = interval_setup(model, genes, DEFAULT_LEVEL)
+        interval_from_prediction(pred[:, : len(genes)], dist, DEFAULT_LEVEL)  # type: ignore[arg-type]
     rate = len(probe) / max(time.perf_counter() - t0, 1e-9)
     inside = int(round(frac * grid.n_points))
-    channels = max(len(genes), 1)
+    channels = max(len(genes) * (3 if intervals else 1), 1)
     return RenderEstimate(grid.n_points, inside, len(want), rate, inside / rate, grid.n_points * channels * 4)
 
 
@@ -139,6 +151,7 @@ def render(
     png: bool = True,
     seed: int = 0,
     progress: bool = False,
+    level: float | None = None,
 ) -> RenderResult:
     """Predict ``genes`` at every voxel centre of ``grid`` (0 outside ``mask``) and write OME-Zarr ``out``.
 
@@ -147,13 +160,19 @@ def render(
     none), a :class:`TissueMask`, or None (every voxel). Image: axes (c, z, y, x), float32 log1p-normalised
     expression, channel names in ``omero``; ``labels/tissue`` (1 inside the mask) when masked; ``domains=K``
     (≥ 2) adds ``labels/domains`` (0 outside, 1..K clusters, marker genes per label). With no genes the image
-    holds one channel, the domain labels. Returns what was written.
+    holds one channel, the domain labels. ``level`` (e.g. 0.9): after the gene channels, channels
+    ``"<gene> lower_90"`` for every gene, then ``"<gene> upper_90"``: the predictive interval of a voxel's
+    counts at the training median library size, in the same units (:mod:`inrscrecon.query.uncertainty`).
+    Returns what was written.
     """
     t0 = time.time()
     genes = list(genes)
     if not genes and domains <= 0:
         raise InputError("nothing to render: give --genes and/or --domains")
     gene_indices(model, genes)
+    if level is not None and not genes:
+        raise InputError("--uncertainty needs --genes (intervals are per gene)")
+    dist = interval_setup(model, genes, level)
     model = model.eval()
     grid = grid or GridSpec.from_bounds(model_bounds(model))
     tmask = _mask_arg(model, mask)
@@ -165,6 +184,9 @@ def render(
     ood = check_domain(model, probe, "the voxels rendered")
     dom = DomainModel.fit(model, probe[:8000], domains, domain_genes, seed) if domains > 0 else None
     channels = genes if genes else ["domains"]
+    if dist is not None and level is not None:
+        lo_name, hi_name = layer_names(level)
+        channels = genes + [f"{g} {lo_name}" for g in genes] + [f"{g} {hi_name}" for g in genes]
     want = genes + ([g for g in dom.genes if g not in genes] if dom is not None else [])
     col = {g: i for i, g in enumerate(want)}
     inside_total = 0
@@ -189,16 +211,19 @@ def render(
             inside = tmask.contains(pts) if tmask is not None else np.ones(len(pts), dtype=bool)
             idx = np.flatnonzero(inside)
             inside_total += len(idx)
-            vals = np.zeros((len(pts), len(genes)), dtype=np.float32)
+            vals = np.zeros((len(pts), len(channels) if genes else 0), dtype=np.float32)
             labs = np.zeros(len(pts), dtype=np.uint16)
             for s in range(0, len(idx), chunk_points):
                 sel = idx[s : s + chunk_points]
                 pred = predict(model, pts[sel], want, batch_size=chunk_points)
-                vals[sel] = pred[:, : len(genes)]
+                vals[sel, : len(genes)] = pred[:, : len(genes)]
+                if dist is not None and level is not None:
+                    lo, hi = interval_from_prediction(pred[:, : len(genes)], dist, level)
+                    vals[sel, len(genes) : 2 * len(genes)], vals[sel, 2 * len(genes) :] = lo, hi
                 if dom is not None:
                     labs[sel] = dom.labels(pred[:, [col[g] for g in dom.genes]])
             shape = (z1 - z0, ny, nx)
-            img[:, z0:z1] = vals.T.reshape(len(genes), *shape) if genes else labs.reshape(1, *shape)
+            img[:, z0:z1] = vals.T.reshape(len(channels), *shape) if genes else labs.reshape(1, *shape)
             tis[z0:z1] = inside.reshape(shape)
             if dom is not None:
                 lab[z0:z1] = labs.reshape(shape)
@@ -216,11 +241,13 @@ def render(
             if genes
             else "domain labels",
             "mask": tmask.kind if tmask is not None else "none",
-            "genes": channels,
+            "genes": channels[: len(genes)] if genes else channels,
             "domain_genes": dom.genes if dom is not None else [],
             "section_z": [float(z) for z in (tmask.section_z if tmask is not None else model.cfg.section_z)],
             "out_of_domain": ood,
         }
+        if dist is not None and level is not None:
+            attrs["uncertainty"] = record(dist, level, MEDIAN_RULE)
         write_ome_zarr(
             Path(tmp),
             da.from_zarr(img),

@@ -83,12 +83,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="render even beyond --max-voxels")
     p.add_argument("--no-png", action="store_true", help="skip the PNG orthogonal slices")
+    add_uncertainty_flags(p, "channels '<gene> lower_90' / '<gene> upper_90' after the gene channels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder, e.g. VOLUME.ome.zarr")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def add_uncertainty_flags(p: argparse.ArgumentParser, where: str) -> None:
+    """``--uncertainty`` and ``--level`` (predict, impute, render)."""
+    from inrscrecon.cli import probability
+
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write the predictive interval of the counts (negative binomial calibrated on the fit's "
+        f"validation cells, in the units of X): {where}",
+    )
+    p.add_argument(
+        "--level", type=probability, default=0.9, help="interval level with --uncertainty (default 0.9)"
+    )
+
+
+def uncertainty_level(args: argparse.Namespace) -> float | None:
+    """The interval level asked for (None without --uncertainty); InputError for a level of 0 or 1."""
+    if not getattr(args, "uncertainty", False):
+        return None
+    from inrscrecon.query.uncertainty import check_level
+
+    return check_level(args.level)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
     model = INRField.load(args.model, device=args.device)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
     gene_indices(model, genes)  # unknown genes fail before anything else
+    level = uncertainty_level(args)
+    if level is not None:
+        from inrscrecon.query.predict import interval_setup
+
+        if not genes:
+            raise InputError("--uncertainty needs --genes (intervals are per gene)")
+        interval_setup(model, genes, level)  # a model that cannot give intervals fails here
     cells = read_coords(args.cells)[0] if args.cells else None
     if args.mask == "hull" and cells is None:
         raise InputError("--mask hull needs --cells (the training cell coordinates)")
@@ -138,7 +170,14 @@ def run(args: argparse.Namespace) -> int:
     grid = GridSpec.from_bounds(bounds, voxel=args.voxel, shape=args.shape)
     voxel_count_ok(grid)
     est = estimate(
-        model, genes, grid, mask, args.domain_genes if args.domains else 0, args.chunk_points, args.seed
+        model,
+        genes,
+        grid,
+        mask,
+        args.domain_genes if args.domains else 0,
+        args.chunk_points,
+        args.seed,
+        intervals=level is not None,
     )
     check_budget(grid, args.max_voxels, args.force, est)
     if not args.quiet:
@@ -157,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         png=not args.no_png,
         seed=args.seed,
         progress=not args.quiet,
+        level=level,
     )
     n = grid.n_points
     where = "inside the tissue mask" if mask is not None else "evaluated (no mask)"

@@ -1,0 +1,334 @@
+"""Calibrated predictive intervals on the count scale (``predict`` / ``impute`` / ``render --uncertainty``).
+
+**Predictive distribution.** A spot with library size L (total counts) has, for gene g, counts
+Y ~ NB(μ, θ_g) (variance μ + μ²/θ_g) or Poisson(μ), with the mean from the field's normalised prediction
+p = softplus(η): μ = s_g · (L / 1e4) · expm1(p). For count models expm1(p) = exp(η) is the fitted rate per
+1e4 counts; for an RMSE model (p estimates log1p-normalised expression) it is the rate that p implies.
+
+**Dispersion source** (:func:`predictive`, ``source="auto"``): the *validation calibration* when the model
+file has one — per gene a mean factor s_g = Σy / Σμ̂ and the maximum-likelihood θ_g given s_g·μ̂, both on
+(up to :data:`CALIBRATION_CELLS` of) the fit's own validation cells, computed by ``inrscrecon fit`` and stored
+in the model's training record under ``uncertainty`` (:func:`calibration_record`). Estimated on cells the
+field did not train on, θ_g absorbs the field's prediction error as well as the counting noise, which is what
+a predictive interval needs. Without a calibration: an NB model's own ``log_theta`` (s_g = 1), a Poisson
+model's Poisson(μ); an RMSE model has no count distribution of its own and needs the calibration.
+
+**Library size.** The spot's own total counts where the query is a spot with counts (``impute``); else — query
+points (``predict``, ``render``) or sections without counts — the median library size of the training table,
+stored in the same record. ``uns['inrscrecon']['uncertainty']`` says which rule applied.
+
+**Interval end points (discreteness).** Plain quantiles of a count distribution over-cover: at μ = 0.05 the
+95 % quantile is 0 and the interval [0, 0] covers 95 % instead of 90 %, and most spot × gene values of
+Visium data are such low counts. The end points here are quantiles of the *jittered* count Y + V − ½,
+V ~ U(0, 1) independent of Y (randomized PIT): its CDF is F linearly interpolated between half-integers, so
+Q*(p) = k − ½ + (p − F(k − 1)) / f(k) with k = F⁻¹(p), continuous and monotone in p, never an empty interval.
+The randomized rule "y is covered when y + V − ½ ∈ [Q*(α/2), Q*(1 − α/2)]" then covers exactly 1 − α under
+the model; :func:`coverage_fraction` gives its expectation over V for observed counts (no randomness needed).
+Reading the end points as deterministic integer bounds (y covered when Q*(α/2) ≤ y ≤ Q*(1 − α/2)) is the
+mid-p interval, which still over-covers low counts; both are reported by ``benchmarks/eval_calibration.py``.
+
+Outputs are in the units of X: log1p(max(q, 0) / L · 1e4), as ``layers['lower_90']`` / ``layers['upper_90']``
+(names from the level) or render channels ``"<gene> lower_90"`` / ``"<gene> upper_90"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from inrscrecon.data.preprocess import TARGET_SUM
+from inrscrecon.errors import InputError
+from inrscrecon.field.model import INRField
+
+DEFAULT_LEVEL = 0.9
+#: Validation cells used for the calibration (a seeded subset when the split has more).
+CALIBRATION_CELLS = 2000
+#: log θ search: a coarse grid, then a fine grid around the best point (θ from e^−4 ≈ 0.02 to e^10 ≈ 2e4).
+_COARSE = np.arange(-4.0, 10.0001, 0.5)
+_FINE = np.arange(-0.5, 0.5001, 0.05)
+_GENE_BLOCK = 512
+MEDIAN_RULE = "median library size of the training cells (query points have no counts)"
+SPOT_RULE = "each spot's own total counts"
+
+
+def check_level(level: float) -> float:
+    """``level`` if it is a probability strictly between 0 and 1, else InputError naming it."""
+    if not (isinstance(level, int | float) and 0.0 < float(level) < 1.0 and math.isfinite(level)):
+        raise InputError(f"interval level must lie strictly between 0 and 1 (e.g. 0.9), got {level!r}")
+    return float(level)
+
+
+def layer_names(level: float) -> tuple[str, str]:
+    """Layer / channel suffixes of the interval at ``level``: 0.9 → ("lower_90", "upper_90")."""
+    pct = f"{check_level(level) * 100:.6g}".replace(".", "_")
+    return f"lower_{pct}", f"upper_{pct}"
+
+
+# ---------------------------------------------------------------------------------------------- distribution
+
+
+@dataclass
+class Predictive:
+    """Count-scale predictive distribution of a field: NB(s_g·μ, θ_g) or Poisson(s_g·μ) per gene."""
+
+    kind: str  # "nb" | "poisson"
+    log_theta: np.ndarray | None  # [M] (nb)
+    scale: np.ndarray  # [M] mean factor s_g
+    library_size: float  # median training library size (used for query points)
+    source: str  # where θ (and s) came from, for the output's record
+
+    def genes(self, idx: np.ndarray | None) -> Predictive:
+        """The distribution restricted to head rows ``idx`` (None: all)."""
+        if idx is None:
+            return self
+        lt = None if self.log_theta is None else self.log_theta[idx]
+        return Predictive(self.kind, lt, self.scale[idx], self.library_size, self.source)
+
+
+def predictive(model: INRField, source: str = "auto") -> Predictive:
+    """The predictive distribution of ``model`` (see the module docstring). ``source``: "auto" (validation
+    calibration when stored, else the model's likelihood), "calibration" or "model". InputError when the
+    model file cannot give one (an RMSE model without calibration, a model fitted on normalised values)."""
+    if source not in ("auto", "calibration", "model"):
+        raise InputError(f"dispersion source must be auto, calibration or model, got {source!r}")
+    rec = model.training_record.get("uncertainty") or {}
+    likelihood = getattr(model.cfg, "likelihood", "rmse")
+    median = rec.get("library_size_median")
+    if median is None:
+        why = rec.get("why", "its file has no uncertainty record (fitted by an older version)")
+        raise InputError(f"this model cannot give count intervals: {why}; refit with `inrscrecon fit`")
+    m = model.cfg.n_genes
+    cal = rec.get("calibration")
+    if source in ("auto", "calibration") and cal is not None:
+        lt, sc = np.asarray(cal["log_theta"], dtype=np.float64), np.asarray(cal["scale"], dtype=np.float64)
+        if lt.shape != (m,) or sc.shape != (m,):
+            raise InputError(f"model uncertainty record holds {lt.shape} dispersions for {m} genes")
+        where = f"NB θ_g and mean factor s_g fitted on {cal['cells']} validation cells of the fit"
+        return Predictive("nb", lt, sc, float(median), where)
+    if source == "calibration":
+        raise InputError("this model file holds no validation calibration of its dispersion")
+    if likelihood == "nb" and getattr(model, "log_theta", None) is not None:
+        lt = model.log_theta.detach().double().cpu().numpy()  # type: ignore[union-attr]
+        return Predictive("nb", lt, np.ones(m), float(median), "the NB model's own θ_g (log_theta)")
+    if likelihood == "poisson":
+        return Predictive("poisson", None, np.ones(m), float(median), "Poisson model")
+    raise InputError(
+        "an RMSE model has no count distribution of its own and this file holds no validation "
+        "calibration; refit with `inrscrecon fit` (it stores one) or use --loss nb"
+    )
+
+
+def mean_counts(
+    pred: np.ndarray,  # [N, K] log1p-normalised prediction softplus(η)
+    library: np.ndarray,  # [N] library sizes L
+    scale: np.ndarray | None = None,  # [K] mean factor s_g
+) -> np.ndarray:
+    """μ = s_g · (L / 1e4) · expm1(pred) → [N, K] float64 (≥ 0)."""
+    mu = np.expm1(np.maximum(np.asarray(pred, dtype=np.float64), 0.0))
+    mu *= (np.asarray(library, dtype=np.float64) / TARGET_SUM)[:, None]
+    if scale is not None:
+        mu *= np.asarray(scale, dtype=np.float64)[None, :]
+    return mu
+
+
+def _dist(mu: np.ndarray, log_theta: np.ndarray | None) -> Any:
+    """scipy frozen distribution of counts with mean ``mu`` [N, K] (and NB log θ [K])."""
+    if log_theta is None:
+        return stats.poisson(mu)
+    theta = np.exp(np.asarray(log_theta, dtype=np.float64))[None, :]
+    return stats.nbinom(theta, theta / (theta + mu))
+
+
+def count_quantiles(mu: np.ndarray, log_theta: np.ndarray | None, p: float) -> np.ndarray:
+    """Quantile Q*(p) of the jittered count Y + V − ½ (Y ~ NB(μ, θ) or Poisson(μ), V ~ U(0, 1)) → [N, K]:
+    k − ½ + (p − F(k − 1)) / f(k) with k = F⁻¹(p) (scipy's ppf). Continuous, increasing in p."""
+    d = _dist(np.asarray(mu, dtype=np.float64), log_theta)
+    k = d.ppf(p)
+    below = d.cdf(k - 1)
+    mass = d.pmf(k)
+    frac = np.clip(np.divide(p - below, mass, out=np.ones_like(mass), where=mass > 0), 0.0, 1.0)
+    return k - 0.5 + frac
+
+
+def interval_counts(
+    mu: np.ndarray, log_theta: np.ndarray | None, level: float = DEFAULT_LEVEL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Central ``level`` interval (Q*(α/2), Q*(1 − α/2)) of the jittered counts, mean ``mu`` [N, K]."""
+    a = 1.0 - check_level(level)
+    return count_quantiles(mu, log_theta, a / 2), count_quantiles(mu, log_theta, 1 - a / 2)
+
+
+def plain_interval_counts(
+    mu: np.ndarray, log_theta: np.ndarray | None, level: float = DEFAULT_LEVEL
+) -> tuple[np.ndarray, np.ndarray]:
+    """The plain integer interval [F⁻¹(α/2), F⁻¹(1 − α/2)] (over-covers discrete counts; for comparison)."""
+    a = 1.0 - check_level(level)
+    d = _dist(np.asarray(mu, dtype=np.float64), log_theta)
+    return d.ppf(a / 2), d.ppf(1 - a / 2)
+
+
+def to_log1p(q: np.ndarray, library: np.ndarray) -> np.ndarray:
+    """Count-scale values q [N, K] → log1p(max(q, 0) / L · 1e4) [N, K] float32 (the units of X)."""
+    lib = np.asarray(library, dtype=np.float64)[:, None]
+    scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(np.maximum(q, 0.0) * scale).astype(np.float32)
+
+
+def coverage_fraction(y: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Expected coverage of observed counts y [N, K] by the randomized rule (y + V − ½ ∈ [lower, upper],
+    V ~ U(0, 1)), i.e. the length of [y − ½, y + ½] ∩ [lower, upper] → [N, K] in [0, 1]."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.clip(np.minimum(upper, y + 0.5) - np.maximum(lower, y - 0.5), 0.0, 1.0)
+
+
+def interval_from_prediction(
+    pred: np.ndarray,  # [N, K] log1p-normalised prediction
+    dist: Predictive,  # restricted to the K genes (Predictive.genes)
+    level: float,
+    library: np.ndarray | None = None,  # [N] per-spot library sizes; None: the training median
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) [N, K] float32 in the units of X: the ``level`` interval of each point's counts."""
+    n = pred.shape[0]
+    lib = np.full(n, dist.library_size) if library is None else np.asarray(library, dtype=np.float64)
+    if lib.shape != (n,):
+        raise InputError(f"{lib.shape[0]} library sizes for {n} points")
+    mu = mean_counts(pred, lib, dist.scale)
+    lo, hi = interval_counts(mu, dist.log_theta if dist.kind == "nb" else None, level)
+    return to_log1p(lo, lib), to_log1p(hi, lib)
+
+
+def record(dist: Predictive, level: float, library_rule: str) -> dict[str, Any]:
+    """``uns['inrscrecon']['uncertainty']`` of an output with intervals."""
+    lo, hi = layer_names(level)
+    return {
+        "level": float(level),
+        "layers": [lo, hi],
+        "distribution": "negative binomial" if dist.kind == "nb" else "Poisson",
+        "dispersion": dist.source,
+        "library_size": library_rule,
+        "library_size_median": float(dist.library_size),
+        "end_points": "quantiles of the jittered count y + U(-1/2, 1/2) (randomized PIT), as "
+        "log1p(q / L * 1e4); exact coverage under the randomized rule, mid-p when read as integer bounds",
+    }
+
+
+def spot_library_sizes(sections: Sequence[Any]) -> np.ndarray | None:
+    """Total counts per spot of every section, stacked [N] (as the training table sums them), or None when a
+    section holds no counts (``uns['X_kind']``) or a spot has none."""
+    from inrscrecon.data.preprocess import is_counts
+
+    parts = []
+    for s in sections:
+        if not is_counts(s):
+            return None
+        parts.append(np.asarray(s.X.sum(axis=1), dtype=np.float64).ravel())
+    lib = np.concatenate(parts) if parts else np.zeros(0)
+    return lib if (lib > 0).all() else None
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+def fit_dispersion(
+    mu: np.ndarray,  # [n, K] predicted mean counts
+    y: np.ndarray,  # [n, K] observed counts
+) -> np.ndarray:
+    """Gene-wise maximum-likelihood NB log θ [K] given the means: a coarse grid over log θ, then a fine
+    one (step 0.05) around the best point. A gene with no counts at all (whose likelihood grows as θ → 0)
+    gets the largest θ of the grid (Poisson-like) instead."""
+    from inrscrecon.field.losses import count_nll
+
+    mu_t = torch.as_tensor(np.maximum(mu, 1e-8), dtype=torch.float64)
+    y_t = torch.as_tensor(y, dtype=torch.float64)
+    zero = torch.zeros(mu_t.shape[0], dtype=torch.float64)
+    out = np.empty(mu_t.shape[1])
+    for g0 in range(0, mu_t.shape[1], _GENE_BLOCK):
+        m, c = torch.log(mu_t[:, g0 : g0 + _GENE_BLOCK]), y_t[:, g0 : g0 + _GENE_BLOCK]
+
+        def nll(lt: torch.Tensor, m=m, c=c) -> torch.Tensor:  # lt [K] → summed NLL per gene [K]
+            return count_nll(m, c, zero, "nb", lt).double().sum(dim=0)
+
+        # count_nll computes in fp32; the grid's resolution (0.05 in log θ) is far coarser than its error
+        k = m.shape[1]
+        coarse = torch.stack([nll(torch.full((k,), float(t), dtype=torch.float64)) for t in _COARSE])
+        best = torch.as_tensor(_COARSE, dtype=torch.float64)[coarse.argmin(dim=0)]
+        fine_t = best[None, :] + torch.as_tensor(_FINE, dtype=torch.float64)[:, None]  # [F, K]
+        fine = torch.stack([nll(t) for t in fine_t])
+        out[g0 : g0 + k] = fine_t.gather(0, fine.argmin(dim=0)[None]).squeeze(0).numpy()
+    out[np.asarray(y).sum(axis=0) == 0] = _COARSE[-1]
+    return out
+
+
+def calibrate(
+    model: INRField,
+    xyz: np.ndarray,  # [n, 3] µm, validation cells
+    counts: np.ndarray,  # [n, M] raw counts on the model genes
+    library: np.ndarray,  # [n] library sizes
+) -> dict[str, Any]:
+    """Mean factor s_g = Σy / Σμ̂ and ML dispersion log θ_g given s_g·μ̂ on validation cells → the
+    ``calibration`` entry of the record (JSON-serialisable)."""
+    from inrscrecon.query.predict import predict
+
+    pred = predict(model, xyz)
+    mu = mean_counts(pred, library)
+    y = np.asarray(counts, dtype=np.float64)
+    tot_mu, tot_y = mu.sum(axis=0), y.sum(axis=0)
+    scale = np.where(tot_mu > 0, tot_y / np.maximum(tot_mu, 1e-300), 1.0)
+    scale = np.where(tot_y > 0, scale, 1.0)
+    log_theta = fit_dispersion(mu * scale[None, :], y)
+    return {
+        "cells": int(len(y)),
+        "scale": [float(v) for v in np.round(scale, 6)],
+        "log_theta": [float(v) for v in np.round(log_theta, 4)],
+    }
+
+
+def calibration_record(
+    model: INRField, table: Any, val_rows: np.ndarray, seed: int = 0, max_cells: int = CALIBRATION_CELLS
+) -> dict[str, Any]:
+    """The model's ``training_record['uncertainty']``: the training table's median library size and the
+    validation calibration on up to ``max_cells`` of ``val_rows`` (the fit's validation split). A table of
+    normalised values (no counts) gives a record that says why there are no count intervals."""
+    if float(getattr(table, "target_sum", 0.0)) <= 0:
+        return {"library_size_median": None, "why": "it was fitted on normalised values, not raw counts"}
+    median = float(np.median(np.asarray(table.totals, dtype=np.float64)))
+    rec: dict[str, Any] = {"library_size_median": median, "calibration": None}
+    rows = np.asarray(val_rows, dtype=np.int64)
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    lib = np.asarray(table.totals, dtype=np.float64)[rows]
+    rows = rows[lib > 0]
+    if len(rows) == 0:
+        return rec
+    rec["calibration"] = calibrate(
+        model, np.asarray(table.coords[rows]), table.raw_targets(rows), np.asarray(table.totals)[rows]
+    )
+    return rec
+
+
+__all__ = [
+    "CALIBRATION_CELLS",
+    "DEFAULT_LEVEL",
+    "Predictive",
+    "calibrate",
+    "calibration_record",
+    "check_level",
+    "count_quantiles",
+    "coverage_fraction",
+    "fit_dispersion",
+    "interval_counts",
+    "interval_from_prediction",
+    "layer_names",
+    "mean_counts",
+    "plain_interval_counts",
+    "predictive",
+    "record",
+    "spot_library_sizes",
+    "to_log1p",
+]

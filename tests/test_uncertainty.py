@@ -1,0 +1,296 @@
+"""Predictive intervals on the count scale: quantiles against scipy, coverage on data simulated from a known
+NB / Poisson, the dispersion fit, and predict / impute / render with and without --uncertainty."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from inrscrecon.cli import main
+from inrscrecon.errors import InputError
+from inrscrecon.field.model import FieldConfig, INRField
+from inrscrecon.query import uncertainty as unc
+
+
+def _simulated(n: int, k: int, seed: int = 0):
+    """Means spanning 0.005–400 counts (log-normal) and gene-wise θ from 0.3 to 30; NB draws."""
+    rng = np.random.default_rng(seed)
+    mu = np.exp(rng.normal(-0.5, 2.0, (n, k)))
+    log_theta = np.log(np.geomspace(0.3, 30.0, k))
+    th = np.exp(log_theta)[None, :]
+    y = rng.negative_binomial(th, th / (th + mu))
+    return mu, log_theta, y
+
+
+@pytest.mark.parametrize("kind", ["nb", "poisson"])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.95, 0.999])
+def test_quantiles_agree_with_scipy(kind, p):
+    mu, log_theta, _ = _simulated(400, 7, seed=1)
+    lt = log_theta if kind == "nb" else None
+    q = unc.count_quantiles(mu, lt, p)
+    if kind == "nb":
+        th = np.exp(log_theta)[None, :]
+        d = stats.nbinom(th, th / (th + mu))
+    else:
+        d = stats.poisson(mu)
+    k = d.ppf(p)
+    # the integer part of Q* is scipy's quantile; the jittered CDF at Q* is p
+    np.testing.assert_array_equal(np.ceil(q - 0.5), k)
+    jittered_cdf = d.cdf(k - 1) + (q - (k - 0.5)) * d.pmf(k)
+    np.testing.assert_allclose(jittered_cdf, p, atol=1e-9)
+    assert np.all(np.diff(np.stack([unc.count_quantiles(mu, lt, r) for r in (0.1, 0.5, 0.9)]), axis=0) > 0)
+
+
+@pytest.mark.parametrize("kind", ["nb", "poisson"])
+@pytest.mark.parametrize("level", [0.9, 0.8])
+def test_coverage_is_nominal_with_the_true_mean(kind, level):
+    mu, log_theta, y = _simulated(20000, 10, seed=2)
+    if kind == "poisson":
+        y = np.random.default_rng(3).poisson(mu)
+        log_theta = None
+    lo, hi = unc.interval_counts(mu, log_theta, level)
+    pooled = unc.coverage_fraction(y, lo, hi).mean()
+    assert abs(pooled - level) < 0.015
+    # and the randomized rule it is the expectation of
+    v = np.random.default_rng(4).uniform(size=y.shape)
+    assert abs(((lo <= y + v - 0.5) & (y + v - 0.5 <= hi)).mean() - level) < 0.015
+    # plain integer quantiles over-cover the low counts: the rule is what brings coverage to nominal
+    plo, phi = unc.plain_interval_counts(mu, log_theta, level)
+    assert ((plo <= y) & (y <= phi)).mean() > level + 0.03
+
+
+def test_dispersion_fit_recovers_theta():
+    mu, log_theta, y = _simulated(20000, 6, seed=5)
+    est = unc.fit_dispersion(mu, y)
+    np.testing.assert_allclose(est, log_theta, atol=0.2)  # θ = 30 is the hard end (SE of log θ ≈ 0.1)
+    assert unc.fit_dispersion(mu, np.zeros_like(y)).min() >= 9.0  # no counts: the Poisson end of the grid
+
+
+def test_layer_names_and_levels():
+    assert unc.layer_names(0.9) == ("lower_90", "upper_90")
+    assert unc.layer_names(0.975) == ("lower_97_5", "upper_97_5")
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(InputError, match="between 0 and 1"):
+            unc.check_level(bad)
+
+
+def test_to_log1p_is_in_the_units_of_x():
+    q = np.array([[0.0, 3.0], [-0.4, 10.0]])
+    lib = np.array([2000.0, 5000.0])
+    np.testing.assert_allclose(
+        unc.to_log1p(q, lib), np.log1p(np.maximum(q, 0) * 1e4 / lib[:, None]), rtol=1e-6
+    )
+
+
+def test_predictive_sources():
+    cfg = FieldConfig(3, genes=["a", "b", "c"])
+    m = INRField(cfg)
+    with pytest.raises(InputError, match="no uncertainty record"):
+        unc.predictive(m)
+    m.training_record["uncertainty"] = {"library_size_median": 1500.0, "calibration": None}
+    with pytest.raises(InputError, match="RMSE model"):
+        unc.predictive(m)
+    m.training_record["uncertainty"]["calibration"] = {"cells": 9, "scale": [1, 2, 3], "log_theta": [0, 1, 2]}
+    d = unc.predictive(m)
+    assert d.kind == "nb" and d.library_size == 1500.0 and "9 validation cells" in d.source
+    np.testing.assert_array_equal(d.genes(np.array([2])).scale, [3.0])
+    nb = INRField(FieldConfig(3, genes=["a", "b", "c"], likelihood="nb"))
+    nb.training_record["uncertainty"] = {"library_size_median": 1000.0, "calibration": None}
+    with torch.no_grad():
+        nb.log_theta.copy_(torch.tensor([0.5, 1.0, 1.5]))  # type: ignore[union-attr]
+    d = unc.predictive(nb)
+    assert d.kind == "nb" and "log_theta" in d.source
+    np.testing.assert_allclose(d.log_theta, [0.5, 1.0, 1.5])
+    po = INRField(FieldConfig(3, genes=["a", "b", "c"], likelihood="poisson"))
+    po.training_record["uncertainty"] = {"library_size_median": 1000.0, "calibration": None}
+    assert unc.predictive(po).kind == "poisson"
+    normalised = INRField(cfg)
+    normalised.training_record["uncertainty"] = {"library_size_median": None, "why": "normalised values"}
+    with pytest.raises(InputError, match="normalised values"):
+        unc.predictive(normalised)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A small synthetic stack at its true poses and an RMSE model fitted on it by the CLI."""
+    from inrscrecon.data.synthetic import SynthConfig, make_sections
+
+    d = tmp_path_factory.mktemp("unc")
+    cfg = SynthConfig(n_sections=3, cells_per_section=400, n_genes=40, seed=7)
+    sections, truth = make_sections(cfg)
+    files = []
+    for k, s in enumerate(sections):
+        s.obsm["spatial"] = truth.xyz(k)[:, :2]
+        files.append(str(d / f"s{k}.h5ad"))
+        s.write_h5ad(files[-1])
+    model = d / "m.safetensors"
+    flags = ["--out", str(model), "--genes", "40", "--epochs", "6", "--width", "32", "--layers", "2"]
+    assert main(["fit", *files, *flags, "--bands", "2", "--spacing", "40", "--quiet"]) == 0
+    return d, files, model, cfg, truth
+
+
+def test_fit_stores_the_calibration(fitted):
+    model = fitted[2]
+    m = INRField.load(model)
+    rec = m.training_record["uncertainty"]
+    assert rec["library_size_median"] > 0
+    cal = rec["calibration"]
+    assert cal["cells"] == 120  # the fit's 10 % validation split of 1200 cells
+    assert len(cal["log_theta"]) == len(cal["scale"]) == m.cfg.n_genes
+    assert np.isfinite(cal["log_theta"]).all() and min(cal["scale"]) > 0
+
+
+def test_held_out_coverage_of_a_calibrated_model(fitted):
+    """Fresh spots of the same synthetic tissue (new points near the sections, new NB counts): the calibrated
+    90 % interval covers close to 90 % of their counts."""
+    from inrscrecon.data.synthetic import SyntheticTissue
+    from inrscrecon.query.predict import predict
+
+    model, cfg, truth = fitted[2:]
+    m = INRField.load(model)
+    rng = np.random.default_rng(11)
+    xyz = np.concatenate([truth.xyz(k) for k in range(3)])
+    xyz = xyz + np.column_stack([rng.normal(0, 10, (len(xyz), 2)), np.zeros(len(xyz))])
+    counts = SyntheticTissue(cfg).sample_counts(xyz, rng)
+    genes = [SyntheticTissue(cfg).gene_names.index(g) for g in m.cfg.genes]
+    y = counts.toarray()[:, genes]
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    dist = unc.predictive(m)
+    mu = unc.mean_counts(predict(m, xyz), library, dist.scale)
+    lo, hi = unc.interval_counts(mu, dist.log_theta, 0.9)
+    cov = unc.coverage_fraction(y, lo, hi).mean()
+    assert 0.86 < cov < 0.94, cov
+
+
+def test_predict_with_and_without_uncertainty(fitted, tmp_path):
+    model = fitted[2]
+    coords = tmp_path / "q.npy"
+    np.save(coords, np.array([[100.0, 120.0, 0.0], [300.0, 200.0, 40.0], [500.0, 500.0, 80.0]]))
+    plain, withiv = tmp_path / "p.h5ad", tmp_path / "pu.h5ad"
+    assert main(["predict", str(model), str(coords), "--out", str(plain)]) == 0
+    assert main(["predict", str(model), str(coords), "--out", str(withiv), "--uncertainty"]) == 0
+    a, b = ad.read_h5ad(plain), ad.read_h5ad(withiv)
+    assert len(a.layers) == 0 and "uncertainty" not in a.uns["inrscrecon"]
+    np.testing.assert_array_equal(a.X, b.X)
+    assert set(b.layers) == {"lower_90", "upper_90"}
+    lo, hi = b.layers["lower_90"], b.layers["upper_90"]
+    assert lo.shape == b.X.shape and (lo >= 0).all() and (lo <= hi).all() and (hi > lo).any()
+    info = b.uns["inrscrecon"]["uncertainty"]
+    assert info["level"] == 0.9 and "median" in info["library_size"] and "validation" in info["dispersion"]
+    # the layers are the interval at the training median library size
+    m = INRField.load(model)
+    exp_lo, exp_hi = unc.interval_from_prediction(np.asarray(b.X), unc.predictive(m), 0.9)
+    np.testing.assert_allclose(lo, exp_lo, rtol=1e-6)
+    np.testing.assert_allclose(hi, exp_hi, rtol=1e-6)
+    # a wider level gives a wider interval; a level of 1 is refused
+    wide = tmp_path / "pw.zarr"
+    assert (
+        main(["predict", str(model), str(coords), "--out", str(wide), "--uncertainty", "--level", "0.99"])
+        == 0
+    )
+    w = ad.read_zarr(wide)
+    assert (w.layers["upper_99"] >= hi).all() and (w.layers["lower_99"] <= lo).all()
+    assert (
+        main(
+            [
+                "predict",
+                str(model),
+                str(coords),
+                "--out",
+                str(tmp_path / "x.h5ad"),
+                "--uncertainty",
+                "--level",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_impute_uses_each_spots_library_size(fitted, tmp_path):
+    files, model = fitted[1], fitted[2]
+    out = tmp_path / "i.h5ad"
+    assert main(["impute", str(model), files[1], "--out", str(out), "--uncertainty", "--level", "0.8"]) == 0
+    a = ad.read_h5ad(out)
+    assert set(a.layers) == {"lower_80", "upper_80"}
+    assert a.uns["inrscrecon"]["uncertainty"]["library_size"] == unc.SPOT_RULE
+    lib = np.asarray(ad.read_h5ad(files[1]).X.sum(axis=1)).ravel()
+    m = INRField.load(model)
+    lo, hi = unc.interval_from_prediction(np.asarray(a.X), unc.predictive(m), 0.8, lib)
+    np.testing.assert_allclose(a.layers["lower_80"], lo, rtol=1e-6)
+    np.testing.assert_allclose(a.layers["upper_80"], hi, rtol=1e-6)
+    plain = tmp_path / "ip.h5ad"
+    assert main(["impute", str(model), files[1], "--out", str(plain)]) == 0
+    b = ad.read_h5ad(plain)
+    assert len(b.layers) == 0 and "uncertainty" not in b.uns["inrscrecon"]
+    np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_render_writes_interval_channels(fitted, tmp_path):
+    import zarr
+
+    model = fitted[2]
+    genes = INRField.load(model).cfg.genes[:2]
+    out = tmp_path / "v.ome.zarr"
+    flags = ["--genes", ",".join(genes), "--shape", "3", "24", "24", "--quiet", "--no-png"]
+    assert main(["render", str(model), *flags, "--out", str(out), "--uncertainty"]) == 0
+    root = zarr.open_group(str(out), mode="r")
+    meta = root.attrs.asdict()
+    names = [c["label"] for c in meta["ome"]["omero"]["channels"]]
+    assert names == [*genes, *(f"{g} lower_90" for g in genes), *(f"{g} upper_90" for g in genes)]
+    assert meta["inrscrecon"]["genes"] == genes and meta["inrscrecon"]["uncertainty"]["level"] == 0.9
+    img = np.asarray(root[meta["ome"]["multiscales"][0]["datasets"][0]["path"]])
+    assert img.shape[0] == 6
+    inside = img[0] > 0
+    assert inside.any()
+    assert (img[2:4][:, inside] <= img[4:6][:, inside]).all() and (img[4:6][:, inside] > 0).all()
+    plain = tmp_path / "p.ome.zarr"
+    assert main(["render", str(model), *flags, "--out", str(plain)]) == 0
+    pm = zarr.open_group(str(plain), mode="r").attrs.asdict()
+    assert len(pm["ome"]["omero"]["channels"]) == 2 and "uncertainty" not in pm["inrscrecon"]
+    pimg = np.asarray(
+        zarr.open_group(str(plain), mode="r")[pm["ome"]["multiscales"][0]["datasets"][0]["path"]]
+    )
+    np.testing.assert_array_equal(pimg, img[:2])
+    assert (
+        main(
+            [
+                "render",
+                str(model),
+                "--domains",
+                "2",
+                "--shape",
+                "2",
+                "8",
+                "8",
+                "--out",
+                str(tmp_path / "d.ome.zarr"),
+                "--uncertainty",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+
+
+def test_model_without_record_is_refused(fitted, tmp_path, capsys):
+    model = fitted[2]
+    m = INRField.load(model)
+    m.training_record.pop("uncertainty")
+    old = tmp_path / "old.safetensors"
+    m.save(old)
+    coords = tmp_path / "q.npy"
+    np.save(coords, np.zeros((2, 3)))
+    out = tmp_path / "o.h5ad"
+    assert main(["predict", str(old), str(coords), "--out", str(out), "--uncertainty"]) == 2
+    assert "no uncertainty record" in capsys.readouterr().err and not out.exists()
+    assert json.loads(json.dumps(m.training_record))  # the record stays JSON
