@@ -21,10 +21,11 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` that decorates our kernels
 
 from inrscrecon.field.encoding import EncodingConfig, PositionalEncoding  # noqa: E402
-from inrscrecon.field.hashgrid import PRIMES, HashGrid, grid_levels, hashgrid_reference  # noqa: E402
+from inrscrecon.field.hashgrid import HashGrid, grid_levels, hashgrid_reference  # noqa: E402
 from inrscrecon.field.model import FieldConfig, INRField  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
+PRIMES = (1, 2654435761, 805459861)  # instant-NGP / tiny-cuda-nn hash factors, written out independently
 
 
 def _grid(levels=4, feats=2, log2_t=8, base=3, top=20, seed=0) -> HashGrid:

@@ -91,7 +91,12 @@ def grid_levels(levels: int, log2_table_size: int, base_resolution: int, max_res
 
 
 def level_tensors(g: GridLevels, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(scale fp32 [L], resolution int64 [L], offset int64 [L], size int64 [L]) on ``device``."""
+    """(scale fp32 [L], resolution int64 [L], offset int64 [L], size int64 [L]) on ``device`` (cached)."""
+    return _level_tensors(g, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _level_tensors(g: GridLevels, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (
         torch.tensor(g.scale, dtype=torch.float32, device=device),
         torch.tensor(g.resolution, dtype=torch.int64, device=device),
@@ -100,7 +105,10 @@ def level_tensors(g: GridLevels, device: torch.device) -> tuple[Tensor, Tensor, 
     )
 
 
-_CORNERS = torch.tensor([[(c >> a) & 1 for a in range(3)] for c in range(8)], dtype=torch.int64)  # [8, 3]
+def _corners(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-axis (lower, upper) pairs [B, L, 3, 2] → the x, y, z views that broadcast to the corners
+    [B, L, 2(z), 2(y), 2(x)]; flattened, corner c = bx + 2·by + 4·bz (bit a = upper along axis a)."""
+    return x[:, :, 0, None, None, :], x[:, :, 1, None, :, None], x[:, :, 2, :, None, None]
 
 
 def hashgrid_reference(
@@ -108,24 +116,33 @@ def hashgrid_reference(
     table: Tensor,  # [ΣP_l, F]
     g: GridLevels,
 ) -> Tensor:
-    """Level features [B, L·F] in the table's dtype (torch; autograd to the table and the coordinates)."""
-    dev = coords.device
-    scale, res, off, size = level_tensors(g, dev)
+    """Level features [B, L·F] in the table's dtype (torch; autograd to the table and the coordinates).
+
+    Dense levels come first (R_l grows with l), so the level axis splits into a dense prefix and a hashed
+    suffix; the hashed levels have P_l = T, a power of two (mod = mask). The 8 corners' rows are gathered
+    by ``index_select`` (its backward is one ``index_add`` into the table) and summed by a batched matmul."""
+    n = coords.shape[0]
+    scale, res, off, size = level_tensors(g, coords.device)
+    n_dense = sum(g.dense)
     u = (coords.to(table.dtype).clamp(-1.0, 1.0) + 1.0) * 0.5  # [B, 3]
     p = u[:, None, :] * scale.to(table.dtype)[None, :, None] + 0.5  # [B, L, 3]
     base = torch.floor(p.detach())
     frac = p - base  # [B, L, 3] (differentiable in the coordinates)
-    corner = _CORNERS.to(dev)
-    gi = base.long()[:, :, None, :] + corner[None, None]  # [B, L, 8, 3]
-    r = res[None, :, None]
-    lin = gi[..., 0] + gi[..., 1] * r + gi[..., 2] * r * r
-    hashed = gi[..., 0] ^ (gi[..., 1] * PRIMES[1]) ^ (gi[..., 2] * PRIMES[2])
-    dense = torch.tensor(g.dense, device=dev)[None, :, None]
-    idx = torch.where(dense, lin, hashed) % size[None, :, None] + off[None, :, None]  # [B, L, 8]
-    w3 = torch.where(corner[None, None].bool(), frac[:, :, None, :], 1.0 - frac[:, :, None, :])
-    w = w3.prod(dim=-1)  # [B, L, 8]
-    feats = table[idx]  # [B, L, 8, F]
-    return (w[..., None] * feats).sum(dim=2).flatten(1)
+    lo = base.long()
+    cx, cy, cz = _corners(torch.stack([lo, lo + 1], dim=-1))  # corner coordinates per axis
+    parts = []
+    if n_dense:  # x + y·R + z·R², mod P_l
+        r = res[:n_dense, None, None, None]
+        lin = cx[:, :n_dense] + cy[:, :n_dense] * r + cz[:, :n_dense] * (r * r)
+        parts.append(lin % size[:n_dense, None, None, None])
+    if n_dense < len(g.dense):  # (x·1) ⊕ (y·π₂) ⊕ (z·π₃) mod T (low bits of the uint32 products)
+        h = cx[:, n_dense:] ^ (cy[:, n_dense:] * PRIMES[1]) ^ (cz[:, n_dense:] * PRIMES[2])
+        parts.append(h & (g.size[-1] - 1))
+    idx = torch.cat(parts, dim=1).flatten(2) + off[None, :, None]  # [B, L, 8] table rows
+    wx, wy, wz = _corners(torch.stack([1.0 - frac, frac], dim=-1))
+    w = (wx * wy * wz).flatten(2)  # [B, L, 8] trilinear weights
+    feats = table.index_select(0, idx.view(-1)).view(-1, 8, table.shape[1])  # [B·L, 8, F]
+    return torch.bmm(w.reshape(-1, 1, 8), feats).view(n, -1)
 
 
 # ------------------------------------------------------------------------------------------------------------

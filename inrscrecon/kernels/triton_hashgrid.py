@@ -28,8 +28,9 @@ from inrscrecon.kernels import interpreting
 
 __all__ = ["hashgrid_backward", "hashgrid_forward"]
 
-PRIME_Y = 2654435761
-PRIME_Z = 805459861
+#: instant-NGP's coherent prime hash factors of y and z (x's is 1); constexpr so that jit code may read them
+PRIME_Y = tl.constexpr(2654435761)
+PRIME_Z = tl.constexpr(805459861)
 
 
 @triton.jit
