@@ -274,3 +274,76 @@ def test_cli_fit_with_count_loss(small_stack, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--loss poisson needs raw counts" in err[0] and not bad.exists()
+
+
+def _ddp_count_runs(paths: list[str]) -> dict:
+    """An NB fit from the streaming table (dense raw batches) and a Poisson fit from the in-memory table
+    (device-resident raw CSR), each 2 epochs with an odd batch (unequal shards)."""
+    from inrscrecon.data.streaming import open_stack
+
+    torch.set_num_threads(1)
+    tc = TrainConfig(epochs=2, batch_size=63, seed=4, progress=False, patience=50)
+    with open_stack(paths, n_genes=20, chunk_rows=200, window=2, progress=False) as st:
+        nb = _fit(st, "nb", tc)
+        table = st.to_cell_table()
+    pois = _fit(table, "poisson", replace(tc, data="device"))
+    return {
+        name: {
+            "history": r.history,
+            "state": {k: v.tolist() for k, v in r.model.state_dict().items()},
+        }
+        for name, r in (("nb", nb), ("poisson", pois))
+    }
+
+
+def _ddp_worker(rank: int, world: int, port: int, paths: list[str], out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from inrscrecon.train import distributed
+
+    distributed.init_from_env("cpu")
+    result = _ddp_count_runs(paths)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: two spawned processes import torch
+@pytest.mark.timeout(300)
+def test_two_gloo_ranks_match_one_process_on_count_losses(small_stack, tmp_path):
+    import json
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from inrscrecon.data.io import write_h5ad
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("no gloo backend")
+    paths = [str(write_h5ad(s, tmp_path / f"s{k}.h5ad")) for k, s in enumerate(small_stack[0])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, paths, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    single = _ddp_count_runs(paths)
+    for name in ("nb", "poisson"):
+        assert r0[name]["history"] == r1[name]["history"]
+        # 2 ranks × half batch == 1 process × global batch (row-weighted NLL), up to summation order
+        for a, b in zip(single[name]["history"], r0[name]["history"]):
+            for key in ("loss", "nll", "val_nll", "val_rmse"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (name, key)
+        for k, v in single[name]["state"].items():
+            np.testing.assert_allclose(
+                np.array(r0[name]["state"][k]), np.array(v), rtol=1e-3, atol=1e-4, err_msg=f"{name} {k}"
+            )
