@@ -116,6 +116,74 @@ def interpolate_codes(
     return (1 - t) * codes[lo] + t * codes[hi]
 
 
+def check_z_stretch(
+    coords: np.ndarray,  # [N, 3] µm, the training cells
+    center: tuple[float, float, float],
+    scale: float,
+    z_stretch: float,
+) -> float:
+    """``z_stretch`` itself, after one InputWarning when it carries training cells outside [−1, 1] in z
+    (where the hash grid clamps and the lowest Fourier band wraps); the warning names the largest stretch that
+    keeps them inside."""
+    from inrscrecon.errors import InputError, InputWarning
+
+    if not (math.isfinite(z_stretch) and z_stretch > 0):
+        raise InputError(f"z_stretch = {z_stretch!r} is not a positive number")
+    z = np.abs(np.asarray(coords, dtype=np.float64)[:, 2] - center[2]) / scale
+    reach = float(z.max()) if len(z) else 0.0
+    if reach * z_stretch > 1.0 + 1e-9:
+        warnings.warn(
+            f"z_stretch {z_stretch:g} puts training cells at normalised z = ±{reach * z_stretch:.3g}, outside "
+            f"[-1, 1]; at most {1.0 / reach:.3g} keeps them inside (docs/coordinates.md)",
+            InputWarning,
+            stacklevel=2,
+        )
+    return float(z_stretch)
+
+
+def section_code_settings(
+    coords: np.ndarray,  # [N, 3] µm, the training cells
+    section: np.ndarray | None,  # [N] section label per cell (None: a 3D point cloud)
+    dim: int,
+) -> dict[str, Any]:
+    """FieldConfig settings for per-section codes of width ``dim`` from the training cells:
+    ``{"section_code_dim", "section_knots_z"}`` (the sections' z, µm, sorted).
+
+    Codes need a serial-section stack: ≥ 2 sections, each at one z, at distinct z. Otherwise (a 3D cloud, a
+    section spread in z, two sections at one z) codes are turned off (dim 0) with one InputWarning saying why.
+    """
+    from inrscrecon.errors import InputWarning
+
+    off: dict[str, Any] = {"section_code_dim": 0, "section_knots_z": []}
+    if dim <= 0:
+        return off
+    z = np.asarray(coords, dtype=np.float64)[:, 2]
+    why = ""
+    if section is None or len(z) == 0:
+        why = "the cells have no sections (a 3D point cloud)"
+    else:
+        labels, inv = np.unique(np.asarray(section).astype(str), return_inverse=True)
+        tol = 1e-6 * max(float(np.ptp(np.asarray(coords, dtype=np.float64), axis=0).max()), 1.0)
+        lo = np.full(len(labels), np.inf)
+        hi = np.full(len(labels), -np.inf)
+        np.minimum.at(lo, inv, z)
+        np.maximum.at(hi, inv, z)
+        spread = np.flatnonzero(hi - lo > tol)
+        knots = np.sort((lo + hi) / 2)
+        if len(labels) < 2:
+            why = "they need at least 2 sections"
+        elif len(spread):
+            k = int(spread[0])
+            why = f"section {str(labels[k])!r} spans z = {lo[k]:g}..{hi[k]:g} µm (a 3D cloud, not one z per section)"
+        elif (np.diff(knots) <= tol).any():
+            k = int(np.flatnonzero(np.diff(knots) <= tol)[0])
+            why = f"two sections share z = {knots[k]:g} µm"
+        else:
+            return {"section_code_dim": int(dim), "section_knots_z": [float(v) for v in knots]}
+    warnings.warn(f"section codes turned off (section_code_dim 0): {why}", InputWarning, stacklevel=2)
+    return off
+
+
 class InterpolatedCodesWarning(UserWarning):
     """Query points between (or beyond) the training sections got z-interpolated (or clamped) section codes."""
 
