@@ -8,7 +8,7 @@
   ``torch.compile(fullgraph=True)`` traces them; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
   set before triton was imported (tests).
 * ``cuda``   — dense head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``, SIMT
-  fp32 tiles); the other ops have no CUDA kernel and use Triton.
+  fp32 tiles); the other ops (the count likelihoods among them) have no CUDA kernel and use Triton.
 * ``auto``   — CPU tensors: torch. CUDA tensors: the fastest impl *measured* on this device kind, dtype and
   shape bucket, read from ``backend_table.json`` beside this module (written by
   ``benchmarks/bench_kernels.py --write-table``); with no entry for the device: triton when importable,
@@ -37,12 +37,19 @@ from torch import nn
 
 from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import fourier_encode
-from inrscrecon.field.losses import KL_EPS, head_loss_reference, sparse_head_loss_reference
+from inrscrecon.field.losses import (
+    COUNT_LIKELIHOODS,
+    KL_EPS,
+    count_head_loss_reference,
+    head_loss_reference,
+    sparse_count_head_loss_reference,
+    sparse_head_loss_reference,
+)
 from inrscrecon.field.mlp import Trunk
 from inrscrecon.kernels.ops import compute_dtype
 
 IMPLS = ("auto", "torch", "triton", "cuda")
-OPS = ("head_loss", "sparse_head_loss", "trunk")
+OPS = ("head_loss", "sparse_head_loss", "trunk", "count_head_loss", "sparse_count_head_loss")
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +343,131 @@ def sparse_head_loss(
     )
 
 
+def _check_count(
+    n_rows: int,
+    n_genes: int,
+    log_offset: torch.Tensor,
+    likelihood: str,
+    log_theta: torch.Tensor | None,
+) -> None:
+    """Checks of the count-specific arguments (metadata only: no device sync)."""
+    if likelihood not in COUNT_LIKELIHOODS:
+        raise InputError(f"count likelihood must be one of {COUNT_LIKELIHOODS}, got {likelihood!r}")
+    if tuple(log_offset.shape) != (n_rows,):
+        raise InputError(f"log_offset must be [B] = [{n_rows}], got {tuple(log_offset.shape)}")
+    if likelihood == "nb":
+        if log_theta is None:
+            raise InputError("likelihood 'nb' needs log_theta [M] (gene-wise log dispersion)")
+        if tuple(log_theta.shape) != (n_genes,):
+            raise InputError(f"log_theta must be [M] = [{n_genes}], got {tuple(log_theta.shape)}")
+
+
+def count_head_loss(
+    hidden: torch.Tensor,  # [B, W]
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    counts: torch.Tensor,  # [B, M] raw counts
+    log_offset: torch.Tensor,  # [B] log(L / 1e4), L the row's library size
+    likelihood: str,
+    log_theta: torch.Tensor | None = None,  # [M] NB log dispersion
+    lambda_kl: float = 0.0,
+    kl_eps: float = KL_EPS,
+    row_weight: torch.Tensor | None = None,  # [B] fp32, 0 = padding row
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """η = h Wᵀ + b under a Poisson / NB likelihood with offset → (NLL + λ·KL, NLL, KL) fp32 scalars.
+
+    Contract of :func:`~inrscrecon.field.losses.count_head_loss_reference`; gradients to hidden, weight,
+    bias and log_theta. The fused impl never builds the [B, M] prediction. There is no CUDA-extension kernel
+    for the count losses: ``impl="cuda"`` runs the Triton kernel.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise InputError(
+            f"hidden [B, W] and weight [M, W] must be 2-D with one W, got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}"
+        )
+    n_rows, n_genes = hidden.shape[0], weight.shape[0]
+    if tuple(counts.shape) != (n_rows, n_genes):
+        raise InputError(f"counts must be [B, M] = [{n_rows}, {n_genes}], got {tuple(counts.shape)}")
+    if row_weight is not None and tuple(row_weight.shape) != (n_rows,):
+        raise InputError(f"row_weight must be [B] = [{n_rows}], got {tuple(row_weight.shape)}")
+    _check_count(n_rows, n_genes, log_offset, likelihood, log_theta)
+    shape = shape_bucket(n_rows, hidden.shape[1], n_genes)
+    which = resolve_impl(impl, hidden.device, "count_head_loss", shape, compute_dtype(hidden, weight))
+    if which == "torch":
+        return count_head_loss_reference(
+            hidden, weight, bias, counts, log_offset, likelihood, log_theta, lambda_kl, kl_eps, row_weight
+        )
+    from inrscrecon.kernels.ops import triton_count_head_loss
+
+    return triton_count_head_loss(
+        hidden, weight, bias, counts, log_offset, likelihood, log_theta, lambda_kl, kl_eps, row_weight
+    )
+
+
+def sparse_count_head_loss(
+    hidden: torch.Tensor,  # [B, W] fp32 or bf16
+    weight: torch.Tensor,  # [M, W]
+    bias: torch.Tensor | None,  # [M]
+    indptr: torch.Tensor,  # [B+1] int64 CSR row offsets, indptr[0] == 0
+    indices: torch.Tensor,  # [CAP] int32/int64 gene of each non-zero (unique within a row, any order)
+    values: torch.Tensor,  # [CAP] raw count of each non-zero
+    log_offset: torch.Tensor,  # [B] log(L / 1e4)
+    likelihood: str,
+    log_theta: torch.Tensor | None = None,  # [M] NB log dispersion
+    lambda_kl: float = 0.0,
+    kl_eps: float = KL_EPS,
+    row_weight: torch.Tensor | None = None,  # [B] fp32, 1 = real row, 0 = padding row
+    impl: str = "auto",
+    indices_sorted: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Poisson / NB head loss against sparse CSR counts → (NLL + λ·KL, NLL, KL) fp32 scalars.
+
+    Equals :func:`count_head_loss` on the densified counts (see
+    :func:`~inrscrecon.field.losses.sparse_count_head_loss_reference`). Slots at positions ≥ indptr[B] are
+    ignored. Gradients to hidden, weight, bias and log_theta. The fused impl builds neither the [B, M] target
+    nor the prediction in global memory and sorts each row's non-zeros unless ``indices_sorted``. There is no
+    CUDA-extension kernel for the count losses: ``impl="cuda"`` runs the Triton kernel.
+    """
+    _check_sparse(hidden, weight, bias, indptr, indices, values, row_weight)
+    n_rows, n_genes = hidden.shape[0], weight.shape[0]
+    _check_count(n_rows, n_genes, log_offset, likelihood, log_theta)
+    shape = shape_bucket(n_rows, hidden.shape[1], n_genes)
+    which = resolve_impl(impl, hidden.device, "sparse_count_head_loss", shape, compute_dtype(hidden, weight))
+    if which == "torch":
+        return sparse_count_head_loss_reference(
+            hidden,
+            weight,
+            bias,
+            indptr,
+            indices,
+            values,
+            log_offset,
+            likelihood,
+            log_theta,
+            lambda_kl,
+            kl_eps,
+            row_weight,
+        )
+    from inrscrecon.kernels.ops import triton_sparse_count_head_loss
+
+    return triton_sparse_count_head_loss(
+        hidden,
+        weight,
+        bias,
+        indptr,
+        indices,
+        values,
+        log_offset,
+        likelihood,
+        log_theta,
+        lambda_kl,
+        kl_eps,
+        row_weight,
+        indices_sorted,
+    )
+
+
 def trunk_forward(
     coords: torch.Tensor,  # [B, 3] in [-1, 1]
     n_bands: int,
@@ -363,4 +495,12 @@ def trunk_forward(
     return triton_trunk_op(coords, n_bands, weights, biases)
 
 
-__all__ = ["IMPLS", "head_loss", "resolve_impl", "sparse_head_loss", "trunk_forward"]
+__all__ = [
+    "IMPLS",
+    "count_head_loss",
+    "head_loss",
+    "resolve_impl",
+    "sparse_count_head_loss",
+    "sparse_head_loss",
+    "trunk_forward",
+]

@@ -215,7 +215,10 @@ def count_nll(
     log_theta: torch.Tensor | None = None,  # [M] NB log dispersion
 ) -> torch.Tensor:
     """Elementwise negative log-likelihood [B, M] (fp32) of ``counts`` under Poisson / NB with mean
-    μ = exp(η + o) (formulas in the module docstring). Differentiable w.r.t. eta and log_theta."""
+    μ = exp(η + o) (formulas in the module docstring). Differentiable w.r.t. eta and log_theta.
+
+    fp32: at large θ the NB terms −lgamma(y + θ) + lgamma(θ) cancel, leaving ≈ 1e-7·θ·log θ absolute
+    error (≈ 2e-3 at θ = 3000, where NB is practically Poisson); gradients do not suffer from it."""
     _check_count_likelihood(likelihood, log_theta)
     y = counts.float()
     lr = eta.float() + log_offset.float()[:, None]  # log μ

@@ -9,6 +9,8 @@ Ops (namespace ``inrscrecon``):
 * ``head_loss`` / ``head_loss_backward`` — head + loss against a dense target
   (:mod:`inrscrecon.kernels.triton_head_loss`).
 * ``trunk`` / ``trunk_backward`` — Fourier encoding + MLP trunk (:mod:`inrscrecon.kernels.triton_trunk`).
+* ``count_head_loss`` / ``count_head_loss_backward`` — head + Poisson / NB likelihood against dense or CSR
+  counts (:mod:`inrscrecon.kernels.triton_count_loss`).
 
 The implementations look the kernel modules up at call time (the tests reload them for the Triton
 interpreter), so importing this module needs torch only. The public entry points are the functions
@@ -28,6 +30,8 @@ from torch import Tensor
 __all__ = [
     "compute_dtype",
     "sort_rows",
+    "triton_count_head_loss",
+    "triton_sparse_count_head_loss",
     "triton_dense_head_loss",
     "triton_sparse_head_loss",
     "triton_trunk_op",
@@ -333,6 +337,295 @@ def triton_dense_head_loss(
         hidden.to(dt), weight.to(dt), b, target, float(lambda_kl), float(kl_eps)
     )
     return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# head + count likelihood (Poisson / NB), dense or CSR counts
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("inrscrecon::count_head_loss", mutates_args=())
+def _count_fwd(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    log_theta: Tensor | None,  # [M] fp32 (NB)
+    counts: Tensor | None,  # [B, M] dense form
+    indptr: Tensor | None,  # [B+1] int64 (CSR form)
+    indices: Tensor | None,  # [CAP], sorted within rows
+    values: Tensor | None,  # [CAP] fp32 counts
+    log_offset: Tensor,  # [B] fp32
+    row_weight: Tensor | None,  # [B] fp32
+    likelihood: str,
+    lambda_kl: float,
+    kl_eps: float,
+    grad_in_forward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _mod("triton_count_loss").count_head_forward(
+        hidden,
+        weight,
+        bias,
+        log_theta,
+        counts,
+        indptr,
+        indices,
+        values,
+        log_offset,
+        row_weight,
+        likelihood,
+        lambda_kl,
+        kl_eps,
+        grad_in_forward,
+    )
+    return tuple(out)  # type: ignore[return-value]
+
+
+@_count_fwd.register_fake
+def _count_fwd_fake(
+    hidden,
+    weight,
+    bias,
+    log_theta,
+    counts,
+    indptr,
+    indices,
+    values,
+    log_offset,
+    row_weight,
+    likelihood,
+    lambda_kl,
+    kl_eps,
+    grad_in_forward,
+):
+    n_rows = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    if grad_in_forward:
+        gh, gw, gb = _fp32_grads_like(hidden, weight)
+    else:
+        gh, gw, gb = (hidden.new_empty(0, **f32) for _ in range(3))
+    glt = hidden.new_empty(weight.shape[0] if grad_in_forward and likelihood == "nb" else 0, **f32)
+    return (
+        _scalar(hidden),
+        _scalar(hidden),
+        _scalar(hidden),
+        hidden.new_empty(2, n_rows, **f32),
+        _scalar(hidden),
+        gh,
+        gw,
+        gb,
+        glt,
+    )
+
+
+@torch.library.custom_op("inrscrecon::count_head_loss_backward", mutates_args=())
+def _count_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    log_theta: Tensor | None,
+    counts: Tensor | None,
+    indptr: Tensor | None,
+    indices: Tensor | None,
+    values: Tensor | None,
+    log_offset: Tensor,
+    row_weight: Tensor | None,
+    rowstat: Tensor,  # [2, B]
+    coef: Tensor,  # [2] (c_n, c_k)
+    likelihood: str,
+    kl_eps: float,
+    has_kl: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _mod("triton_count_loss").count_head_backward(
+        hidden,
+        weight,
+        bias,
+        log_theta,
+        counts,
+        indptr,
+        indices,
+        values,
+        log_offset,
+        row_weight,
+        rowstat,
+        coef,
+        likelihood,
+        kl_eps,
+        has_kl,
+    )
+
+
+@_count_bwd.register_fake
+def _count_bwd_fake(
+    hidden,
+    weight,
+    bias,
+    log_theta,
+    counts,
+    indptr,
+    indices,
+    values,
+    log_offset,
+    row_weight,
+    rowstat,
+    coef,
+    likelihood,
+    kl_eps,
+    has_kl,
+):
+    glt = hidden.new_empty(weight.shape[0] if likelihood == "nb" else 0, dtype=torch.float32)
+    return (*_fp32_grads_like(hidden, weight), glt)
+
+
+def _count_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    (hidden, weight, bias, log_theta, counts, indptr, indices, values, log_offset, row_weight) = inputs[:10]
+    likelihood, lambda_kl, kl_eps, grad_in_forward = inputs[10:]
+    _, _, _, rowstat, wsum, gh, gw, gb, glt = output
+    ctx.save_for_backward(
+        hidden,
+        weight,
+        bias,
+        log_theta,
+        counts,
+        indptr,
+        indices,
+        values,
+        log_offset,
+        row_weight,
+        rowstat,
+        wsum,
+        gh,
+        gw,
+        gb,
+        glt,
+    )
+    ctx.likelihood, ctx.lambda_kl, ctx.kl_eps = str(likelihood), float(lambda_kl), float(kl_eps)
+    ctx.grad_in_forward, ctx.has_bias = bool(grad_in_forward), bias is not None
+    ctx.has_theta = log_theta is not None
+
+
+def _count_backward(ctx: Any, g_loss: Tensor, g_nll: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    (hidden, weight, bias, log_theta, counts, indptr, indices, values, log_offset, row_weight) = (
+        ctx.saved_tensors[:10]
+    )
+    rowstat, wsum, gh, gw, gb, glt = ctx.saved_tensors[10:]
+    # c_n, c_k of the kernel module's docstring, on the device (no host sync)
+    c_n = (g_loss + g_nll) / (weight.shape[0] * wsum)
+    c_k = (ctx.lambda_kl * g_loss + g_kl) / wsum
+    if ctx.grad_in_forward:
+        gh, gw, gb, glt = c_n * gh, c_n * gw, c_n * gb, c_n * glt
+    else:
+        gh, gw, gb, glt = torch.ops.inrscrecon.count_head_loss_backward(
+            hidden,
+            weight,
+            bias,
+            log_theta,
+            counts,
+            indptr,
+            indices,
+            values,
+            log_offset,
+            row_weight,
+            rowstat,
+            torch.stack([c_n, c_k]).float(),
+            ctx.likelihood,
+            ctx.kl_eps,
+            ctx.lambda_kl != 0,
+        )
+    need = ctx.needs_input_grad
+    nb = ctx.likelihood == "nb" and ctx.has_theta
+    return (
+        gh.to(hidden.dtype) if need[0] else None,
+        gw.to(weight.dtype) if need[1] else None,
+        gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
+        glt.to(log_theta.dtype) if nb and need[3] else None,
+        *([None] * 10),
+    )
+
+
+_count_fwd.register_autograd(_count_backward, setup_context=_count_setup)
+
+
+def _count_call(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    log_theta: Tensor | None,
+    counts: Tensor | None,
+    csr: tuple[Tensor, Tensor, Tensor] | None,
+    log_offset: Tensor,
+    likelihood: str,
+    lambda_kl: float,
+    kl_eps: float,
+    row_weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dt = compute_dtype(hidden, weight)
+    h, w = hidden.to(dt), weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    lt = log_theta.float() if likelihood == "nb" and log_theta is not None else None
+    grad_in_forward = lambda_kl == 0 and _needs_grad(h, w, b, lt)
+    rw = row_weight.float() if row_weight is not None else None
+    indptr, indices, values = csr if csr is not None else (None, None, None)
+    out = torch.ops.inrscrecon.count_head_loss(
+        h,
+        w,
+        b,
+        lt,
+        counts,
+        indptr,
+        indices,
+        values,
+        log_offset.float(),
+        rw,
+        likelihood,
+        float(lambda_kl),
+        float(kl_eps),
+        grad_in_forward,
+    )
+    return out[0], out[1], out[2]
+
+
+def triton_count_head_loss(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    counts: Tensor,  # [B, M] raw counts
+    log_offset: Tensor,  # [B] log(L / 1e4)
+    likelihood: str,
+    log_theta: Tensor | None = None,  # [M] (NB)
+    lambda_kl: float = 0.0,
+    kl_eps: float = 1e-2,
+    row_weight: Tensor | None = None,  # [B]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused Triton head + Poisson / NB likelihood on dense counts → (loss, nll, kl) fp32 scalars; contract
+    of ``count_head_loss_reference``; gradients to hidden, weight, bias and log_theta (autocast-aware)."""
+    return _count_call(
+        hidden, weight, bias, log_theta, counts, None, log_offset, likelihood, lambda_kl, kl_eps, row_weight
+    )
+
+
+def triton_sparse_count_head_loss(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    indptr: Tensor,  # [B+1] int64
+    indices: Tensor,  # [CAP] int32/int64
+    values: Tensor,  # [CAP] raw counts
+    log_offset: Tensor,  # [B]
+    likelihood: str,
+    log_theta: Tensor | None = None,  # [M] (NB)
+    lambda_kl: float = 0.0,
+    kl_eps: float = 1e-2,
+    row_weight: Tensor | None = None,  # [B]
+    indices_sorted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused Triton head + Poisson / NB likelihood on CSR counts → (loss, nll, kl) fp32 scalars; contract of
+    ``sparse_count_head_loss_reference``. ``indices_sorted`` skips the per-row sort of the non-zeros."""
+    if not indices_sorted:
+        indices, values = sort_rows(indptr, indices, values, weight.shape[0])
+    csr = (indptr, indices, values.float())
+    return _count_call(
+        hidden, weight, bias, log_theta, None, csr, log_offset, likelihood, lambda_kl, kl_eps, row_weight
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,545 @@
+"""Count likelihoods (Poisson / negative binomial with a library-size offset) of the gene head.
+
+* torch references against brute force (``torch.distributions`` log_prob in fp64, autograd);
+* the sparse (CSR) reference against the dense one: values and every gradient (hidden, weight, bias,
+  log θ), junk slots past indptr[B], unsorted rows, empty rows, padding rows, the production shape;
+* the fused Triton kernels (in the interpreter without a GPU: TRITON_INTERPRET=1 is set before triton is
+  imported) against the references, dense and CSR counts, both likelihoods, λ = 0 and λ > 0, fp32
+  (rel 1e-5 on the losses, 1e-4 of the largest entry on gradients) and bf16 (|kernel − fp32| ≤
+  |torch bf16 − fp32| + 2e-2·max|fp32| on gradients, + 1e-3 on the loss); the in-kernel lgamma / digamma /
+  log1p against torch; ``opcheck`` of the registered ops and a ``fullgraph`` compile of a step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` that decorates our kernels
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+from inrscrecon.errors import InputError  # noqa: E402
+from inrscrecon.field import fused  # noqa: E402
+from inrscrecon.field.losses import (  # noqa: E402
+    LossConfig,
+    count_head_loss_reference,
+    count_nll,
+    kl_divergence,
+    sparse_count_head_loss_reference,
+)
+
+PARAMS = ("grad_hidden", "grad_weight", "grad_bias", "grad_log_theta")
+_tc = None  # the count kernel module, once a Triton test has loaded it
+
+
+def count_problem(
+    n_rows: int, width: int, n_genes: int, density: float = 0.3, seed: int = 0, bias: bool = True
+):
+    """(hidden, weight, bias, counts [B, M] integer-valued fp32, log_offset [B], log_theta [M])."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n_rows, width, generator=gen)
+    w = torch.randn(n_genes, width, generator=gen) / width**0.5
+    b = torch.randn(n_genes, generator=gen) * 0.5 - 1.0 if bias else None
+    rate = torch.rand(n_rows, n_genes, generator=gen) * 6
+    mask = torch.rand(n_rows, n_genes, generator=gen) < density
+    counts = (torch.poisson(rate, generator=gen) + 1) * mask
+    log_offset = torch.log((torch.rand(n_rows, generator=gen) * 9e3 + 1e3) / 1e4)
+    log_theta = torch.randn(n_genes, generator=gen) * 1.0
+    return h, w, b, counts.float(), log_offset, log_theta
+
+
+def make_csr(counts: torch.Tensor, extra: int = 0, shuffle: bool = True, seed: int = 0):
+    """counts [B, M] → (indptr int64, indices int32, values fp32) with rows' non-zeros in random order and
+    ``extra`` junk slots past indptr[B]."""
+    gen = torch.Generator().manual_seed(seed)
+    nz = counts.nonzero()
+    if shuffle:
+        nz = nz[torch.argsort(nz[:, 0] * 10**6 + torch.randperm(len(nz), generator=gen), stable=True)]
+    indptr = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.bincount(nz[:, 0], minlength=counts.shape[0]).cumsum(0)
+    indices = nz[:, 1].to(torch.int32)
+    values = counts[nz[:, 0], nz[:, 1]].float()
+    if extra:
+        indices = torch.cat([indices, torch.randint(0, counts.shape[1], (extra,), generator=gen).int()])
+        values = torch.cat([values, torch.full((extra,), 77.0)])
+    return indptr, indices, values
+
+
+def brute_nll(eta, counts, log_offset, likelihood, log_theta):
+    """−log p(y) [B, M] from torch.distributions (fp64)."""
+    mu = torch.exp(eta.double() + log_offset.double()[:, None])
+    y = counts.double()
+    if likelihood == "poisson":
+        return -torch.distributions.Poisson(mu).log_prob(y)
+    theta = torch.exp(log_theta.double())[None, :].expand_as(mu)
+    dist = torch.distributions.NegativeBinomial(total_count=theta, logits=torch.log(mu) - torch.log(theta))
+    return -dist.log_prob(y)
+
+
+def brute_loss(params64, counts, log_offset, likelihood, lam, row_weight=None):
+    """(loss, nll, kl) in fp64 from torch.distributions and the KL written out; params64 = (h, w, b, lt)."""
+    h, w, b, lt = params64
+    n_rows, n_genes = counts.shape
+    rw = torch.ones(n_rows, dtype=torch.float64) if row_weight is None else row_weight.double()
+    eta = F.linear(h, w, b)
+    nll = (rw * brute_nll(eta, counts, log_offset, likelihood, lt).sum(1)).sum() / (n_genes * rw.sum())
+    kl = torch.zeros((), dtype=torch.float64)
+    if lam:
+        target = torch.log1p(counts.double() * torch.exp(-log_offset.double())[:, None])
+        q = F.softplus(eta) + 1e-2
+        p = target + 1e-2
+        qn, pn = q / q.sum(1, keepdim=True), p / p.sum(1, keepdim=True)
+        kl = (rw * (qn * torch.log(qn / pn)).sum(1)).sum() / rw.sum()
+    return nll + lam * kl, nll, kl
+
+
+def grads(out, params):
+    live = [p for p in params if p is not None]
+    return list(torch.autograd.grad(out, live))
+
+
+def leaves(*xs, dtype=None, device=DEV):
+    return [
+        None if x is None else x.detach().clone().to(device=device, dtype=dtype or x.dtype).requires_grad_()
+        for x in xs
+    ]
+
+
+def rel_close(name, a, e, rtol=1e-4):
+    a, e = a.detach().float().cpu(), e.detach().float().cpu()
+    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
+    err = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    assert err <= rtol * max(scale, 1e-6), f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def mix(out):
+    """A mix of (loss, nll, kl), so that every output's gradient is checked."""
+    return out[0] + 0.3 * out[1] + 0.2 * out[2]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config and references
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_config_likelihood_is_validated():
+    assert LossConfig().likelihood == "rmse"
+    for name in ("rmse", "poisson", "nb"):
+        assert LossConfig(likelihood=name).likelihood == name
+    with pytest.raises(InputError, match="'zinb'"):
+        LossConfig(likelihood="zinb")
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_count_nll_matches_torch_distributions(likelihood):
+    h, w, b, counts, off, lt = count_problem(9, 6, 23, density=0.6, seed=1)
+    counts[0, :5] = torch.tensor([0.0, 1.0, 50.0, 400.0, 3.0])  # large counts too
+    lt[:4] = torch.tensor([-6.0, -1.0, 3.0, 5.0])  # strong to weak over-dispersion
+    eta = F.linear(h, w, b)
+    got = count_nll(eta, counts, off, likelihood, lt)
+    want = brute_nll(eta, counts, off, likelihood, lt)
+    assert got.dtype == torch.float32 and got.shape == counts.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    if likelihood == "nb":  # θ ≈ 3000: lgamma(y + θ) − lgamma(θ) cancels in fp32 (≈ 1e-7·θ log θ)
+        big = torch.full_like(lt, 8.0)
+        err = (count_nll(eta, counts, off, "nb", big).double() - brute_nll(eta, counts, off, "nb", big)).abs()
+        assert err.max().item() < 1e-7 * 2981 * 8 * 4
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6])
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_dense_reference_against_brute_force(likelihood, lam):
+    h, w, b, counts, off, lt = count_problem(11, 7, 19, seed=2)
+    rw = torch.rand(11, generator=torch.Generator().manual_seed(5))
+    ps = leaves(h, w, b, lt)
+    ref = count_head_loss_reference(*ps[:3], counts, off, likelihood, ps[3], lam, 1e-2, rw)
+    p64 = leaves(h, w, b, lt, dtype=torch.float64, device="cpu")
+    brute = brute_loss(p64, counts, off, likelihood, lam, rw)
+    for a, e in zip(ref, brute):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
+    live = ps if likelihood == "nb" else ps[:3]
+    live64 = p64 if likelihood == "nb" else p64[:3]
+    for name, a, e in zip(PARAMS, grads(mix(ref), live), grads(mix(brute), live64)):
+        rel_close(name, a, e, 1e-5)
+
+
+def test_dense_reference_kl_is_kl_divergence_and_poisson_ignores_theta():
+    h, w, b, counts, off, lt = count_problem(6, 5, 17, seed=3)
+    loss, nll, kl = count_head_loss_reference(h, w, b, counts, off, "poisson", None, 0.5)
+    target = torch.log1p(counts * torch.exp(-off)[:, None])
+    torch.testing.assert_close(kl, kl_divergence(F.softplus(F.linear(h, w, b)), target))
+    torch.testing.assert_close(loss, nll + 0.5 * kl)
+    with_theta = count_head_loss_reference(h, w, b, counts, off, "poisson", lt, 0.5)
+    assert torch.equal(with_theta[0], loss)
+    with pytest.raises(InputError, match="log_theta"):
+        count_head_loss_reference(h, w, b, counts, off, "nb", None)
+    with pytest.raises(InputError, match="'rmse'"):
+        count_nll(h @ w.T, counts, off, "rmse")
+
+
+def assert_sparse_matches_dense(h, w, b, counts, off, lt, likelihood, lam, rw=None, extra=3, rtol=1e-5):
+    csr = make_csr(counts, extra=extra)
+    ps = leaves(h, w, b, lt, device="cpu")
+    sp = sparse_count_head_loss_reference(*ps[:3], *csr, off, likelihood, ps[3], lam, 1e-2, rw)
+    de = count_head_loss_reference(*ps[:3], counts, off, likelihood, ps[3], lam, 1e-2, rw)
+    for a, d in zip(sp, de):
+        torch.testing.assert_close(a, d, rtol=rtol, atol=1e-6)
+    live = ps if likelihood == "nb" else ps[:3]
+    for name, ga, gd in zip(PARAMS, grads(mix(sp), live), grads(mix(de), live)):
+        rel_close(name, ga, gd, rtol)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+@pytest.mark.parametrize("shape", [(7, 5, 13), (23, 19, 61), (1, 3, 1), (5, 16, 1)])
+def test_sparse_reference_equals_dense(shape, likelihood, lam):
+    h, w, b, counts, off, lt = count_problem(*shape, density=0.3, seed=shape[2])
+    rw = torch.rand(shape[0], generator=torch.Generator().manual_seed(1)) + 0.1
+    assert_sparse_matches_dense(h, w, b, counts, off, lt, likelihood, lam, rw)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_sparse_reference_empty_rows_padding_and_no_bias(likelihood):
+    h, w, _, counts, off, lt = count_problem(9, 8, 31, density=0.4, seed=4, bias=False)
+    counts[[0, 4, 8]] = 0
+    assert_sparse_matches_dense(h, w, None, counts, off, lt, likelihood, 1.0)
+    assert_sparse_matches_dense(h, w, None, torch.zeros_like(counts), off, lt, likelihood, 1.0, extra=0)
+    # padding rows (weight 0) carry garbage that must not count
+    rw = torch.ones(9)
+    rw[6:] = 0
+    counts[6:] = 999.0
+    csr = make_csr(counts, extra=2)
+    sp = sparse_count_head_loss_reference(h, w, None, *csr, off, likelihood, lt, 0.4, row_weight=rw)
+    de = count_head_loss_reference(h[:6], w, None, counts[:6], off[:6], likelihood, lt, 0.4)
+    for a, d in zip(sp, de):
+        torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_reference_production_shape():
+    """W = 256, M = 5000 at 5 % density, B = 8: both likelihoods, with KL."""
+    h, w, b, counts, off, lt = count_problem(8, 256, 5000, density=0.05, seed=6)
+    for likelihood in ("poisson", "nb"):
+        assert_sparse_matches_dense(h, w, b, counts, off, lt, likelihood, 0.5, rtol=2e-5)
+
+
+def test_fused_switch_torch_and_input_errors():
+    h, w, b, counts, off, lt = count_problem(6, 5, 17, seed=7)
+    csr = make_csr(counts)
+    ref = count_head_loss_reference(h, w, b, counts, off, "nb", lt, 0.3)
+    for impl in ("torch", "auto"):  # CPU tensors: auto is torch
+        got = fused.count_head_loss(h, w, b, counts, off, "nb", lt, 0.3, impl=impl)
+        sp = fused.sparse_count_head_loss(h, w, b, *csr, off, "nb", lt, 0.3, impl=impl)
+        for a, c, e in zip(got, sp, ref):
+            torch.testing.assert_close(a, e)
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="log_theta"):
+        fused.count_head_loss(h, w, b, counts, off, "nb")
+    with pytest.raises(InputError, match=r"log_theta must be \[M\]"):
+        fused.sparse_count_head_loss(h, w, b, *csr, off, "nb", lt[:-1])
+    with pytest.raises(InputError, match="log_offset"):
+        fused.count_head_loss(h, w, b, counts, off[:-1], "poisson")
+    with pytest.raises(InputError, match="counts must be"):
+        fused.count_head_loss(h, w, b, counts[:, :-1], off, "poisson")
+    with pytest.raises(InputError, match="'rmse'"):
+        fused.sparse_count_head_loss(h, w, b, *csr, off, "rmse")
+    with pytest.raises(InputError, match="indptr"):
+        fused.sparse_count_head_loss(h, w, b, csr[0][:-1], csr[1], csr[2], off, "poisson")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _triton():
+    """The count kernel module, every kernel it uses running in the interpreter when there is no GPU."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from conftest import load_interpreted
+
+    sparse = load_interpreted("inrscrecon.kernels.triton_sparse_head_loss", "_sparse_head_kernel")
+    mod = load_interpreted("inrscrecon.kernels.triton_count_loss", "_count_tile_kernel")
+    if mod._csr_target_tile is not sparse._csr_target_tile:  # imported before its helper was reloaded
+        import importlib
+
+        mod = importlib.reload(sys.modules["inrscrecon.kernels.triton_count_loss"])
+    return mod
+
+
+def _run(fn, params, data, likelihood, lam, rw=None, dtype=None):
+    """fn(params…, data…) → (outputs, gradients of mix(outputs) w.r.t. the live params)."""
+    ps = leaves(*params, dtype=dtype)
+    if likelihood == "poisson":
+        ps[3] = None
+    h, w, b, lt = ps
+    data = [x.to(DEV) for x in data]
+    off = data.pop()
+    rw = rw.to(DEV) if rw is not None else None
+    out = fn(h, w, b, *data, off, likelihood, lt, lam, 1e-2, rw)
+    return [o.detach() for o in out], grads(mix(out), ps)
+
+
+def _dense_ref(h, w, b, counts, off, likelihood, lt, lam, eps, rw):
+    return count_head_loss_reference(h, w, b, counts, off, likelihood, lt, lam, eps, rw)
+
+
+def _sparse_ref(h, w, b, indptr, indices, values, off, likelihood, lt, lam, eps, rw):
+    return sparse_count_head_loss_reference(
+        h, w, b, indptr, indices, values, off, likelihood, lt, lam, eps, rw
+    )
+
+
+def _fused(form: str, impl: str = "triton"):
+    if form == "dense":
+        return lambda *a: fused.count_head_loss(*a, impl=impl)
+    return lambda *a: fused.sparse_count_head_loss(*a, impl=impl)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("form", ["dense", "csr"])
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+@pytest.mark.parametrize("shape", [(13, 24, 37), (70, 40, 300), (3, 5, 1)])
+def test_triton_matches_reference_fp32(shape, likelihood, lam, form):
+    _triton()
+    h, w, b, counts, off, lt = count_problem(*shape, seed=sum(shape))
+    rw = torch.rand(shape[0], generator=torch.Generator().manual_seed(2))
+    rw[0] = 0.0
+    data = [counts, off] if form == "dense" else [*make_csr(counts, extra=3), off]
+    ref = _dense_ref if form == "dense" else _sparse_ref
+    out, g = _run(_fused(form), (h, w, b, lt), data, likelihood, lam, rw)
+    r_out, r_g = _run(ref, (h, w, b, lt), data, likelihood, lam, rw)
+    for a, e in zip(out, r_out):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert len(g) == (4 if likelihood == "nb" else 3)
+    for name, a, e in zip(PARAMS, g, r_g):
+        rel_close(name, a, e)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_triton_small_tiles_chunks_and_unscaled_forward_grads(likelihood):
+    """GPU-sized tiles (several gene tiles, K loop, KCH = 2) and several dz chunks; extreme dispersions
+    (θ from 7e-3 to 8e3) and counts to ≈ 400, judged against the fp64 brute force (the fp32 reference
+    itself loses ≈ 1e-7·θ log θ at large θ, see ``count_nll``)."""
+    tc = _triton()
+    from inrscrecon.kernels.triton_sparse_head_loss import SparseHeadBlocks
+
+    h, w, b, counts, off, lt = count_problem(35, 40, 100, density=0.4, seed=9)
+    lt[:3] = torch.tensor([-5.0, 4.0, 9.0])
+    counts[:, 0] *= 40
+    blocks = SparseHeadBlocks(block_b=16, block_m=32, kch=2, block_k=16, chunk_rows=16)
+    indptr, indices, values = make_csr(counts, shuffle=False)
+    args = [x.to(DEV) if x is not None else None for x in (h, w, b, lt if likelihood == "nb" else None)]
+    csr = [x.to(DEV) for x in (indptr, indices, values)]
+    o = off.to(DEV)
+    for lam in (0.0, 0.8):
+        out = tc.count_head_forward(*args, None, *csr, o, None, likelihood, lam, 1e-2, lam == 0, blocks)
+        ps = leaves(h, w, b, lt, dtype=torch.float64, device="cpu")
+        live = ps if likelihood == "nb" else ps[:3]
+        r = brute_loss(ps, counts, off, likelihood, lam)
+        for a, e in zip(out[:3], r):
+            torch.testing.assert_close(a.double().cpu(), e.detach(), rtol=1e-5, atol=1e-6)
+        r_g = grads(r[0], live)
+        wsum = out[4]
+        coef = torch.stack([1.0 / (100 * wsum), lam / wsum]).float()
+        gh, gw, gb, glt = tc.count_head_backward(
+            *args, None, *csr, o, None, out[3], coef, likelihood, 1e-2, lam != 0, blocks
+        )
+        got = [gh, gw, gb] + ([glt] if likelihood == "nb" else [])
+        for name, a, e in zip(PARAMS, got, r_g):
+            rel_close(name, a, e)
+        if lam == 0:  # the forward's unscaled gradients are the backward's for c_n = 1
+            for name, u, a in zip(PARAMS, out[5:], got):
+                rel_close(name, coef[0] * u, a)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("form", ["dense", "csr"])
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_triton_bf16_and_autocast(likelihood, form):
+    _triton()
+    h, w, b, counts, off, lt = count_problem(40, 32, 150, density=0.3, seed=11)
+    data = [counts, off] if form == "dense" else [*make_csr(counts, extra=2), off]
+    ref = _dense_ref if form == "dense" else _sparse_ref
+    h16, w16, b16 = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    out, g = _run(_fused(form), (h16, w16, b16, lt), data, likelihood, 0.5)
+    lo_out, lo_g = _run(ref, (h16, w16, b16, lt), data, likelihood, 0.5)
+    r_out, r_g = _run(ref, (h16.float(), w16.float(), b16.float(), lt), data, likelihood, 0.5)
+    assert all(x.dtype == torch.bfloat16 for x in g[:3])
+
+    def no_worse(name, a, lo, r, tol=2e-2):
+        a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
+        excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
+        assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
+
+    for name, a, lo, r in zip(("loss", "nll", "kl"), out, lo_out, r_out):
+        no_worse(name, a, lo, r, 1e-3)
+    for name, a, lo, r in zip(PARAMS, g, lo_g, r_g):
+        no_worse(name, a, lo, r)
+    # autocast with fp32 master weights: bf16 matmuls, fp32 gradients on the fp32 leaves
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        ac_out, ac_g = _run(_fused(form), (h, w, b, lt), data, likelihood, 0.5)
+    assert all(x.dtype == torch.float32 for x in ac_g)
+    no_worse("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
+    for name, a, lo, r in zip(PARAMS, ac_g, lo_g, r_g):
+        no_worse("autocast " + name, a, lo, r)
+
+
+@pytest.mark.triton
+def test_triton_special_functions_match_torch():
+    global _tc  # the jitted helper below resolves its names in this module's globals
+    _tc = _triton()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _special(x_ptr, y_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        x = tl.load(x_ptr + offs, mask=ok, other=1.0)
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0)
+        lg, dg = _tc._lgamma_ratio_and_digamma_diff(y, x)
+        tl.store(out_ptr + offs, _tc._lgamma(x), mask=ok)
+        tl.store(out_ptr + N + offs, _tc._log1p(x * 1e-3), mask=ok)
+        tl.store(out_ptr + 2 * N + offs, lg, mask=ok)
+        tl.store(out_ptr + 3 * N + offs, dg, mask=ok)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.logspace(-3, 6, 400), torch.arange(1, 60).float(), torch.tensor([5.999, 6.0])])
+    y = torch.cat([torch.zeros(50), torch.poisson(torch.rand(x.numel() - 50, generator=gen) * 300)])
+    out = torch.empty(4, x.numel(), device=DEV)
+    _special[(triton.cdiv(x.numel(), 128),)](x.to(DEV), y.to(DEV), out, x.numel(), BLOCK=128)
+    x64, y64 = x.double(), y.double()
+    # lgamma and log1p relative to max(1, |value|); the two differences relative to themselves (the ψ
+    # difference ≈ y/θ at large θ is what ∂log θ needs), exactly 0 where y = 0
+    for name, got, want, floor in (
+        ("lgamma", out[0], torch.lgamma(x64), 1.0),
+        ("log1p", out[1], torch.log1p(x64 * 1e-3), 1.0),
+        ("lgamma(y + θ) − lgamma(θ)", out[2], torch.lgamma(y64 + x64) - torch.lgamma(x64), 1e-30),
+        ("ψ(y + θ) − ψ(θ)", out[3], torch.digamma(y64 + x64) - torch.digamma(x64), 1e-30),
+    ):
+        diff = (got.double().cpu() - want).abs()
+        err = torch.where(want == 0, diff, diff / (want.abs() + floor))
+        worst = int(err.argmax())
+        assert err.max().item() < 2e-6, f"{name}: {err.max().item():.3g} at x = {x[worst]}, y = {y[worst]}"
+
+
+@pytest.mark.triton
+def test_triton_switch_cuda_means_triton_and_no_grad():
+    _triton()
+    h, w, b, counts, off, lt = count_problem(20, 8, 40, seed=12)
+    csr = [x.to(DEV) for x in make_csr(counts)]
+    args = [x.to(DEV) for x in (h, w, b)]
+    ref = sparse_count_head_loss_reference(*args, *csr, off.to(DEV), "nb", lt.to(DEV), 0.5)
+    got = fused.sparse_count_head_loss(*args, *csr, off.to(DEV), "nb", lt.to(DEV), 0.5, impl="cuda")
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # nothing needs a gradient: the forward computes none
+        out = torch.ops.inrscrecon.count_head_loss(
+            *args, lt.to(DEV), counts.to(DEV), None, None, None, off.to(DEV), None, "nb", 0.0, 1e-2, False
+        )
+    assert all(x.numel() == 0 for x in out[5:])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "likelihood,lam,grad_in_forward,form",
+    [("poisson", 0.0, True, "csr"), ("nb", 0.0, True, "dense"), ("nb", 0.5, False, "csr")],
+)
+def test_opcheck_count_head_loss(likelihood, lam, grad_in_forward, form):
+    _triton()
+    from inrscrecon.kernels.ops import sort_rows
+
+    h, w, b, counts, off, lt = count_problem(20, 16, 37, seed=13)
+    h, w, b, lt = leaves(h, w, b, lt)
+    rw = torch.ones(20, device=DEV)
+    rw[-3:] = 0
+    indptr, indices, values = make_csr(counts, extra=2)
+    indices, values = sort_rows(indptr, indices, values, 37)
+    csr = [x.to(DEV) for x in (indptr, indices, values)]
+    dense = counts.to(DEV) if form == "dense" else None
+    sp = csr if form == "csr" else [None, None, None]
+    theta = lt if likelihood == "nb" else None
+    torch.library.opcheck(
+        torch.ops.inrscrecon.count_head_loss.default,
+        (h, w, b, theta, dense, *sp, off.to(DEV), rw, likelihood, lam, 1e-2, grad_in_forward),
+    )
+    rowstat = torch.rand(2, 20, device=DEV) + 0.1
+    coef = torch.tensor([0.01, 0.02], device=DEV)
+    d = [x.detach() if x is not None else None for x in (h, w, b, theta)]
+    torch.library.opcheck(
+        torch.ops.inrscrecon.count_head_loss_backward.default,
+        (*d, dense, *sp, off.to(DEV), None, rowstat, coef, likelihood, 1e-2, lam != 0),
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("lam", [0.0, 0.5])  # λ = 0: gradients from the forward; λ ≠ 0: backward kernel
+def test_triton_step_compiles_without_graph_break(lam):
+    """The NB CSR loss under torch.compile(fullgraph=True) (a graph break raises) and its AOT backward."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(16, 8, 29, seed=14)
+    csr = [x.to(DEV) for x in make_csr(counts)]
+    ps = leaves(h, w, b, lt)
+
+    def step(h, w, b, lt, indptr, indices, values, off):
+        return fused.sparse_count_head_loss(
+            h, w, b, indptr, indices, values, off, "nb", lt, lam, impl="triton"
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(*ps, *csr, off.to(DEV))
+    got = grads(mix(out), ps)
+    ref_ps = leaves(h, w, b, lt)
+    r = sparse_count_head_loss_reference(*ref_ps[:3], *csr, off.to(DEV), "nb", ref_ps[3], lam)
+    for a, e in zip(out, r):
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+    for name, a, e in zip(PARAMS, got, grads(mix(r), ref_ps)):
+        rel_close(name, a, e)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_triton_production_width_and_genes(likelihood):
+    """W = 256, M = 5000 (5 % density), B = 8 with the interpreter's tiles; the CSR form with KL."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(8, 256, 5000, density=0.05, seed=15)
+    data = [*make_csr(counts, extra=2), off]
+    out, g = _run(_fused("csr"), (h, w, b, lt), data, likelihood, 0.5)
+    r_out, r_g = _run(_sparse_ref, (h, w, b, lt), data, likelihood, 0.5)
+    for a, e in zip(out, r_out):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    for name, a, e in zip(PARAMS, g, r_g):
+        rel_close(name, a, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter is too slow for this batch)")
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_triton_gpu_production_batch(likelihood, lam):
+    """B = 16 384, W = 256, M = 5000 at 5 %: default tiles, several dz chunks; fp32, then bf16 autocast
+    judged against torch under the same autocast."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(16384, 256, 5000, density=0.05, seed=17)
+    data = [*make_csr(counts, shuffle=False), off]
+    out, g = _run(_fused("csr"), (h, w, b, lt), data, likelihood, lam)
+    r_out, r_g = _run(_sparse_ref, (h, w, b, lt), data, likelihood, lam)
+    for a, e in zip(out, r_out):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+    for name, a, e in zip(PARAMS, g, r_g):
+        rel_close(name, a, e, 1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ac_out, ac_g = _run(_fused("csr"), (h, w, b, lt), data, likelihood, lam)
+        lo_out, lo_g = _run(_sparse_ref, (h, w, b, lt), data, likelihood, lam)
+    for name, a, lo, r in zip(("loss", *PARAMS), [ac_out[0], *ac_g], [lo_out[0], *lo_g], [r_out[0], *r_g]):
+        excess = (a.float() - r).abs() - (lo.float() - r).abs() - 2e-2 * r.abs().max()
+        assert (excess <= 0).all(), f"{name}: worse than torch bf16 autocast by {excess.max().item():.3g}"
