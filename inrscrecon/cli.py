@@ -137,6 +137,9 @@ def _load_stack(args: argparse.Namespace, holdout: list[str]):
         microns_per_unit=args.microns_per_unit,
     )
     check_z_source(sections, args.spacing, args.z_key, args.spatial_key)
+    if holdout and args.spacing is not None and args.z_key is None:
+        for i, s in enumerate(sections):  # z = index × spacing in the whole stack: held-out slots stay empty
+            s.uns["z_um"] = i * float(args.spacing)
     return drop_sections(sections, holdout) if holdout else sections
 
 
@@ -178,8 +181,9 @@ def _fit(args: argparse.Namespace) -> int:
     else:
         sections = _load_stack(args, holdout)
         genes = select_genes(sections, args.genes)
+        spacing = None if holdout and args.z_key is None else args.spacing  # z_um set by _load_stack
         table = build_cell_table(
-            sections, genes, spacing=args.spacing, z_key=args.z_key, spatial_key=args.spatial_key
+            sections, genes, spacing=spacing, z_key=args.z_key, spatial_key=args.spatial_key
         )
     trained_on = table.sections()
     if di.main:
@@ -208,7 +212,8 @@ def _fit(args: argparse.Namespace) -> int:
     auto = args.bands == "auto" and args.encoding != "hashgrid"  # a hash grid has no bands to choose
     n_bands = 4 if args.bands == "auto" else int(args.bands)
     spec = "auto" if auto else EncodingConfig(args.encoding, n_bands, sigma=args.sigma, seed=args.seed)
-    run = run_record(table, spec, args.width, args.layers, loss, tc)
+    frame = {"z_stretch": args.z_stretch, "section_code_dim": args.section_codes}  # model frame + codes
+    run = run_record(table, spec, args.width, args.layers, loss, tc, **frame)
     ckpts = [checkpoint_for(e) for e in DEFAULT_CANDIDATES] if auto else [ckpt]
     resume = plan_resume(out, ckpts, run, args.resume, args.resume_or_start)
     if resume is None:
@@ -221,9 +226,8 @@ def _fit(args: argparse.Namespace) -> int:
     if auto:  # bandwidth (and stopping epoch) chosen on the validation cells
         from inrscrecon.train.select import describe, select_encoding
 
-        sel = select_encoding(
-            table, None, args.width, args.layers, loss, tc, checkpoint_for=checkpoint_for, resume=resume
-        )
+        enc_args = (table, None, args.width, args.layers, loss, tc)
+        sel = select_encoding(*enc_args, checkpoint_for=checkpoint_for, resume=resume, **frame)
         result, candidates = sel.result, sel.checkpoints
         if di.main:
             crit = "val_nll" if args.loss != "rmse" else "val_rmse"
@@ -232,7 +236,7 @@ def _fit(args: argparse.Namespace) -> int:
             print(f"encoding chosen on validation {what}: {describe(sel.encoding)} ({scores})")
     else:
         enc = EncodingConfig(kind=args.encoding, n_bands=n_bands, sigma=args.sigma, seed=args.seed)
-        result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=resume)
+        result = fit(table, enc, args.width, args.layers, loss, tc, checkpoint=ckpt, resume=resume, **frame)
     distributed.barrier()
     if not di.main:  # rank 0 alone writes the model and reports
         distributed.cleanup()
@@ -384,6 +388,21 @@ def _add_fit(sub) -> None:
     )
     p.add_argument(
         "--sigma", type=positive_float, default=1.0, help="scale of Gaussian random Fourier features"
+    )
+    p.add_argument(
+        "--z-stretch",
+        type=positive_float,
+        default=1.0,
+        help="multiply normalised z by this (x, y unchanged): gives z more of the encoding's bandwidth on a "
+        "flat stack; 1 = isotropic (docs/coordinates.md)",
+    )
+    p.add_argument(
+        "--section-codes",
+        type=count,
+        default=0,
+        metavar="D",
+        help="per-section appearance codes of width D (0 = off) absorbing batch effects between sections; "
+        "a held-out section gets its neighbours' codes interpolated in z",
     )
     p.add_argument(
         "--loss",

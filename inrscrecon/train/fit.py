@@ -62,7 +62,7 @@ from inrscrecon.field.losses import (
     pretrain_extractor,
     sparse_count_head_loss_reference,
 )
-from inrscrecon.field.model import FieldConfig, INRField
+from inrscrecon.field.model import FieldConfig, INRField, check_z_stretch, section_code_settings
 from inrscrecon.train import distributed as ddp
 from inrscrecon.train.checkpoint import load_checkpoint, save_checkpoint
 from inrscrecon.train.objective import PARTS, count_rows, objective_tensors, part_names
@@ -496,7 +496,8 @@ def fit(
         scale,
         list(table.genes),
         **tissue_frame(table.coords),
-        z_stretch=z_stretch,
+        z_stretch=check_z_stretch(table.coords, center, scale, z_stretch),
+        **section_code_settings(table.coords, getattr(table, "section", None), section_code_dim),
         likelihood=loss_cfg.likelihood,
     )
     record = run_record(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.field.losses import LossConfig
@@ -71,6 +72,7 @@ def select_encoding(
     train_cfg: TrainConfig | None = None,
     checkpoint_for: Callable[[EncodingConfig], Path] | None = None,
     resume: bool | str = False,
+    **fit_kwargs: Any,  # passed on to fit (z_stretch, section_code_dim)
 ) -> Selection:
     """Fit ``table`` once per candidate encoding and keep the one with the lowest validation RMSE.
 
@@ -92,7 +94,7 @@ def select_encoding(
         ckpt = checkpoint_for(enc) if checkpoint_for is not None else None
         if ckpt is not None:
             written.append(Path(ckpt))
-        res = fit(table, enc, width, n_layers, loss_cfg, tc, checkpoint=ckpt, resume=resume)
+        res = fit(table, enc, width, n_layers, loss_cfg, tc, checkpoint=ckpt, resume=resume, **fit_kwargs)
         val, epoch = best_val(res)
         seconds = time.time() - t0
         crit = "val_nll" if "val_nll" in (res.history[0] if res.history else {}) else "val_rmse"
