@@ -11,6 +11,11 @@ CSR rows of the batch, Adam. Per (B, W) this script times, *in the same run*:
   their [B, M] target for free (built before timing); in ``fit`` building it is host work per step.
 * ``dense-triton`` / ``dense-cuda`` — the dense fused heads (``--impls`` to add them).
 
+``--loss rmse poisson nb`` (default on a GPU: all three; elsewhere rmse) runs every impl with that loss: the
+count likelihoods fit raw counts with the library size as offset (NB with a learned gene-wise log θ), through
+``sparse_count_head_loss`` / ``count_head_loss`` and their torch references; ``dense-cuda`` has no count
+kernel (its rows say so).
+
 Modes: ``train`` (forward + backward + Adam step) and ``eval`` (loss under no_grad). Reports ms per step,
 cells/s, peak device memory, TFLOP/s on model FLOPs (forward 2·(D·W + (n−1)·W² + W·M) per cell, train = 3×;
 recomputation not counted), % of the bf16 peak (``--peak-tflops``) and the ratios to dense eager and
@@ -24,6 +29,8 @@ that runs here and writes the fastest per device kind, dtype and shape bucket in
     python benchmarks/bench_kernels.py --write-table                    # GPU: also refresh the table
     python benchmarks/bench_kernels.py --batch 65536 --width 256 --impls sparse-fused --sweep-sparse
                                                                         # GPU: tile configs of the sparse head
+    python benchmarks/bench_kernels.py --loss nb --impls sparse-fused sparse-compile
+                                                                        # GPU: the NB count loss only
     python benchmarks/bench_kernels.py --cpu                            # CPU rows (small, no Triton)
     python benchmarks/bench_kernels.py --smoke                          # tiny CPU check (interpreter)
 """
@@ -55,6 +62,8 @@ IMPLS = (
     "dense-triton",
     "dense-cuda",
 )
+LOSSES = ("rmse", "poisson", "nb")
+TARGET_SUM = 1e4  # counts per unit of the log-rate (the count model's convention)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bands", type=int, default=4, help="Fourier bands L (D = 3 + 6L)")
     p.add_argument("--density", type=float, default=0.05, help="fraction of non-zero targets")
     p.add_argument("--lambda-kl", type=float, default=0.0, help="KL weight (fit's default loss: 0)")
+    p.add_argument(
+        "--loss",
+        nargs="+",
+        default=None,
+        choices=LOSSES,
+        help="loss likelihoods to time (GPU default: all; else rmse)",
+    )
     p.add_argument("--impls", nargs="+", default=None, choices=IMPLS)
     p.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     p.add_argument("--iters", type=int, default=20, help="timed steps")
@@ -91,10 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch, args.width, args.genes, args.layers = args.batch or [64], args.width or [16], 37, 2
         args.iters, args.warmup = 2, 1
         args.impls = args.impls or ["sparse-fused", "sparse-torch", "dense-eager"]
+        args.loss = args.loss or ["rmse"]
     elif not cuda:
         args.batch, args.width = args.batch or [1024], args.width or [256]
         args.iters, args.warmup = min(args.iters, 5), min(args.warmup, 2)
         args.impls = args.impls or ["sparse-torch", "sparse-compile", "dense-eager", "dense-compile"]
+        args.loss = args.loss or ["rmse"]
     else:
         args.batch, args.width = args.batch or [4096, 16384, 65536], args.width or [128, 256]
         args.impls = args.impls or [
@@ -104,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "dense-eager",
             "dense-compile",
         ]
+        args.loss = args.loss or list(LOSSES)
     if args.results is None and not args.smoke:
         args.results = ROOT / "benchmarks" / "RESULTS.md"
     args.device = torch.device("cuda" if cuda else "cpu")
@@ -116,6 +135,7 @@ class Row:
     batch: int
     width: int
     impl: str
+    loss: str = "rmse"
     ms: float | None = None
     peak_mb: float | None = None
     tflops: float | None = None
@@ -125,13 +145,14 @@ class Row:
 class Model(torch.nn.Module):
     """Trunk + head with fp32 (master) parameters, as ``fit`` holds them."""
 
-    def __init__(self, n_bands: int, width: int, n_layers: int, n_genes: int):
+    def __init__(self, n_bands: int, width: int, n_layers: int, n_genes: int, nb: bool = False):
         super().__init__()
         from inrscrecon.field.mlp import Trunk
 
         self.n_bands = n_bands
         self.trunk = Trunk(3 + 6 * n_bands, width, n_layers)
         self.head = torch.nn.Linear(width, n_genes)
+        self.log_theta = torch.nn.Parameter(torch.zeros(n_genes)) if nb else None  # NB dispersion
 
 
 @dataclass
@@ -139,15 +160,25 @@ class Batch:
     coords: torch.Tensor  # [B, 3]
     indptr: torch.Tensor  # [B+1] int64
     indices: torch.Tensor  # [nnz] int32, sorted within rows
-    values: torch.Tensor  # [nnz] fp32
+    values: torch.Tensor  # [nnz] fp32 (log1p-normalised, or raw counts for the count losses)
     dense: torch.Tensor | None  # [B, M] (dense impls only)
+    log_offset: torch.Tensor  # [B] log(L / 1e4) of the rows' library sizes
 
 
-def make_batch(n_rows: int, n_genes: int, density: float, device: torch.device, dense: bool) -> Batch:
+def make_batch(
+    n_rows: int, n_genes: int, density: float, device: torch.device, dense: bool, counts: bool = False
+) -> Batch:
+    """A batch of random rows at ``density``: log1p-normalised values, or raw counts (``counts``)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     coords = (torch.rand(n_rows, 3, generator=g) * 2 - 1).to(device)
     mask = torch.rand(n_rows, n_genes, generator=g) < density
-    t = torch.where(mask, torch.log1p(torch.rand(n_rows, n_genes, generator=g) * 8), 0.0)
+    if counts:
+        t = torch.where(
+            mask, torch.poisson(torch.rand(n_rows, n_genes, generator=g) * 8, generator=g) + 1, 0.0
+        )
+    else:
+        t = torch.where(mask, torch.log1p(torch.rand(n_rows, n_genes, generator=g) * 8), 0.0)
+    log_offset = torch.log(t.sum(1).clamp_min(1.0) / TARGET_SUM)
     csr = t.to_sparse_csr()  # rows sorted by gene
     return Batch(  # clones: plain tensors, not views into the sparse tensor (torch.compile cannot fake those)
         coords,
@@ -155,6 +186,7 @@ def make_batch(n_rows: int, n_genes: int, density: float, device: torch.device, 
         csr.col_indices().to(device=device, dtype=torch.int32).clone(),
         csr.values().to(device=device, dtype=torch.float32).clone(),
         t.to(device) if dense else None,
+        log_offset.to(device),
     )
 
 
@@ -163,7 +195,9 @@ def autocast_ctx(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], torch.Tensor]:
+def loss_fn_for(
+    model: Model, impl: str, lambda_kl: float, loss: str = "rmse"
+) -> Callable[[Batch], torch.Tensor]:
     from inrscrecon.field import fused
     from inrscrecon.field.encoding import fourier_encode
     from inrscrecon.field.losses import head_loss_reference, sparse_head_loss_reference
@@ -173,6 +207,8 @@ def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], 
     def torch_hidden(x: Batch) -> torch.Tensor:
         return model.trunk(fourier_encode(x.coords, model.n_bands))
 
+    if loss != "rmse":
+        return count_loss_fn_for(model, impl, lambda_kl, loss, torch_hidden)
     if impl == "sparse-fused":
         fused.resolve_impl("triton", x_dev(model), "sparse_head_loss")  # raises with the reason
 
@@ -202,6 +238,59 @@ def loss_fn_for(model: Model, impl: str, lambda_kl: float) -> Callable[[Batch], 
             assert x.dense is not None
             h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
             return fused.head_loss(h, w, b, x.dense, lambda_kl, impl=head)[0]
+
+    return f
+
+
+def count_loss_fn_for(
+    model: Model,
+    impl: str,
+    lambda_kl: float,
+    loss: str,
+    torch_hidden: Callable[[Batch], torch.Tensor],
+) -> Callable[[Batch], torch.Tensor]:
+    """The impl's step with a Poisson / NB likelihood on raw counts (library-size offset)."""
+    from inrscrecon.field import fused
+    from inrscrecon.field.losses import count_head_loss_reference, sparse_count_head_loss_reference
+
+    w, b, lt = model.head.weight, model.head.bias, model.log_theta
+    if impl == "dense-cuda":
+        raise ValueError("no CUDA-extension kernel for the count losses (impl='cuda' runs Triton)")
+    if impl in ("sparse-fused", "dense-triton"):
+        fused.resolve_impl("triton", x_dev(model), "sparse_count_head_loss")  # raises with the reason
+    if impl == "sparse-fused":
+
+        def f(x: Batch) -> torch.Tensor:
+            h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
+            csr = (x.indptr, x.indices, x.values)
+            return fused.sparse_count_head_loss(
+                h, w, b, *csr, x.log_offset, loss, lt, lambda_kl, impl="triton", indices_sorted=True
+            )[0]
+
+    elif impl in ("sparse-torch", "sparse-compile"):
+
+        def f(x: Batch) -> torch.Tensor:
+            csr = (x.indptr, x.indices, x.values)
+            return sparse_count_head_loss_reference(
+                torch_hidden(x), w, b, *csr, x.log_offset, loss, lt, lambda_kl
+            )[0]
+
+    elif impl in ("dense-eager", "dense-compile"):
+
+        def f(x: Batch) -> torch.Tensor:
+            assert x.dense is not None
+            return count_head_loss_reference(
+                torch_hidden(x), w, b, x.dense, x.log_offset, loss, lt, lambda_kl
+            )[0]
+
+    else:  # dense-triton
+
+        def f(x: Batch) -> torch.Tensor:
+            assert x.dense is not None
+            h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl="triton")
+            return fused.count_head_loss(h, w, b, x.dense, x.log_offset, loss, lt, lambda_kl, impl="triton")[
+                0
+            ]
 
     return f
 
@@ -245,14 +334,16 @@ def model_flops(mode: str, batch: int, width: int, args: argparse.Namespace) -> 
     return batch * fwd * (3.0 if mode == "train" else 1.0)
 
 
-def bench_one(mode: str, batch: int, width: int, impl: str, args: argparse.Namespace) -> Row:
+def bench_one(
+    mode: str, batch: int, width: int, impl: str, args: argparse.Namespace, loss: str = "rmse"
+) -> Row:
     dev = args.device
-    row = Row(mode, batch, width, impl)
+    row = Row(mode, batch, width, impl, loss)
     torch.manual_seed(0)
-    model = Model(args.bands, width, args.layers, args.genes).to(dev)
-    x = make_batch(batch, args.genes, args.density, dev, dense=impl.startswith("dense"))
+    model = Model(args.bands, width, args.layers, args.genes, nb=loss == "nb").to(dev)
+    x = make_batch(batch, args.genes, args.density, dev, impl.startswith("dense"), counts=loss != "rmse")
     try:
-        loss_fn = loss_fn_for(model, impl, args.lambda_kl)
+        loss_fn = loss_fn_for(model, impl, args.lambda_kl, loss)
     except Exception as err:  # e.g. the CUDA extension is not built, Triton cannot run here
         row.note = f"skipped: {str(err)[:100]}"
         return row
@@ -299,6 +390,10 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
     x = make_batch(batch, args.genes, args.density, dev, dense=True)
     h = torch.relu(torch.randn(batch, width, device=dev)).requires_grad_()
     w, b = model.head.weight, model.head.bias
+    count_loss = "nb" if "nb" in args.loss else "poisson"  # the table keys ops, not likelihoods
+    xc = make_batch(batch, args.genes, args.density, dev, dense=True, counts=True)
+    lt = torch.zeros(args.genes, device=dev, requires_grad=count_loss == "nb")
+    csr_c = (xc.indptr, xc.indices, xc.values)
     cases: dict[str, dict[str, Callable[[], torch.Tensor]]] = {
         "sparse_head_loss": {
             impl: (
@@ -312,6 +407,31 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
             impl: (lambda impl=impl: fused.head_loss(h, w, b, x.dense, args.lambda_kl, impl=impl)[0])
             for impl in ("torch", "triton", "cuda")
         },
+        "sparse_count_head_loss": {
+            impl: (
+                lambda impl=impl: fused.sparse_count_head_loss(
+                    h,
+                    w,
+                    b,
+                    *csr_c,
+                    xc.log_offset,
+                    count_loss,
+                    lt,
+                    args.lambda_kl,
+                    impl=impl,
+                    indices_sorted=True,
+                )[0]
+            )
+            for impl in ("torch", "triton")
+        },
+        "count_head_loss": {
+            impl: (
+                lambda impl=impl: fused.count_head_loss(
+                    h, w, b, xc.dense, xc.log_offset, count_loss, lt, args.lambda_kl, impl=impl
+                )[0]
+            )
+            for impl in ("torch", "triton")
+        },
         "trunk": {
             impl: (
                 lambda impl=impl: (
@@ -321,6 +441,9 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
             for impl in ("torch", "triton")
         },
     }
+    if not any(loss != "rmse" for loss in args.loss):
+        cases.pop("sparse_count_head_loss")
+        cases.pop("count_head_loss")
     out: dict[str, dict[str, float]] = {}
     for op, impls in cases.items():
         out[op] = {}
@@ -442,20 +565,20 @@ def to_markdown(rows: list[Row], args: argparse.Namespace) -> str:
         f"M = {args.genes}, {args.layers} layers, L = {args.bands}, target density {args.density}, λ_KL = "
         f"{args.lambda_kl}; torch {torch.__version__}, triton {tri}; {args.iters} timed steps after {args.warmup} "
         f"warm-up. TFLOP/s on model FLOPs (train = 3× forward), % of {args.peak_tflops} TFLOP/s.\n\n"
-        "| mode | B | W | impl | ms | cells/s | peak MB | TFLOP/s | % peak | × dense eager | × dense compile | note |\n"
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| mode | loss | B | W | impl | ms | cells/s | peak MB | TFLOP/s | % peak | × dense eager | × dense compile | note |\n"
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
-    base = {(r.mode, r.batch, r.width, r.impl): r.ms for r in rows}
+    base = {(r.mode, r.loss, r.batch, r.width, r.impl): r.ms for r in rows}
     lines = []
     for r in rows:
-        eager = base.get((r.mode, r.batch, r.width, "dense-eager"))
-        comp = base.get((r.mode, r.batch, r.width, "dense-compile"))
+        eager = base.get((r.mode, r.loss, r.batch, r.width, "dense-eager"))
+        comp = base.get((r.mode, r.loss, r.batch, r.width, "dense-compile"))
         x_e = eager / r.ms if eager and r.ms else None
         x_c = comp / r.ms if comp and r.ms else None
         cells = r.batch / (r.ms * 1e-3) if r.ms else None
         pct = 100 * r.tflops / args.peak_tflops if r.tflops is not None and dev.type == "cuda" else None
         lines.append(
-            f"| {r.mode} | {r.batch} | {r.width} | {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(cells, '.3g')} | "
+            f"| {r.mode} | {r.loss} | {r.batch} | {r.width} | {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(cells, '.3g')} | "
             f"{_fmt(r.peak_mb, '.0f')} | {_fmt(r.tflops, '.3f')} | {_fmt(pct, '.1f')} | {_fmt(x_e, '.2f')} | "
             f"{_fmt(x_c, '.2f')} | {r.note} |"
         )
@@ -472,16 +595,18 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         for width in args.width:
             for mode in args.modes:
-                for impl in args.impls:
-                    row = bench_one(mode, batch, width, impl, args)
-                    ms, peak = _fmt(row.ms, ".3f"), _fmt(row.peak_mb, ".0f")
-                    print(
-                        f"{mode:6s} B={batch:6d} W={width:4d} {impl:14s} ms={ms} peak={peak}MB {row.note}",
-                        flush=True,
-                    )
-                    rows.append(row)
-                    if args.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                for loss in args.loss:
+                    for impl in args.impls:
+                        row = bench_one(mode, batch, width, impl, args, loss)
+                        ms, peak = _fmt(row.ms, ".3f"), _fmt(row.peak_mb, ".0f")
+                        print(
+                            f"{mode:6s} {loss:7s} B={batch:6d} W={width:4d} {impl:14s} ms={ms} peak={peak}MB "
+                            f"{row.note}",
+                            flush=True,
+                        )
+                        rows.append(row)
+                        if args.device.type == "cuda":
+                            torch.cuda.empty_cache()
             if args.sweep_sparse is not None:
                 sweep_sparse(batch, width, args.sweep_sparse or SWEEP, args)
             if args.write_table:

@@ -543,3 +543,33 @@ def test_triton_gpu_production_batch(likelihood, lam):
     for name, a, lo, r in zip(("loss", *PARAMS), [ac_out[0], *ac_g], [lo_out[0], *lo_g], [r_out[0], *r_g]):
         excess = (a.float() - r).abs() - (lo.float() - r).abs() - 2e-2 * r.abs().max()
         assert (excess <= 0).all(), f"{name}: worse than torch bf16 autocast by {excess.max().item():.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_bench_kernels_smoke_times_the_count_losses(tmp_path):
+    """benchmarks/bench_kernels.py --smoke --loss poisson nb: every impl runs both count losses without error
+    and the per-op timings put the count ops into the backend table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    _triton()
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    results, table = tmp_path / "results.md", tmp_path / "table.json"
+    args = ["--smoke", "--modes", "train", "--loss", "poisson", "nb"]
+    args += ["--results", str(results), "--write-table", "--table", str(table)]
+    assert bench.main(args) == 0
+    lines = results.read_text().splitlines()
+    for loss in ("poisson", "nb"):
+        for impl in ("sparse-fused", "sparse-torch", "dense-eager"):
+            rows = [line for line in lines if f"| {loss} |" in line and f"| {impl} |" in line]
+            assert len(rows) == 1 and not any("error" in r or "skipped" in r for r in rows), rows
+    ops = {e["op"]: e for e in json.loads(table.read_text())["entries"]}
+    for op in ("sparse_count_head_loss", "count_head_loss"):
+        assert set(ops[op]["ms"]) == {"torch", "triton"}
