@@ -1,7 +1,7 @@
 """One optimizer step with no host synchronisation: sample → gather → forward → loss → backward → Adam, with the
 loss parts accumulated on the device (read once per epoch by the loop).
 
-Two forms with one contract (``step(*batch_args)``; parts added to ``acc`` [4] float64 in ``PARTS`` order):
+Two forms with one contract (``step(*batch_args)``; parts added to ``acc`` [P] float64 in ``PARTS`` order):
 
 * eager — ``torch.optim.Adam.step`` with the learning rate set from the host's step counter (a Python float:
   no device read). Bit-for-bit the step the loop always ran.
@@ -55,7 +55,7 @@ def init_adam_state(opt: torch.optim.Adam) -> None:
 class TrainStep:
     """A callable optimizer step (module docstring).
 
-    ``loss_fn(*args)`` → (loss scalar with grad, parts [4] detached); ``acc`` [4] float64 on the device receives
+    ``loss_fn(*args)`` → (loss scalar with grad, parts [P] detached); ``acc`` [P] float64 on the device receives
     the parts; ``host_step`` is the number of steps done before this one (eager learning rate).
     ``compile_backend``: torch.compile's backend (``aot_eager`` traces the same single graph without code
     generation: what the tests use to prove there is no graph break in seconds). ``strict=False`` (what
