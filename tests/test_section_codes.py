@@ -294,6 +294,21 @@ def test_predict_records_the_codes_in_uns(tmp_path):
     assert "section_codes" not in plain.uns["inrscrecon"]  # models without codes record nothing new
 
 
+def test_render_records_the_codes_in_its_attributes(tmp_path):
+    import zarr
+
+    from inrscrecon.query.grid import GridSpec
+    from inrscrecon.query.render import render
+
+    m = _coded_model().eval()
+    grid = GridSpec.from_bounds([-50, 50, -50, 50, 0, 160], shape=(5, 6, 6))  # planes at z = 16, 48, …, 144
+    with pytest.warns(InterpolatedCodesWarning, match="between sections at z=0 and 40 µm"):
+        res = render(m, ["g1"], grid, tmp_path / "v.ome.zarr", mask=None, slab=5, png=False)
+    rec = zarr.open_group(str(res.path), mode="r").attrs.asdict()["inrscrecon"]["section_codes"]
+    assert rec["knots_z_um"] == KNOTS and rec["n_interpolated"] == 5 * 6 * 6 and rec["n_at_knot"] == 0
+    assert [p[:2] for p in rec["interpolated_between"]] == [[0.0, 40.0], [40.0, 120.0], [120.0, 160.0]]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the CLI flags
 # ------------------------------------------------------------------------------------------------------------

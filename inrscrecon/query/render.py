@@ -182,6 +182,7 @@ def render(
     probe = _sample(grid, 20000, seed)
     probe = probe[tmask.contains(probe)] if tmask is not None else probe  # voxels that will be evaluated
     ood = check_domain(model, probe, "the voxels rendered")
+    codes = model.code_use(probe)  # which section codes the voxels get (one warning when interpolated)
     dom = DomainModel.fit(model, probe[:8000], domains, domain_genes, seed) if domains > 0 else None
     channels = genes if genes else ["domains"]
     if dist is not None and level is not None:
@@ -248,6 +249,8 @@ def render(
         }
         if dist is not None and level is not None:
             attrs["uncertainty"] = record(dist, level, MEDIAN_RULE)
+        if codes is not None:
+            attrs["section_codes"] = codes  # counts are of the probe sample of voxels
         write_ome_zarr(
             Path(tmp),
             da.from_zarr(img),
