@@ -215,6 +215,28 @@ def test_module_impls_agree():
         hg(pts)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_encoding_compiles_fullgraph(impl):
+    """Encoding + a linear layer, forward and backward, traced as one graph (a graph break raises)."""
+    _kernels()
+    enc = PositionalEncoding(EncodingConfig(kind="hashgrid", levels=4, log2_table_size=8, max_resolution=20))
+    enc = enc.to(DEV)
+    enc.hashgrid.impl = impl
+    lin = torch.nn.Linear(enc.out_dim, 5).to(DEV)
+    pts = _points(64, seed=11).to(DEV)
+
+    def step(c):
+        loss = lin(enc(c)).square().mean()
+        return torch.autograd.grad(loss, [enc.hashgrid.table])[0]
+
+    want = step(pts)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # as fit's compiled step traces autograd
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(pts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert want.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # in the field
 # ------------------------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ class EncodingConfig:
     :mod:`inrscrecon.field.hashgrid`: ``levels`` levels of ``features_per_level`` learned features, grid
     resolution geometric from ``base_resolution`` to ``max_resolution`` vertices across [−1, 1], at most
     2^``log2_table_size`` table rows per level). The hash-grid defaults suit tissue sections: the finest
-    level (64 across the cube) is about one Visium spot spacing, finer levels would fit spot noise; with
-    few sections the z axis sees only a few vertices per level either way.
+    level (32 across the cube) is about two Visium spot spacings on DLPFC; 64 and 128 fitted spot noise
+    (validation RMSE best after 4 and 2 epochs, 1.229 / 1.236 against 1.222 for 32). With these defaults
+    every level fits the table (dense, no hash collisions; ≈ 57k rows × 2); finer grids hash. On a flat
+    stack z sees only a few vertices per level (``FieldConfig.z_stretch`` gives it more).
     """
 
     kind: str = "fourier"
@@ -37,7 +39,7 @@ class EncodingConfig:
     features_per_level: int = 2
     log2_table_size: int = 15
     base_resolution: int = 4
-    max_resolution: int = 64
+    max_resolution: int = 32
 
 
 def fourier_encode(coords: torch.Tensor, n_bands: int, include_input: bool = True) -> torch.Tensor:

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 #: coherent prime hash factors of instant-NGP / tiny-cuda-nn (x, y, z)
 PRIMES = (1, 2654435761, 805459861)
 IMPLS = ("auto", "torch", "triton", "tcnn")
+# looked up once at import, so that ``auto`` is a constant for torch.compile
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TCNN = importlib.util.find_spec("tinycudann") is not None
 
 
 @dataclass(frozen=True)
@@ -92,17 +95,18 @@ def grid_levels(levels: int, log2_table_size: int, base_resolution: int, max_res
 
 def level_tensors(g: GridLevels, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(scale fp32 [L], resolution int64 [L], offset int64 [L], size int64 [L]) on ``device`` (cached)."""
-    return _level_tensors(g, torch.device(device))
+    key = (g, str(device))
+    if key not in _LEVEL_TENSORS:
+        _LEVEL_TENSORS[key] = (
+            torch.tensor(g.scale, dtype=torch.float32, device=device),
+            torch.tensor(g.resolution, dtype=torch.int64, device=device),
+            torch.tensor(g.offset, dtype=torch.int64, device=device),
+            torch.tensor(g.size, dtype=torch.int64, device=device),
+        )
+    return _LEVEL_TENSORS[key]
 
 
-@functools.lru_cache(maxsize=32)
-def _level_tensors(g: GridLevels, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (
-        torch.tensor(g.scale, dtype=torch.float32, device=device),
-        torch.tensor(g.resolution, dtype=torch.int64, device=device),
-        torch.tensor(g.offset, dtype=torch.int64, device=device),
-        torch.tensor(g.size, dtype=torch.int64, device=device),
-    )
+_LEVEL_TENSORS: dict[tuple[GridLevels, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
 def _corners(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -239,7 +243,7 @@ def tcnn_config(levels: int, features: int, log2_table_size: int, base: int, per
 
 @functools.lru_cache(maxsize=1)
 def _tcnn() -> Any:
-    if importlib.util.find_spec("tinycudann") is None:
+    if not _HAS_TCNN:
         return None
     try:
         return importlib.import_module("tinycudann")
@@ -270,7 +274,7 @@ class HashGrid(nn.Module):
         features_per_level: int = 2,
         log2_table_size: int = 15,
         base_resolution: int = 4,
-        max_resolution: int = 64,
+        max_resolution: int = 32,
         seed: int = 0,
         impl: str = "auto",
     ):
@@ -299,9 +303,9 @@ class HashGrid(nn.Module):
             return self.impl
         if coords.device.type != "cuda":
             return "torch"
-        if self._tcnn_ok(coords.device):
+        if _HAS_TCNN and self._tcnn_ok(coords.device):
             return "tcnn"
-        if importlib.util.find_spec("triton") is not None and self.table.dtype == torch.float32:
+        if _HAS_TRITON and self.table.dtype == torch.float32:
             return "triton"
         return "torch"
 
@@ -320,7 +324,10 @@ class HashGrid(nn.Module):
         return self._tcnn_native[key]
 
     def _tcnn_ok(self, device: torch.device) -> bool:
-        """tiny-cuda-nn is importable and matches the reference on random points with this table."""
+        """tiny-cuda-nn is importable and matches the reference on random points (checked once, eagerly:
+        inside a torch.compile trace only an earlier verdict counts)."""
+        if torch.compiler.is_compiling():
+            return self._tcnn_verdict.get(device.index or 0, False)
         return _tcnn_check(self, device) if _tcnn() is not None else False
 
     def forward(self, coords: Tensor) -> Tensor:  # coords: [B, 3] → [B, L·F]
