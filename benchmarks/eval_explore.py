@@ -1,9 +1,15 @@
-"""The INR configuration sweep behind the evaluation defaults (issue 5): DLPFC 151673 intra-slice, split
-seed 100 (not one of the evaluation seeds), 500 genes. Choices are read off the *validation* columns; test
-columns are printed for information only. Output: one JSON line per configuration (benchmarks/results/
-explore_151673.jsonl was made with the settings below on a shared 2-core CPU, ``torch.set_num_threads(1)``).
+"""Exploration runs behind the evaluation defaults, on validation data only. One JSON line per configuration.
 
-    python benchmarks/eval_explore.py > benchmarks/results/explore_151673.jsonl
+* ``--inter dlpfc`` / ``--inter breast`` (default): the inter-slice task with the test section set aside
+  (DLPFC 151674, breast-cancer layer 2), every INR variant (``--variants``) and the tuned baselines fitted on
+  the remaining training sections *without* their interior one (DLPFC 151675, breast layer 3) and scored on
+  it — the leave-one-section-out fold the evaluation chooses on. Seed 100 (not an evaluation seed); 500
+  genes selected ``--hvg pooled|batch`` on the training sections. No test section is read by any model.
+  ``python benchmarks/eval_explore.py --inter dlpfc > benchmarks/results/explore_inter_dlpfc.jsonl``
+* ``--sweep intra_151673``: the earlier sweep (DLPFC 151673 intra-slice, split seed 100, 500 genes; test
+  columns printed for information) behind ``explore_151673.jsonl``.
+
+Runs on one CPU thread (``torch.set_num_threads(1)``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from inrscrecon.train.fit import TrainConfig, fit  # noqa: E402
 DATA = Path(os.environ.get("INRSCRECON_DATA", REPO.parent / "shared" / "data"))
 
 
-def main() -> None:
+def sweep_intra_151673() -> None:
     torch.set_num_threads(1)
     secs = read_sections([DATA / f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)])
     genes = select_genes(secs, 500)
@@ -79,6 +85,95 @@ def main() -> None:
     run("L=3 bs64", four(3), bs=64)
     run("L=3 no_rc", four(3), loss="no_rc")
     run("L=3 full", four(3), loss="full")
+
+
+def explore_inter(dataset: str, variants: list[str], hvg: str, seed: int = 100, steps: int = 1000) -> None:
+    """Every variant and baseline on the held-out interior training section of the inter task (see top)."""
+    from dataclasses import replace
+
+    from inrscrecon.evaluate.inr import INR_METHODS, _fit, candidates, fold_table
+    from inrscrecon.evaluate.tasks import EvalConfig, stack_sections, train_config
+    from inrscrecon.train.select import best_val
+
+    torch.set_num_threads(1)
+    spec = {
+        "dlpfc": ([f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)], "151674", "layer", None),
+        "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
+    }[dataset]
+    files, test_name, label_key, spacing = spec
+    secs = read_sections([DATA / f for f in files])
+    if dataset == "breast":
+        for s in secs:
+            s.uns["microns_per_pixel"] = 200.0
+    train_secs = [s for s in secs if str(s.uns.get("section")) != test_name]
+    assert len(train_secs) == len(secs) - 1, "test section not found"
+    from inrscrecon.data.preprocess import shared_genes
+
+    genes = select_genes(train_secs, 500, genes=shared_genes(secs), method=hvg)  # genes every section has
+    table, _ = stack_sections(secs, genes, spacing, None, label_key)
+    table = table.subset(table.section != test_name)  # the test section is dropped before anything is fitted
+    from inrscrecon.evaluate.inr import interior_sections
+
+    (held,) = interior_sections(table)
+    val = table.section == held
+    y_val = table.targets(np.flatnonzero(val))
+    if label_key:
+        lab = table.labels[label_key][val]
+    else:  # k-means domains (k = 5) of the measured expression of the training sections
+        lab = M.cluster(table.targets(np.arange(table.n_cells)), 5, "kmeans", seed=0)[val].astype(str)
+    cfg = EvalConfig(steps=steps)
+    base = {"dataset": dataset, "test_section_unused": test_name, "val_section": held, "hvg": hvg,
+            "n_genes": len(genes), "seed": seed}  # fmt: skip
+
+    def report(name: str, pred: np.ndarray, extra: dict) -> None:
+        row = {**base, "name": name, "val_rmse": M.rmse(pred, y_val), "val_pearson": M.median_pearson(pred, y_val),
+               "val_ari": M.ari(pred, lab, seed=seed), "val_ari_gmm": M.ari(pred, lab, "gmm", seed=seed), **extra}  # fmt: skip
+        print(json.dumps(row), flush=True)
+
+    fit_sel = ~val
+    tuned = tuning.tuned_baselines(table.coords[fit_sel], table.targets(np.flatnonzero(fit_sel)),
+                                   table.section[fit_sel], table.coords[val], y_val, table.coords[val])  # fmt: skip
+    for name, t in tuned.items():
+        report(name, t.prediction, {"params": t.params})
+    print(json.dumps({**base, "name": "true", "val_ari": M.ari(y_val, lab, seed=seed),
+                      "val_ari_gmm": M.ari(y_val, lab, "gmm", seed=seed)}), flush=True)  # fmt: skip
+    n_fit = int(fit_sel.sum())
+    tc = train_config(cfg, n_fit, seed)
+    ft, frac = fold_table(table, held, seed)
+    for method in variants:
+        variant = INR_METHODS[method]
+        for cand in candidates(variant, cfg.candidates, None):
+            t0 = time.time()
+            try:
+                res = _fit(
+                    ft, cand, cfg.width, cfg.n_layers, variant.loss_config(), replace(tc, val_fraction=frac)
+                )
+            except Exception as e:  # a variant this build cannot fit: say so and go on
+                print(
+                    json.dumps({**base, "name": method, "config": cand.name, "error": str(e)[:300]}),
+                    flush=True,
+                )
+                continue
+            crit, ep = best_val(res)
+            pred = predict(res.model, table.coords[val])  # rows in the order of y_val / lab
+            report(method, pred, {"config": cand.name, "criterion": crit, "best_epoch": ep,
+                                  "epochs": len(res.history), "s": round(time.time() - t0, 1)})  # fmt: skip
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--inter", choices=["dlpfc", "breast"])
+    ap.add_argument("--sweep", choices=["intra_151673"])
+    ap.add_argument("--variants", default="inr_rmse,inr_poisson,inr_nb,inr_zstretch,inr_codes,inr_hashgrid")
+    ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled")
+    ap.add_argument("--seed", type=int, default=100)
+    args = ap.parse_args()
+    if args.sweep:
+        sweep_intra_151673()
+    else:
+        explore_inter(args.inter or "dlpfc", [v for v in args.variants.split(",") if v], args.hvg, args.seed)
 
 
 if __name__ == "__main__":
