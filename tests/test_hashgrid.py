@@ -304,6 +304,32 @@ def test_fit_with_hashgrid_lowers_validation_rmse(small_stack):
     assert res.model.encoding.hashgrid.table.abs().max() > 1e-3  # the table itself was trained
 
 
+def test_cli_fit_hashgrid_then_predict(tmp_path):
+    """``fit --encoding hashgrid`` (default --bands auto does not apply: one fit, no band candidates), then
+    ``predict`` from the saved model."""
+    import anndata as ad
+
+    from inrscrecon.cli import main
+
+    d = tmp_path / "synth"
+    assert (
+        main(["synth", "--sections", "2", "--cells", "150", "--genes", "20", "--seed", "4", "--out", str(d)])
+        == 0
+    )
+    model = tmp_path / "m.safetensors"
+    files = sorted(str(p) for p in d.glob("section_*.h5ad"))
+    flags = ["--genes", "10", "--epochs", "2", "--width", "8", "--layers", "1", "--lambda-rc", "0", "--quiet"]
+    assert main(["fit", *files, "--out", str(model), "--encoding", "hashgrid", *flags]) == 0
+    assert not list(tmp_path.glob("m.safetensors.L*.ckpt"))
+    loaded = INRField.load(model)
+    assert loaded.cfg.encoding.kind == "hashgrid" and loaded.encoding.hashgrid.table.abs().max() > 1e-4
+    q = tmp_path / "q.npy"
+    np.save(q, np.array([[0.0, 0.0, 0.0], [10.0, 20.0, 40.0]]))
+    assert main(["predict", str(model), str(q), "--out", str(tmp_path / "p.h5ad")]) == 0
+    p = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert p.shape == (2, 10) and np.isfinite(np.asarray(p.X)).all()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # tiny-cuda-nn (optional)
 # ------------------------------------------------------------------------------------------------------------

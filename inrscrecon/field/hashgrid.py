@@ -253,11 +253,22 @@ def _tcnn() -> Any:
 
 
 def hashgrid_tcnn(coords: Tensor, table: Tensor, native: Any) -> Tensor:
-    """Level features [B, L·F] fp32 from tiny-cuda-nn's encoding run on our table (its params, flattened)."""
+    """Level features [B, L·F] fp32 from tiny-cuda-nn's encoding run on our table (its params, flattened).
+
+    ``native``: a ``tinycudann.Encoding`` of the same grid (:func:`tcnn_config`); its own parameters are
+    unused: its autograd function gets our table, so the gradient lands in ``table``. The batch is padded
+    to tiny-cuda-nn's granularity (128) as its module does."""
     mod = _tcnn()
+    n = coords.shape[0]
     u = (coords.float().clamp(-1.0, 1.0) + 1.0) * 0.5
-    out = mod.modules._module_function.apply(native.native_tcnn_module, u, table.view(-1), native.loss_scale)
-    return out.float()
+    pad = -n % 128
+    if pad:
+        u = nn.functional.pad(u, (0, 0, 0, pad))
+    params = table.reshape(-1).contiguous()
+    out = mod.modules._module_function.apply(
+        native.native_tcnn_module, u.contiguous(), params, native.loss_scale
+    )
+    return out[:n, : native.n_output_dims].float()
 
 
 # ------------------------------------------------------------------------------------------------------------
