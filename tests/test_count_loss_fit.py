@@ -458,3 +458,17 @@ def test_fused_backend_trains_on_the_same_loss_and_gradients(likelihood):
         assert set(grads) == set(ref_grads) and ("log_theta" in grads) == (likelihood == "nb")
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_count_loss_with_rc_kl_and_bf16(stack):
+    """RC and KL act on the normalised prediction beside the NLL; a bf16 head tracks the fp32 one."""
+    table = stack[0]
+    lc = LossConfig(likelihood="nb", lambda_rc=0.1, lambda_kl=0.5)
+    tc = replace(TC, epochs=2)
+    full = fit(table, EncodingConfig(n_bands=3), 32, 2, lc, tc)
+    h = full.history
+    assert all(r["rc"] > 0 and r["kl"] > 0 and r["nll"] > 0 for r in h)
+    assert h[-1]["loss"] == pytest.approx(h[-1]["nll"] + 0.5 * h[-1]["kl"] + 0.1 * h[-1]["rc"], rel=1e-5)
+    fp32 = _fit(table, "poisson", replace(tc, precision="fp32"))
+    bf16 = _fit(table, "poisson", replace(tc, precision="bf16"))
+    assert bf16.history[-1]["val_nll"] == pytest.approx(fp32.history[-1]["val_nll"], rel=0.05)
