@@ -71,6 +71,24 @@ def test_dispersion_fit_recovers_theta():
     assert unc.fit_dispersion(mu, np.zeros_like(y)).min() >= 9.0  # no counts: the Poisson end of the grid
 
 
+def test_mean_map_recovers_a_power_law():
+    """Counts whose log-mean is a + b·log(rate) of the prediction's rate: the map finds (a, b), and the
+    mean on those cells matches (Σμ = Σy, the Poisson score equation of a)."""
+    rng = np.random.default_rng(6)
+    rate = np.exp(rng.normal(0.0, 1.5, (5000, 4)))  # per 1e4 counts
+    pred = np.log1p(rate)
+    library = rng.uniform(1000, 5000, 5000)
+    a_true, b_true = np.array([0.0, 0.5, -0.3, 1.0]), np.array([1.0, 0.5, 1.5, 0.8])
+    mu = library[:, None] / 1e4 * np.exp(a_true + b_true * np.log(rate + unc.RATE_EPS))
+    y = rng.poisson(mu)
+    a, b = unc.fit_mean_map(pred, y, library)
+    np.testing.assert_allclose(b, b_true, atol=0.05)
+    np.testing.assert_allclose(a, a_true, atol=0.1)
+    np.testing.assert_allclose(unc.mean_counts(pred, library, a, b).sum(0), y.sum(0), rtol=1e-6)
+    a0, b0 = unc.fit_mean_map(pred, np.zeros_like(y), library)
+    assert (a0 == 0).all() and (b0 == 1).all()
+
+
 def test_layer_names_and_levels():
     assert unc.layer_names(0.9) == ("lower_90", "upper_90")
     assert unc.layer_names(0.975) == ("lower_97_5", "upper_97_5")
@@ -95,10 +113,15 @@ def test_predictive_sources():
     m.training_record["uncertainty"] = {"library_size_median": 1500.0, "calibration": None}
     with pytest.raises(InputError, match="RMSE model"):
         unc.predictive(m)
-    m.training_record["uncertainty"]["calibration"] = {"cells": 9, "scale": [1, 2, 3], "log_theta": [0, 1, 2]}
+    cal = {"cells": 9, "log_scale": [0.1, 0.2, 0.3], "power": [1, 0.5, 2], "log_theta": [0, 1, 2]}
+    m.training_record["uncertainty"]["calibration"] = cal
     d = unc.predictive(m)
     assert d.kind == "nb" and d.library_size == 1500.0 and "9 validation cells" in d.source
-    np.testing.assert_array_equal(d.genes(np.array([2])).scale, [3.0])
+    one = d.genes(np.array([2]))
+    np.testing.assert_array_equal(one.power, [2.0])
+    pred, lib = np.array([[0.5], [2.0]]), np.array([1000.0, 3000.0])
+    want = lib[:, None] / 1e4 * np.exp(0.3) * (np.expm1(pred) + unc.RATE_EPS) ** 2
+    np.testing.assert_allclose(one.mean(pred, lib), want, rtol=1e-12)
     nb = INRField(FieldConfig(3, genes=["a", "b", "c"], likelihood="nb"))
     nb.training_record["uncertainty"] = {"library_size_median": 1000.0, "calibration": None}
     with torch.no_grad():
@@ -144,8 +167,9 @@ def test_fit_stores_the_calibration(fitted):
     assert rec["library_size_median"] > 0
     cal = rec["calibration"]
     assert cal["cells"] == 120  # the fit's 10 % validation split of 1200 cells
-    assert len(cal["log_theta"]) == len(cal["scale"]) == m.cfg.n_genes
-    assert np.isfinite(cal["log_theta"]).all() and min(cal["scale"]) > 0
+    assert len(cal["log_theta"]) == len(cal["log_scale"]) == len(cal["power"]) == m.cfg.n_genes
+    assert np.isfinite(cal["log_theta"]).all() and np.isfinite(cal["log_scale"]).all()
+    assert 0 <= min(cal["power"]) and max(cal["power"]) <= 3
 
 
 def test_held_out_coverage_of_a_calibrated_model(fitted):
@@ -164,7 +188,7 @@ def test_held_out_coverage_of_a_calibrated_model(fitted):
     y = counts.toarray()[:, genes]
     library = np.asarray(counts.sum(axis=1)).ravel()
     dist = unc.predictive(m)
-    mu = unc.mean_counts(predict(m, xyz), library, dist.scale)
+    mu = dist.mean(predict(m, xyz), library)
     lo, hi = unc.interval_counts(mu, dist.log_theta, 0.9)
     cov = unc.coverage_fraction(y, lo, hi).mean()
     assert 0.86 < cov < 0.94, cov

@@ -2,16 +2,19 @@
 
 **Predictive distribution.** A spot with library size L (total counts) has, for gene g, counts
 Y ~ NB(μ, θ_g) (variance μ + μ²/θ_g) or Poisson(μ), with the mean from the field's normalised prediction
-p = softplus(η): μ = s_g · (L / 1e4) · expm1(p). For count models expm1(p) = exp(η) is the fitted rate per
-1e4 counts; for an RMSE model (p estimates log1p-normalised expression) it is the rate that p implies.
+p = softplus(η): r = expm1(p) is the rate per 1e4 counts (for count models exactly exp(η); for an RMSE
+model, whose p estimates the *mean of log1p* expression, the rate that p implies, biased by Jensen's gap),
+and μ = (L / 1e4) · r uncalibrated, or μ = (L / 1e4) · exp(a_g) · (r + ε)^b_g calibrated (ε = 1e-3).
 
 **Dispersion source** (:func:`predictive`, ``source="auto"``): the *validation calibration* when the model
-file has one — per gene a mean factor s_g = Σy / Σμ̂ and the maximum-likelihood θ_g given s_g·μ̂, both on
-(up to :data:`CALIBRATION_CELLS` of) the fit's own validation cells, computed by ``inrscrecon fit`` and stored
-in the model's training record under ``uncertainty`` (:func:`calibration_record`). Estimated on cells the
-field did not train on, θ_g absorbs the field's prediction error as well as the counting noise, which is what
-a predictive interval needs. Without a calibration: an NB model's own ``log_theta`` (s_g = 1), a Poisson
-model's Poisson(μ); an RMSE model has no count distribution of its own and needs the calibration.
+file has one, computed by ``inrscrecon fit`` on (up to :data:`CALIBRATION_CELLS` of) the fit's own
+validation cells and stored in the model's training record under ``uncertainty`` (:func:`calibration_record`):
+per gene the mean map (a_g, b_g) by Poisson maximum likelihood with the offset log(L / 1e4) (so Σμ = Σy on
+those cells), then the maximum-likelihood θ_g given it. For an RMSE model the map undoes the Jensen bias (on
+DLPFC b_g ≈ 0.5: a mean-only factor left the 90 % interval at 88 %); for a count model it stays near the
+identity. Estimated on cells the field did not train on, θ_g absorbs the field's prediction error as well as
+the counting noise, which is what a predictive interval needs. Without a calibration: an NB model's own
+``log_theta``, a Poisson model's Poisson(μ); an RMSE model has no count distribution of its own.
 
 **Library size.** The spot's own total counts where the query is a spot with counts (``impute``); else — query
 points (``predict``, ``render``) or sections without counts — the median library size of the training table,
@@ -53,6 +56,8 @@ CALIBRATION_CELLS = 2000
 _COARSE = np.arange(-4.0, 10.0001, 0.5)
 _FINE = np.arange(-0.5, 0.5001, 0.05)
 _GENE_BLOCK = 512
+#: Rate floor ε (per 1e4 counts) inside the calibrated mean map's log.
+RATE_EPS = 1e-3
 MEDIAN_RULE = "median library size of the training cells (query points have no counts)"
 SPOT_RULE = "each spot's own total counts"
 
@@ -75,20 +80,36 @@ def layer_names(level: float) -> tuple[str, str]:
 
 @dataclass
 class Predictive:
-    """Count-scale predictive distribution of a field: NB(s_g·μ, θ_g) or Poisson(s_g·μ) per gene."""
+    """Count-scale predictive distribution of a field: NB(μ, θ_g) or Poisson(μ) per gene, μ from
+    :func:`mean_counts` with the calibrated map (a_g, b_g) when there is one."""
 
     kind: str  # "nb" | "poisson"
     log_theta: np.ndarray | None  # [M] (nb)
-    scale: np.ndarray  # [M] mean factor s_g
+    log_scale: np.ndarray | None  # [M] a_g (None: uncalibrated mean)
+    power: np.ndarray | None  # [M] b_g
     library_size: float  # median training library size (used for query points)
-    source: str  # where θ (and s) came from, for the output's record
+    source: str  # where θ (and the mean map) came from, for the output's record
 
     def genes(self, idx: np.ndarray | None) -> Predictive:
         """The distribution restricted to head rows ``idx`` (None: all)."""
         if idx is None:
             return self
-        lt = None if self.log_theta is None else self.log_theta[idx]
-        return Predictive(self.kind, lt, self.scale[idx], self.library_size, self.source)
+
+        def pick(v: np.ndarray | None) -> np.ndarray | None:
+            return None if v is None else v[idx]
+
+        return Predictive(
+            self.kind,
+            pick(self.log_theta),
+            pick(self.log_scale),
+            pick(self.power),
+            self.library_size,
+            self.source,
+        )
+
+    def mean(self, pred: np.ndarray, library: np.ndarray) -> np.ndarray:
+        """Mean counts μ [N, K] of predictions ``pred`` [N, K] at library sizes [N]."""
+        return mean_counts(pred, library, self.log_scale, self.power)
 
 
 def predictive(model: INRField, source: str = "auto") -> Predictive:
@@ -106,18 +127,18 @@ def predictive(model: INRField, source: str = "auto") -> Predictive:
     m = model.cfg.n_genes
     cal = rec.get("calibration")
     if source in ("auto", "calibration") and cal is not None:
-        lt, sc = np.asarray(cal["log_theta"], dtype=np.float64), np.asarray(cal["scale"], dtype=np.float64)
-        if lt.shape != (m,) or sc.shape != (m,):
-            raise InputError(f"model uncertainty record holds {lt.shape} dispersions for {m} genes")
-        where = f"NB θ_g and mean factor s_g fitted on {cal['cells']} validation cells of the fit"
-        return Predictive("nb", lt, sc, float(median), where)
+        parts = [np.asarray(cal[k], dtype=np.float64) for k in ("log_theta", "log_scale", "power")]
+        if any(v.shape != (m,) for v in parts):
+            raise InputError(f"model uncertainty record holds {parts[0].shape} dispersions for {m} genes")
+        where = f"NB θ_g and mean map (a_g, b_g) fitted on {cal['cells']} validation cells of the fit"
+        return Predictive("nb", parts[0], parts[1], parts[2], float(median), where)
     if source == "calibration":
         raise InputError("this model file holds no validation calibration of its dispersion")
     if likelihood == "nb" and getattr(model, "log_theta", None) is not None:
         lt = model.log_theta.detach().double().cpu().numpy()  # type: ignore[union-attr]
-        return Predictive("nb", lt, np.ones(m), float(median), "the NB model's own θ_g (log_theta)")
+        return Predictive("nb", lt, None, None, float(median), "the NB model's own θ_g (log_theta)")
     if likelihood == "poisson":
-        return Predictive("poisson", None, np.ones(m), float(median), "Poisson model")
+        return Predictive("poisson", None, None, None, float(median), "Poisson model")
     raise InputError(
         "an RMSE model has no count distribution of its own and this file holds no validation "
         "calibration; refit with `inrscrecon fit` (it stores one) or use --loss nb"
@@ -127,14 +148,18 @@ def predictive(model: INRField, source: str = "auto") -> Predictive:
 def mean_counts(
     pred: np.ndarray,  # [N, K] log1p-normalised prediction softplus(η)
     library: np.ndarray,  # [N] library sizes L
-    scale: np.ndarray | None = None,  # [K] mean factor s_g
+    log_scale: np.ndarray | None = None,  # [K] a_g
+    power: np.ndarray | None = None,  # [K] b_g
 ) -> np.ndarray:
-    """μ = s_g · (L / 1e4) · expm1(pred) → [N, K] float64 (≥ 0)."""
-    mu = np.expm1(np.maximum(np.asarray(pred, dtype=np.float64), 0.0))
-    mu *= (np.asarray(library, dtype=np.float64) / TARGET_SUM)[:, None]
-    if scale is not None:
-        mu *= np.asarray(scale, dtype=np.float64)[None, :]
-    return mu
+    """μ = (L / 1e4) · r with r = expm1(pred), or (L / 1e4) · exp(a_g) · (r + ε)^b_g with a calibrated map
+    → [N, K] float64 (≥ 0)."""
+    r = np.expm1(np.maximum(np.asarray(pred, dtype=np.float64), 0.0))
+    if power is not None:
+        a = np.zeros(r.shape[1]) if log_scale is None else np.asarray(log_scale, dtype=np.float64)
+        r = np.exp(a[None, :] + np.asarray(power, dtype=np.float64)[None, :] * np.log(r + RATE_EPS))
+    elif log_scale is not None:
+        r *= np.exp(np.asarray(log_scale, dtype=np.float64))[None, :]
+    return r * (np.asarray(library, dtype=np.float64) / TARGET_SUM)[:, None]
 
 
 def _dist(mu: np.ndarray, log_theta: np.ndarray | None) -> Any:
@@ -198,7 +223,7 @@ def interval_from_prediction(
     lib = np.full(n, dist.library_size) if library is None else np.asarray(library, dtype=np.float64)
     if lib.shape != (n,):
         raise InputError(f"{lib.shape[0]} library sizes for {n} points")
-    mu = mean_counts(pred, lib, dist.scale)
+    mu = dist.mean(pred, lib)
     lo, hi = interval_counts(mu, dist.log_theta if dist.kind == "nb" else None, level)
     return to_log1p(lo, lib), to_log1p(hi, lib)
 
@@ -265,26 +290,59 @@ def fit_dispersion(
     return out
 
 
+def fit_mean_map(
+    pred: np.ndarray,  # [n, K] log1p-normalised predictions
+    y: np.ndarray,  # [n, K] observed counts
+    library: np.ndarray,  # [n] library sizes
+    iters: int = 30,
+    prior_sd: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene (a_g, b_g) maximising the Poisson likelihood of y under μ = (L / 1e4)·exp(a + b·x),
+    x = log(expm1(pred) + ε), with a weak N(1, ``prior_sd``²) prior on b (it decides only where the
+    prediction hardly varies over the cells, e.g. an undertrained field). Newton on the 2 × 2 system per gene
+    with x centred (a and b decouple), steps clipped to ±1, b kept in [0, 3]. Genes without counts keep the
+    identity map (a, b) = (0, 1)."""
+    x = np.log(np.expm1(np.maximum(np.asarray(pred, dtype=np.float64), 0.0)) + RATE_EPS)
+    xbar = x.mean(axis=0)
+    xc = x - xbar[None, :]
+    y = np.asarray(y, dtype=np.float64)
+    off = np.log(np.asarray(library, dtype=np.float64) / TARGET_SUM)[:, None]
+    tot = y.sum(axis=0)
+    lam = 1.0 / prior_sd**2
+    b = np.ones(x.shape[1])
+    a = np.log(np.maximum(tot, 1e-3) / np.exp(off + xc).sum(axis=0))  # intercept at the centred x
+    for _ in range(iters):
+        mu = np.exp(np.clip(off + a + b * xc, -50.0, 50.0))
+        r = y - mu
+        g0, g1 = r.sum(axis=0), (r * xc).sum(axis=0) - lam * (b - 1.0)
+        h00, h01, h11 = mu.sum(axis=0), (mu * xc).sum(axis=0), (mu * xc * xc).sum(axis=0) + lam
+        det = np.maximum(h00 * h11 - h01**2, 1e-12)
+        a = a + np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0)
+        b = np.clip(b + np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0), 0.0, 3.0)
+    a = a - b * xbar  # back to the uncentred x
+    none = tot == 0
+    a[none], b[none] = 0.0, 1.0
+    return a, b
+
+
 def calibrate(
     model: INRField,
     xyz: np.ndarray,  # [n, 3] µm, validation cells
     counts: np.ndarray,  # [n, M] raw counts on the model genes
     library: np.ndarray,  # [n] library sizes
 ) -> dict[str, Any]:
-    """Mean factor s_g = Σy / Σμ̂ and ML dispersion log θ_g given s_g·μ̂ on validation cells → the
-    ``calibration`` entry of the record (JSON-serialisable)."""
+    """The mean map (a_g, b_g) (:func:`fit_mean_map`) and the ML dispersion log θ_g given it, on validation
+    cells → the ``calibration`` entry of the record (JSON-serialisable)."""
     from inrscrecon.query.predict import predict
 
     pred = predict(model, xyz)
-    mu = mean_counts(pred, library)
     y = np.asarray(counts, dtype=np.float64)
-    tot_mu, tot_y = mu.sum(axis=0), y.sum(axis=0)
-    scale = np.where(tot_mu > 0, tot_y / np.maximum(tot_mu, 1e-300), 1.0)
-    scale = np.where(tot_y > 0, scale, 1.0)
-    log_theta = fit_dispersion(mu * scale[None, :], y)
+    a, b = fit_mean_map(pred, y, library)
+    log_theta = fit_dispersion(mean_counts(pred, library, a, b), y)
     return {
         "cells": int(len(y)),
-        "scale": [float(v) for v in np.round(scale, 6)],
+        "log_scale": [float(v) for v in np.round(a, 5)],
+        "power": [float(v) for v in np.round(b, 5)],
         "log_theta": [float(v) for v in np.round(log_theta, 4)],
     }
 
@@ -322,6 +380,7 @@ __all__ = [
     "count_quantiles",
     "coverage_fraction",
     "fit_dispersion",
+    "fit_mean_map",
     "interval_counts",
     "interval_from_prediction",
     "layer_names",
