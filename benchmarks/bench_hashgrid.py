@@ -3,8 +3,9 @@ wall time per epoch with the hash grid beside the Fourier encoding on the same s
 
 * ``lookup`` — ``HashGrid`` (default geometry, or ``--levels`` / ``--log2-table-size`` / ``--max-resolution``)
   on B random points: forward, then forward + backward of the table (best of ``--repeats``, synchronised);
-  ms, points/s and the table-gradient bytes. Triton needs CUDA: on CPU only the torch row is timed and the
-  GPU numbers are reported as pending.
+  ms, points/s and the table-gradient bytes; on CUDA also the reference under ``torch.compile`` (on CPU with
+  ``--compile``). Triton needs CUDA: on CPU only the torch rows are timed and the GPU numbers are reported
+  as pending.
 * ``fit`` — ``inrscrecon.train.fit.fit`` on a synthetic stack (``--sections`` × ``--cells`` cells,
   ``--genes`` genes), ``--epochs`` epochs at batch ``--batch``, hash grid vs Fourier L = 4 with the same
   trunk, seed and batches; wall per epoch and the best validation RMSE.
@@ -54,20 +55,27 @@ def bench_lookup(args: argparse.Namespace) -> list[dict]:
         args.max_resolution or cfg.max_resolution,
     ).to(dev)
     pts = (torch.rand(args.points, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dev)
-    impls = ["torch"] + (["triton"] if dev.type == "cuda" else [])
+    impls = ["torch"] + (["torch-compile", "triton"] if dev.type == "cuda" else [])
+    if args.compile and dev.type != "cuda":
+        impls.append("torch-compile")
     rows = []
     for impl in impls:
-        grid.impl = impl
+        grid.impl = "torch" if impl == "torch-compile" else impl
+        enc = torch.compile(grid) if impl == "torch-compile" else grid
 
-        def fwd() -> None:
+        def fwd(enc=enc) -> None:
             with torch.no_grad():
-                grid(pts)
+                enc(pts)
 
-        def fwd_bwd() -> None:
+        def fwd_bwd(enc=enc) -> None:
             grid.table.grad = None
-            grid(pts).square().sum().backward()
+            enc(pts).square().sum().backward()
 
-        t_f, t_fb = _best(fwd, dev, args.repeats), _best(fwd_bwd, dev, args.repeats)
+        try:
+            t_f, t_fb = _best(fwd, dev, args.repeats), _best(fwd_bwd, dev, args.repeats)
+        except Exception as err:  # e.g. no C++ compiler for inductor on this machine
+            print(f"{impl}: not timed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            continue
         rows.append(
             dict(
                 op="hashgrid_lookup",
@@ -138,6 +146,7 @@ def main() -> None:
     ap.add_argument("--log2-table-size", type=int, default=0)
     ap.add_argument("--max-resolution", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference on CPU")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--sections", type=int, default=4)
     ap.add_argument("--cells", type=int, default=3500, help="cells per section")

@@ -196,7 +196,12 @@ def test_triton_op_passes_opcheck():
     torch.library.opcheck(
         torch.ops.inrscrecon.hashgrid.default,
         (pts, table, scale, res, off, size),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        test_utils=(
+            "test_schema",
+            "test_autograd_registration",
+            "test_faketensor",
+            "test_aot_dispatch_dynamic",
+        ),
     )
 
 
