@@ -160,15 +160,18 @@ def test_fits_lower_the_validation_nll_on_every_data_path(stack, likelihood):
 
 
 def test_best_epoch_follows_the_validation_nll(stack):
-    res = _fit(stack[0], "poisson", replace(TC, epochs=5, lr=0.03, min_lr_ratio=1.0))
+    # a constant, high rate: the validation NLL and RMSE reach their best at different epochs
+    res = _fit(stack[0], "poisson", replace(TC, epochs=8, lr=0.05, min_lr_ratio=1.0))
     nll = [h["val_nll"] for h in res.history]
+    rmse = [h["val_rmse"] for h in res.history]
     best = int(np.argmin(nll))
-    # the returned model is the best-NLL epoch's: its validation NLL is that epoch's
+    assert best != int(np.argmin(rmse)), "this setting should separate the two criteria"
+    # the returned model is the best-NLL epoch's
     from inrscrecon.train.fit import _split, validation_scores
 
     _, val_rows = _split(stack[0].n_cells, TC.val_fraction, TC.seed)
-    _, val_nll = validation_scores(res.model, stack[0], val_rows, "cpu")
-    assert val_nll == pytest.approx(nll[best], rel=1e-5)
+    val_rmse, val_nll = validation_scores(res.model, stack[0], val_rows, "cpu")
+    assert val_nll == pytest.approx(nll[best], rel=1e-5) and val_rmse == pytest.approx(rmse[best], rel=1e-5)
 
 
 def test_count_head_starts_at_the_mean_rate(stack):
