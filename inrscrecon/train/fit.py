@@ -769,7 +769,8 @@ def fit(
         st["finished"] = st["stopped"] or st["epoch"] >= tc.epochs
         save()
         bar.update(1)
-        bar.set_postfix(loss=f"{record_ep.get('loss', 0):.4f}", val_rmse=f"{val_rmse:.4f}")
+        shown = {"val_nll": f"{val_nll:.4f}"} if val_nll is not None else {}
+        bar.set_postfix(loss=f"{record_ep.get('loss', 0):.4f}", val_rmse=f"{val_rmse:.4f}", **shown)
     bar.close()
     if not interrupted:
         model.load_state_dict(best_state)
