@@ -49,7 +49,7 @@ def test_quantiles_agree_with_scipy(kind, p):
 @pytest.mark.parametrize("kind", ["nb", "poisson"])
 @pytest.mark.parametrize("level", [0.9, 0.8])
 def test_coverage_is_nominal_with_the_true_mean(kind, level):
-    mu, log_theta, y = _simulated(20000, 10, seed=2)
+    mu, log_theta, y = _simulated(6000, 10, seed=2)
     if kind == "poisson":
         y = np.random.default_rng(3).poisson(mu)
         log_theta = None
@@ -129,9 +129,16 @@ def test_predictive_sources():
     d = unc.predictive(nb)
     assert d.kind == "nb" and "log_theta" in d.source
     np.testing.assert_allclose(d.log_theta, [0.5, 1.0, 1.5])
+    with pytest.raises(InputError, match="no validation calibration"):
+        unc.predictive(nb, "calibration")
+    nb.training_record["uncertainty"]["calibration"] = cal  # auto keeps the NB model's own θ
+    assert "log_theta" in unc.predictive(nb).source
+    np.testing.assert_array_equal(unc.predictive(nb, "calibration").log_theta, [0, 1, 2])
     po = INRField(FieldConfig(3, genes=["a", "b", "c"], likelihood="poisson"))
     po.training_record["uncertainty"] = {"library_size_median": 1000.0, "calibration": None}
     assert unc.predictive(po).kind == "poisson"
+    po.training_record["uncertainty"]["calibration"] = cal  # a calibration widens Poisson to NB
+    assert unc.predictive(po).kind == "nb" and unc.predictive(po, "model").kind == "poisson"
     normalised = INRField(cfg)
     normalised.training_record["uncertainty"] = {"library_size_median": None, "why": "normalised values"}
     with pytest.raises(InputError, match="normalised values"):

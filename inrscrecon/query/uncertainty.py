@@ -6,15 +6,17 @@ p = softplus(η): r = expm1(p) is the rate per 1e4 counts (for count models exac
 model, whose p estimates the *mean of log1p* expression, the rate that p implies, biased by Jensen's gap),
 and μ = (L / 1e4) · r uncalibrated, or μ = (L / 1e4) · exp(a_g) · (r + ε)^b_g calibrated (ε = 1e-3).
 
-**Dispersion source** (:func:`predictive`, ``source="auto"``): the *validation calibration* when the model
-file has one, computed by ``inrscrecon fit`` on (up to :data:`CALIBRATION_CELLS` of) the fit's own
+**Dispersion source** (:func:`predictive`, ``source="auto"``): an NB model's own ``log_theta`` (learned
+with the field; the best calibrated on DLPFC, ``benchmarks/eval_calibration.py``), else the *validation
+calibration*, computed by ``inrscrecon fit`` on (up to :data:`CALIBRATION_CELLS` of) the fit's own
 validation cells and stored in the model's training record under ``uncertainty`` (:func:`calibration_record`):
 per gene the mean map (a_g, b_g) by Poisson maximum likelihood with the offset log(L / 1e4) (so Σμ = Σy on
 those cells), then the maximum-likelihood θ_g given it. For an RMSE model the map undoes the Jensen bias (on
 DLPFC b_g ≈ 0.5: a mean-only factor left the 90 % interval at 88 %); for a count model it stays near the
 identity. Estimated on cells the field did not train on, θ_g absorbs the field's prediction error as well as
-the counting noise, which is what a predictive interval needs. Without a calibration: an NB model's own
-``log_theta``, a Poisson model's Poisson(μ); an RMSE model has no count distribution of its own.
+the counting noise, which is what a predictive interval needs (a Poisson model's own Poisson(μ) is too
+narrow for overdispersed counts: 88 % on DLPFC). Without a calibration a Poisson model falls back to
+Poisson(μ); an RMSE model has no count distribution of its own.
 
 **Library size.** The spot's own total counts where the query is a spot with counts (``impute``); else — query
 points (``predict``, ``render``) or sections without counts — the median library size of the training table,
@@ -113,9 +115,10 @@ class Predictive:
 
 
 def predictive(model: INRField, source: str = "auto") -> Predictive:
-    """The predictive distribution of ``model`` (see the module docstring). ``source``: "auto" (validation
-    calibration when stored, else the model's likelihood), "calibration" or "model". InputError when the
-    model file cannot give one (an RMSE model without calibration, a model fitted on normalised values)."""
+    """The predictive distribution of ``model`` (see the module docstring). ``source``: "auto" (an NB
+    model's own θ, else the validation calibration when stored, else a Poisson model's Poisson(μ)),
+    "calibration" or "model". InputError when the model file cannot give one (an RMSE model without
+    calibration, a model fitted on normalised values)."""
     if source not in ("auto", "calibration", "model"):
         raise InputError(f"dispersion source must be auto, calibration or model, got {source!r}")
     rec = model.training_record.get("uncertainty") or {}
@@ -126,7 +129,8 @@ def predictive(model: INRField, source: str = "auto") -> Predictive:
         raise InputError(f"this model cannot give count intervals: {why}; refit with `inrscrecon fit`")
     m = model.cfg.n_genes
     cal = rec.get("calibration")
-    if source in ("auto", "calibration") and cal is not None:
+    own_nb = likelihood == "nb" and getattr(model, "log_theta", None) is not None
+    if (source == "calibration" or (source == "auto" and not own_nb)) and cal is not None:
         parts = [np.asarray(cal[k], dtype=np.float64) for k in ("log_theta", "log_scale", "power")]
         if any(v.shape != (m,) for v in parts):
             raise InputError(f"model uncertainty record holds {parts[0].shape} dispersions for {m} genes")
@@ -134,7 +138,7 @@ def predictive(model: INRField, source: str = "auto") -> Predictive:
         return Predictive("nb", parts[0], parts[1], parts[2], float(median), where)
     if source == "calibration":
         raise InputError("this model file holds no validation calibration of its dispersion")
-    if likelihood == "nb" and getattr(model, "log_theta", None) is not None:
+    if own_nb:
         lt = model.log_theta.detach().double().cpu().numpy()  # type: ignore[union-attr]
         return Predictive("nb", lt, None, None, float(median), "the NB model's own θ_g (log_theta)")
     if likelihood == "poisson":
