@@ -519,6 +519,8 @@ def fit(
         )
     torch.manual_seed(tc.seed)
     model = INRField(cfg).to(device)
+    if cfg.encoding.kind == "hashgrid":  # the lookup follows the backend switch (auto/cuda: a kernel on CUDA)
+        model.encoding.hashgrid.impl = tc.backend if tc.backend in ("torch", "triton") else "auto"
     init_rows = np.sort(
         np.random.default_rng(tc.seed).choice(train_rows, min(len(train_rows), 4096), replace=False)
     )
