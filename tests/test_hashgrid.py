@@ -338,6 +338,30 @@ def test_fit_with_hashgrid_lowers_validation_rmse(small_stack):
     assert res.model.encoding.hashgrid.table.abs().max() > 1e-3  # the table itself was trained
 
 
+@pytest.mark.triton
+def test_fit_backend_switch_reaches_the_lookup(small_stack, monkeypatch):
+    """``TrainConfig.backend`` picks the hash-grid lookup too: torch never calls the kernel, triton does."""
+    _kernels()
+    import inrscrecon.field.hashgrid as hgmod
+    from inrscrecon.data.preprocess import select_genes
+    from inrscrecon.data.stack import build_cell_table
+    from inrscrecon.field.losses import LossConfig
+    from inrscrecon.train.fit import TrainConfig, fit
+
+    calls = []
+    real = hgmod.hashgrid_triton
+    monkeypatch.setattr(hgmod, "hashgrid_triton", lambda *a: calls.append(1) or real(*a))
+    sections, _ = small_stack
+    table = build_cell_table(sections[:2], select_genes(sections[:2], 10))
+    enc = EncodingConfig(kind="hashgrid", levels=3, log2_table_size=8, max_resolution=16)
+    for backend in ("torch", "triton"):
+        calls.clear()
+        tc = TrainConfig(epochs=1, batch_size=256, progress=False, backend=backend, device=str(DEV))
+        res = fit(table, enc, 8, 1, LossConfig.preset("no_rc"), tc)
+        assert res.model.encoding.hashgrid.impl == backend
+        assert (len(calls) > 0) == (backend == "triton"), (backend, len(calls))
+
+
 def test_cli_fit_hashgrid_then_predict(tmp_path):
     """``fit --encoding hashgrid`` (default --bands auto does not apply: one fit, no band candidates), then
     ``predict`` from the saved model."""
