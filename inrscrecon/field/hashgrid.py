@@ -21,7 +21,8 @@ truth), the Triton kernels of :mod:`inrscrecon.kernels.triton_hashgrid` register
 ``inrscrecon::hashgrid`` op (forward + backward: table gradient by fp32 scatter-add, coordinate gradient
 optional), and tiny-cuda-nn's encoding when ``tinycudann`` is importable (checked against the reference once
 per configuration before ``auto`` uses it). ``impl="auto"``: CPU → torch; CUDA → tiny-cuda-nn if it passed
-its check, else Triton when importable, else torch.
+its check, else Triton when importable, else torch. ``fit`` sets ``impl`` from ``TrainConfig.backend``
+(torch / triton as asked; auto and cuda → auto); a loaded model starts at auto.
 """
 
 from __future__ import annotations
