@@ -573,3 +573,32 @@ def test_bench_kernels_smoke_times_the_count_losses(tmp_path):
     ops = {e["op"]: e for e in json.loads(table.read_text())["entries"]}
     for op in ("sparse_count_head_loss", "count_head_loss"):
         assert set(ops[op]["ms"]) == {"torch", "triton"}
+
+
+@pytest.mark.slow
+def test_count_tiles_compile_for_sm90_without_spills():
+    """AOT compile (no GPU needed) of the count kernel's default GPU tiles in its heaviest variant (NB):
+    CSR in bf16 and fp32, dense in bf16, the three launch modes: no register spills, ≤ 64 KiB shared
+    memory. (All 24 variants: ``python -m inrscrecon.kernels.triton_count_loss``.)"""
+    import subprocess
+
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("triton's NVIDIA backend tools (cuobjdump) are not installed")
+    code = (
+        "from inrscrecon.kernels.triton_count_loss import compile_count_head as c\n"
+        "for dt, csr in (('bf16', True), ('fp32', True), ('bf16', False)):\n"
+        "    for mode in ((True, True, False), (False, True, True), (True, False, True)):\n"
+        "        r = c(dt, 'nb', csr, *mode)\n"
+        "        print('row', dt, csr, *mode, r.shared_bytes, r.registers, r.stack_bytes)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("row ")]
+    assert len(rows) == 9, out.stdout
+    for row in rows:
+        shared, regs, stack = map(int, row[-3:])
+        assert stack == 0, f"spills: {row}"
+        assert shared <= 64 * 1024 and regs <= 255, row

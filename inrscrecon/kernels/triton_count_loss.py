@@ -50,6 +50,7 @@ GEMM operand.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -65,7 +66,13 @@ from inrscrecon.kernels.triton_sparse_head_loss import (
     env_blocks,
 )
 
-__all__ = ["LIKELIHOODS", "count_head_backward", "count_head_forward"]
+__all__ = [
+    "LIKELIHOODS",
+    "compile_count_head",
+    "count_blocks",
+    "count_head_backward",
+    "count_head_forward",
+]
 
 LIKELIHOODS = ("poisson", "nb")
 N_STATS = 5  # NLL, s, A, C, S per (gene tile, row)
@@ -91,23 +98,39 @@ def _lgamma(x):
 
 
 @triton.jit
+def _inv_sum6(x):
+    """Σ_{k<6} 1/(x + k), in pairs (three divisions)."""
+    return (
+        (2.0 * x + 1.0) / (x * (x + 1.0))
+        + (2.0 * x + 5.0) / ((x + 2.0) * (x + 3.0))
+        + (2.0 * x + 9.0) / ((x + 4.0) * (x + 5.0))
+    )
+
+
+@triton.jit
+def _log_prod6(x):
+    """log Π_{k<6} (x + k), in two halves (no fp32 overflow below x ≈ 1e12)."""
+    return tl.log(x * (x + 1.0) * (x + 2.0)) + tl.log((x + 3.0) * (x + 4.0) * (x + 5.0))
+
+
+@triton.jit
 def _lgamma_ratio_and_digamma_diff(y, a):
-    """lgamma(y + a) − lgamma(a) and ψ(y + a) − ψ(a) for y ≥ 0, a > 0, without the cancellation of the
-    two differences at large a (where each term is ≈ a log a but the difference ≈ y log a).
+    """lgamma(y + a) − lgamma(a) and ψ(y + a) − ψ(a) for y ≥ 0 [BB, BM], a > 0 [1, BM] (θ of the genes),
+    without the cancellation of the two differences at large a (each term ≈ a log a, the difference
+    ≈ y log a).
 
     Below 6 both arguments are shifted by 6 (Γ(x) = Γ(x + 6)/Π_k (x + k)): the shift contributes
-    −Σ_k log1p(y/(a + k)) and +Σ_k y/((a + k)(y + a + k)). Then with A = a (+6), B = A + y, Stirling::
+    −log Π_k (y + a + k) + log Π_k (a + k) and −Σ_k 1/(y + a + k) + Σ_k 1/(a + k); what depends on a alone
+    is computed once per gene. Then with A = a (+6), B = A + y, Stirling::
 
         lgamma(B) − lgamma(A) = (A − ½)·log1p(y/A) + y·(log B − 1) + ser(B) − ser(A)
         ψ(B) − ψ(A)           = log1p(y/A) + y/(2AB) − ser′(B) + ser′(A)
     """
     small = a < 6.0
-    lg_shift = tl.zeros_like(a + y)
-    dg_shift = tl.zeros_like(a + y)
-    for k in tl.static_range(6):
-        lg_shift += _log1p(y / (a + k))
-        dg_shift += y / ((a + k) * (y + a + k))
-    aa = tl.where(small, a + 6.0, a)
+    b = a + y
+    lg_shift = _log_prod6(b) - _log_prod6(a)
+    dg_shift = _inv_sum6(a) - _inv_sum6(b)
+    aa = tl.where(small, a + 6.0, a)  # per gene
     bb = aa + y
     ia = 1.0 / aa
     ib = 1.0 / bb
@@ -267,6 +290,17 @@ def _count_tile_kernel(
 # ------------------------------------------------------------------------------------------------------------
 
 
+def count_blocks(device: torch.device, width: int, dtype: torch.dtype) -> SparseHeadBlocks:
+    """Tiles of the count kernel. Interpreter: the sparse head's (few large programs). GPU: 32 × 64 tiles,
+    KCH = 2, K slices of 32, 8 warps for both dtypes and likelihoods: compiled for sm_90 without spills in
+    every mode (80–152 registers, ≤ 12 KiB shared; :func:`compile_count_head`), where the sparse head's
+    64 × 64 tiles spill with NB's special functions. Chosen by resource count, not yet by time on a GPU;
+    ``INRSCRECON_SPARSE_HEAD_BLOCKS`` (see ``triton_sparse_head_loss.env_blocks``) overrides both kernels."""
+    if device.type != "cuda":
+        return default_blocks(device, width, dtype)
+    return SparseHeadBlocks(block_b=32, block_m=64, kch=2, block_k=32, num_warps=8, num_stages=2)
+
+
 def _check(hidden: torch.Tensor, likelihood: str, log_theta: torch.Tensor | None) -> None:
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -316,7 +350,7 @@ class _Problem:
         self.kl_eps, self.has_kl = float(kl_eps), has_kl
         n_rows, width = self.h.shape
         self.n_rows, self.width, self.n_genes = n_rows, width, self.w.shape[0]
-        self.cfg = blocks or env_blocks() or default_blocks(self.h.device, width, self.h.dtype)
+        self.cfg = blocks or env_blocks() or count_blocks(self.h.device, width, self.h.dtype)
 
     def launch(
         self,
@@ -500,3 +534,68 @@ def count_head_backward(
         blocks,
     )
     return pb.grads(None, rowstat.contiguous(), coef.float().contiguous())
+
+
+def compile_count_head(
+    dtype: str = "bf16",  # "bf16" | "fp32"
+    likelihood: str = "nb",
+    csr: bool = True,
+    stats: bool = True,
+    dz: bool = True,
+    has_kl: bool = False,
+    width: int = 256,
+    arch: int = 90,
+    blocks: SparseHeadBlocks | None = None,
+) -> Any:
+    """AOT compile of ``_count_tile_kernel`` for sm_``arch`` without a GPU (triton's NVIDIA backend, no
+    TRITON_INTERPRET) → :class:`inrscrecon.kernels.aot.Resources` (shared bytes, registers, spill stack)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inrscrecon.kernels.aot import Resources, _usage
+
+    if type(_count_tile_kernel).__name__ == "InterpretedFunction":
+        raise RuntimeError("AOT compile needs the kernels imported without TRITON_INTERPRET")
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    cfg = blocks or count_blocks(torch.device("cuda"), width, torch_dtype)
+    ptr = "*bf16" if dtype == "bf16" else "*fp32"
+    f32, i32 = "*fp32", "i32"
+    sig = dict(h_ptr=ptr, w_ptr=ptr, b_ptr=ptr, lt_ptr=f32, y_ptr=f32, indptr_ptr="*i64", idx_ptr="*i32")
+    sig.update(val_ptr=f32, off_ptr=f32, rw_ptr=f32, stats_ptr=f32, rowstat_ptr=f32, coef_ptr=f32)
+    sig.update(dz_ptr=ptr, glt_ptr=f32, row0=i32, row_end=i32, B=i32, M=i32, W=i32, stride_hb=i32)
+    sig.update(stride_wm=i32, stride_yb=i32, kl_eps="fp32")
+    const = dict(
+        STATS=stats,
+        DZ=dz,
+        NB=likelihood == "nb",
+        CSR=csr,
+        HAS_BIAS=True,
+        HAS_KL=has_kl,
+        HAS_RW=True,
+        UPCAST=dtype == "fp32",
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+        SEARCH_STEPS=14,
+        KCH=cfg.kch,
+        BLOCK_B=cfg.block_b,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K=min(cfg.block_k, max(16, triton.next_power_of_2(width))),
+    )
+    names = list(sig) + list(const)
+    sig.update({c: "constexpr" for c in const})
+    src = ASTSource(
+        fn=_count_tile_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}
+    )
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages or 2}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    regs, stack = _usage(compiled.asm["cubin"])
+    return Resources(int(compiled.metadata.shared), regs, stack)
+
+
+if __name__ == "__main__":  # python -m inrscrecon.kernels.triton_count_loss: resources of the GPU tiles
+    for dt in ("bf16", "fp32"):
+        for lik in LIKELIHOODS:
+            for form in (True, False):
+                for mode in ((True, True, False), (False, True, True), (True, False, True)):
+                    r = compile_count_head(dt, lik, form, *mode)
+                    kind = "csr" if form else "dense"
+                    print(f"count head {dt} {lik} {kind} stats={mode[0]} dz={mode[1]} kl={mode[2]}: {r}")
