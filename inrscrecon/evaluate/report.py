@@ -51,6 +51,8 @@ METHOD_LABELS = {
     "inr_rmse": "INR, RMSE loss",
     "inr_poisson": "INR, Poisson count loss",
     "inr_nb": "INR, negative-binomial count loss",
+    "inr_poisson_mean": "INR, Poisson count loss, predictive mean of log1p",
+    "inr_nb_mean": "INR, negative-binomial count loss, predictive mean of log1p",
     "inr_zstretch": "INR, RMSE loss, z-stretch chosen on validation",
     "inr_codes": "INR, RMSE loss + per-section codes (D = 8)",
     "inr_hashgrid": "INR, RMSE loss, hash-grid encoding",

@@ -37,7 +37,13 @@ from inrscrecon.data.preprocess import is_counts, select_genes
 from inrscrecon.data.stack import CellTable, build_cell_table
 from inrscrecon.errors import InputError
 from inrscrecon.evaluate import metrics
-from inrscrecon.evaluate.inr import INR_METHODS, candidates, choose_and_fit, interior_sections
+from inrscrecon.evaluate.inr import (
+    INR_METHODS,
+    candidates,
+    choose_and_fit,
+    interior_sections,
+    predictive_log1p_mean,
+)
 from inrscrecon.evaluate.tuning import tuned_baselines, tuned_baselines_sections, validation_split
 from inrscrecon.field.encoding import EncodingConfig
 from inrscrecon.query.predict import predict
@@ -331,18 +337,29 @@ def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
     if unknown:
         raise InputError(f"unknown INR method {unknown[0]!r}; choose from {list(INR_METHODS)}")
     selected_enc: EncodingConfig | None = None
+    fitted: dict = {}  # variant without its summary → its fit (methods differing only in summary share it)
     for method in _inr_order(cfg.ablations, cfg):
         variant = INR_METHODS[method]
-        cands = candidates(variant, cfg.candidates, selected_enc)
-        got = choose_and_fit(
-            tr, variant, cands, cfg.width, cfg.n_layers, lambda n: train_config(cfg, n, split.seed), folds
-        )
+        got = fitted.get(variant.fit_key())
+        if got is None:
+            cands = candidates(variant, cfg.candidates, selected_enc)
+            got = choose_and_fit(
+                tr, variant, cands, cfg.width, cfg.n_layers, lambda n: train_config(cfg, n, split.seed), folds
+            )
+            fitted[variant.fit_key()] = got
         if selected_enc is None and variant.encoding == "fourier":
             selected_enc = got.candidate.encoding
             chosen["inr_selection"] = {"method": method, **got.record}
         preds[method] = predict(got.result.model, te.coords)
+        chosen[method] = dict(got.record)
+        if variant.summary == "mean_log1p" and variant.likelihood != "rmse":
+            lib = float(np.median(tr.totals)) if tr.target_sum > 0 else 0.0
+            if lib > 0:
+                lt = got.result.model.log_theta
+                theta = None if lt is None else lt.detach().cpu().numpy()
+                preds[method] = predictive_log1p_mean(preds[method], lib, theta, tr.target_sum)
+                chosen[method]["library_size"] = lib
         wall[method] = got.seconds
-        chosen[method] = got.record
     t0 = time.time()
     if folds:
         tuned = tuned_baselines_sections(tr.coords, y_tr, tr.section, folds, te.coords)
