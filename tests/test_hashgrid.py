@@ -338,6 +338,25 @@ def test_fit_with_hashgrid_lowers_validation_rmse(small_stack):
     assert res.model.encoding.hashgrid.table.abs().max() > 1e-3  # the table itself was trained
 
 
+def test_run_records_carry_grid_fields_for_the_hash_grid_only(small_stack):
+    """A Fourier fit's run record is what it was before the hash-grid fields existed (old checkpoints and
+    finished models still match); a hash-grid record has them, so changing the grid means a new fit."""
+    from inrscrecon.data.preprocess import select_genes
+    from inrscrecon.data.stack import build_cell_table
+    from inrscrecon.field.encoding import HASHGRID_FIELDS
+    from inrscrecon.train.fit import TrainConfig, record_mismatch, run_record
+
+    sections, _ = small_stack
+    table = build_cell_table(sections[:2], select_genes(sections[:2], 10))
+    tc = TrainConfig(progress=False)
+    fourier = run_record(table, EncodingConfig(n_bands=3), 8, 1, None, tc)
+    assert not set(HASHGRID_FIELDS) & set(fourier["encoding"])
+    grid = run_record(table, EncodingConfig(kind="hashgrid"), 8, 1, None, tc)
+    assert set(HASHGRID_FIELDS) <= set(grid["encoding"])
+    finer = run_record(table, EncodingConfig(kind="hashgrid", max_resolution=64), 8, 1, None, tc)
+    assert "max_resolution" in (record_mismatch(grid, finer) or "")
+
+
 @pytest.mark.triton
 def test_fit_backend_switch_reaches_the_lookup(small_stack, monkeypatch):
     """``TrainConfig.backend`` picks the hash-grid lookup too: torch never calls the kernel, triton does."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+#: EncodingConfig fields that only the hash grid reads (left out of the run records of other encodings)
+HASHGRID_FIELDS = ("levels", "features_per_level", "log2_table_size", "base_resolution", "max_resolution")
+
 
 @dataclass
 class EncodingConfig:

@@ -54,7 +54,7 @@ from inrscrecon.data.device_table import (
 from inrscrecon.data.stack import CellTable, require_counts
 from inrscrecon.data.streaming import StreamingTable
 from inrscrecon.errors import InputError
-from inrscrecon.field.encoding import EncodingConfig
+from inrscrecon.field.encoding import HASHGRID_FIELDS, EncodingConfig
 from inrscrecon.field.losses import (
     LossConfig,
     ProfileExtractor,
@@ -198,6 +198,8 @@ def run_record(
     settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
     settings.update(batch_size=bs, lr=lr)
     enc: Any = encoding if isinstance(encoding, str) else asdict(encoding or EncodingConfig())
+    if isinstance(enc, dict) and enc["kind"] != "hashgrid":  # records of fits made before these fields match
+        enc = {k: v for k, v in enc.items() if k not in HASHGRID_FIELDS}
     record: dict[str, Any] = {
         "settings": settings,
         "encoding": enc,
