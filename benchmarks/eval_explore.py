@@ -165,6 +165,29 @@ def explore_inter(dataset: str, variants: list[str], hvg: str, seed: int = 100, 
                 report(method + "_mean", predictive_log1p_mean(pred, lib, theta), {"config": cand.name})
 
 
+LABELS = {"mean_profile": "mean profile", "knn": "k-NN (tuned k)", "gaussian": "Gaussian smoother (tuned h)",
+          "linear_z": "linear-z (tuned k)", "true": "measured expression (ARI reference)"}  # fmt: skip
+
+
+def table(paths: list[str]) -> str:
+    """Markdown table of explore_*.jsonl rows (validation section only)."""
+    from inrscrecon.evaluate.report import method_label
+
+    out = ["| file | method | configuration | val RMSE | val Pearson | val ARI k-means | val ARI GMM | best epoch | s |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    f = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, ""))  # noqa: E731
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            name = LABELS.get(r["name"]) or method_label(r["name"])
+            cfg = r.get("config", "") if "error" not in r else "error: " + r["error"][:60]
+            cells = [
+                f(r, k) for k in ("val_rmse", "val_pearson", "val_ari", "val_ari_gmm", "best_epoch", "s")
+            ]
+            out.append(f"| {Path(path).name} | {name} | {cfg} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     import argparse
 
@@ -174,8 +197,11 @@ def main() -> None:
     ap.add_argument("--variants", default="inr_rmse,inr_poisson,inr_nb,inr_zstretch,inr_codes,inr_hashgrid")
     ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled")
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--table", nargs="+", help="print explore_*.jsonl files as one markdown table")
     args = ap.parse_args()
-    if args.sweep:
+    if args.table:
+        print(table(args.table))
+    elif args.sweep:
         sweep_intra_151673()
     else:
         explore_inter(args.inter or "dlpfc", [v for v in args.variants.split(",") if v], args.hvg, args.seed)
