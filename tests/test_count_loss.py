@@ -448,6 +448,23 @@ def test_triton_special_functions_match_torch():
 
 
 @pytest.mark.triton
+def test_triton_dense_integer_counts_and_strided_hidden():
+    """Dense counts as int32 (read and converted in the kernel) and a non-contiguous hidden."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(21, 12, 45, seed=19)
+    wide = torch.randn(21, 24)
+    wide[:, ::2] = h
+    hs = wide[:, ::2]  # strided view of the same values
+    args = [x.to(DEV) for x in (hs, w, b)]
+    got = fused.count_head_loss(
+        *args, counts.int().to(DEV), off.to(DEV), "nb", lt.to(DEV), 0.5, impl="triton"
+    )
+    ref = count_head_loss_reference(h, w, b, counts, off, "nb", lt, 0.5)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
 def test_triton_switch_cuda_means_triton_and_no_grad():
     _triton()
     h, w, b, counts, off, lt = count_problem(20, 8, 40, seed=12)

@@ -37,8 +37,9 @@ logits once: 4 GEMM passes.
 lgamma and digamma run in the kernel (shift by 6, then Stirling / the asymptotic series: ≈ 1e-7 relative in
 fp32 for any x > 0) so the per-element constants lgamma(y + 1), lgamma(y + θ) never need a [B, M] tensor.
 The NB differences lgamma(y + θ) − lgamma(θ) and ψ(y + θ) − ψ(θ) are evaluated as one series in y/θ
-(``_lgamma_ratio_and_digamma_diff``): at large θ the plain differences lose ≈ 1e-7·θ log θ in fp32 (as the
-torch reference does), which would swamp ∂log θ, of order y²/θ there.
+(``_lgamma_ratio_and_digamma_diff``): at large θ the plain differences lose ≈ 1e-7·θ log θ in fp32, which
+would swamp ∂log θ, of order y²/θ there (the torch reference uses the same series:
+:func:`~inrscrecon.field.losses.lgamma_ratio`).
 
 Memory: statistics [5, M/BLOCK_M, B] fp32, per-row constants [2, B], the dz chunk [CHUNK, M] in the compute
 dtype (≤ 64 MiB), fp32 gradients; ∂log θ [M] fp32. The torch reference keeps several fp32 [B, M] tensors for
