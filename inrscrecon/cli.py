@@ -164,6 +164,11 @@ def _fit(args: argparse.Namespace) -> int:
                 "--input and --microns-per-unit need in-memory sections; drop --stream "
                 "(or set uns['X_kind'] / uns['microns_per_pixel'] in the files)"
             )
+        if holdout and args.spacing is not None and args.z_key is None:
+            raise InputError(  # z = index × spacing would count only the kept files: the stack would shift
+                "--stream with --holdout and --spacing would re-space the kept sections; give each file its "
+                "z as uns['z_um'] (or use --z-key), or drop --stream"
+            )
         paths = check_stream_files(args.sections, args.spatial_key, holdout)
         table = open_stack(
             paths,

@@ -347,6 +347,20 @@ def test_fit_flags_store_the_frame_and_codes(tmp_path):
     assert main(["fit", *files, *flags]) == 0 and INRField.load(model).cfg.z_stretch == 2.0
 
 
+def test_stream_holdout_with_spacing_is_refused_not_misplaced(tmp_path, capsys):
+    from inrscrecon.cli import main
+    from inrscrecon.data.synthetic import SynthConfig, make_sections
+
+    secs, _ = make_sections(SynthConfig(n_sections=3, cells_per_section=60, n_genes=10, seed=4))
+    files = [str(tmp_path / f"s{k}.h5ad") for k in range(3)]
+    for s, f in zip(secs, files):
+        s.write_h5ad(f)
+    out = tmp_path / "m.safetensors"
+    argv = ["fit", *files, "--out", str(out), "--stream", "--holdout", "section_01", "--spacing", "30"]
+    assert main(argv) == 2 and not out.exists()
+    assert "--stream with --holdout and --spacing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--z-stretch", "0"], ["--z-stretch", "-1"], ["--section-codes", "-2"]])
 def test_fit_flag_ranges(argv, capsys, tmp_path):
     from inrscrecon.cli import main
@@ -473,3 +487,31 @@ def test_fit_with_codes_resumes_to_the_same_weights(stack_table, tmp_path):
     )
     for (k, x), y in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+
+
+def test_tissue_frame_domain_check_and_render_bounds_do_not_depend_on_z_stretch(stack_table):
+    from inrscrecon.query.domain_check import check_domain
+    from inrscrecon.query.grid import model_bounds
+    from inrscrecon.train.fit import TrainConfig, fit
+
+    tc = TrainConfig(epochs=1, batch_size=256, progress=False, seed=0)
+    iso, aniso = (
+        fit(stack_table, EncodingConfig(n_bands=2), 16, 2, None, tc, z_stretch=zs).model for zs in (1.0, 8.0)
+    )
+    assert (
+        aniso.cfg.z_stretch == 8.0 and iso.cfg.center == aniso.cfg.center and iso.cfg.scale == aniso.cfg.scale
+    )
+    for key in ("bounds", "section_z", "tissue", "spot_um"):  # µm, from the training cells alone
+        assert getattr(iso.cfg, key) == getattr(aniso.cfg, key), key
+    assert model_bounds(iso) == model_bounds(aniso)
+    rng = np.random.default_rng(0)
+    lo, hi = stack_table.coords.min(0), stack_table.coords.max(0)
+    query = (
+        lo
+        + rng.random((500, 3)) * (hi - lo) * np.array([1.6, 1.6, 1.0])
+        - (hi - lo) * np.array([0.3, 0.3, 0])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = check_domain(iso, query), check_domain(aniso, query)
+    assert a == b and a is not None and 0 < a["fraction"] < 1
