@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -12,6 +13,9 @@ from tqdm.auto import tqdm
 
 from inrscrecon.errors import InputError
 from inrscrecon.field.model import INRField
+
+if TYPE_CHECKING:
+    from inrscrecon.query.uncertainty import Predictive
 
 
 def gene_indices(model: INRField, genes: Sequence[str] | None) -> np.ndarray | None:
@@ -96,7 +100,7 @@ def predict_anndata(
     return out
 
 
-def interval_setup(model: INRField, genes: Sequence[str] | None, level: float | None):
+def interval_setup(model: INRField, genes: Sequence[str] | None, level: float | None) -> Predictive | None:
     """The predictive distribution of ``genes`` when intervals are asked for (``level`` not None), else None;
     InputError before any work when the level or the model cannot give them."""
     if level is None:
@@ -110,7 +114,7 @@ def interval_setup(model: INRField, genes: Sequence[str] | None, level: float | 
 def add_interval_layers(
     out: ad.AnnData,
     values: np.ndarray,  # [N, K] the prediction (X)
-    dist,  # uncertainty.Predictive of the K genes
+    dist: Predictive,  # of the K genes
     level: float,
     library: np.ndarray | None = None,  # [N] per-spot library sizes; None: the training median
     rule: str | None = None,  # how the library sizes were chosen (default: from ``library``)

@@ -34,7 +34,13 @@ from inrscrecon.query.predict import (
     predict,
     query_obs_frame,
 )
-from inrscrecon.query.uncertainty import MEDIAN_RULE, interval_from_prediction, layer_names, record
+from inrscrecon.query.uncertainty import (
+    MEDIAN_RULE,
+    Predictive,
+    interval_from_prediction,
+    layer_names,
+    record,
+)
 
 X_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -129,13 +135,13 @@ def _fill(
     batch_size: int,
     progress: bool,
     layers: Sequence = (),  # (lower, upper) datasets when intervals are written
-    dist=None,
+    dist: Predictive | None = None,
     level: float | None = None,
 ) -> None:
     for s in tqdm(range(0, len(xyz), batch_size), desc="predict", unit="chunk", disable=not progress):
         values = predict(model, np.asarray(xyz[s : s + batch_size]), genes, batch_size)
         x[s : s + batch_size] = values
-        if layers and level is not None:
+        if layers and dist is not None and level is not None:
             lo, hi = interval_from_prediction(values, dist, level)
             layers[0][s : s + batch_size], layers[1][s : s + batch_size] = lo, hi
 

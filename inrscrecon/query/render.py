@@ -120,7 +120,8 @@ def estimate(
     pred = predict(model, probe, want or None, batch_size=chunk_points)
     if intervals and genes:
         dist = interval_setup(model, genes, DEFAULT_LEVEL)
-        interval_from_prediction(pred[:, : len(genes)], dist, DEFAULT_LEVEL)  # type: ignore[arg-type]
+        assert dist is not None
+        interval_from_prediction(pred[:, : len(genes)], dist, DEFAULT_LEVEL)
     rate = len(probe) / max(time.perf_counter() - t0, 1e-9)
     inside = int(round(frac * grid.n_points))
     channels = max(len(genes) * (3 if intervals else 1), 1)
