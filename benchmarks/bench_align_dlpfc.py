@@ -6,9 +6,10 @@ prints the layer agreement (fraction of spots whose nearest spot in the other se
 ``obs['layer']``, mean of both directions, 'unknown' excluded — PASTE's accuracy measure for that matching with
 equal mass per spot), its ceiling from layer composition, wall time and peak RSS of each method. Every run
 is its own subprocess so that peak RSS is per run. PASTE (``pip install paste-bio==1.4.0 pot==0.9.4``, the
-``bench`` extra) runs with its defaults; it is skipped with a note when not installed.
+``bench`` extra) runs with its defaults; it is skipped with a note when not installed. ``nonrigid`` is ours
+with ``--nonrigid`` (rigid poses, then a smooth displacement field per section).
 
-    python benchmarks/bench_align_dlpfc.py [--data DIR] [--methods ours,centroid,paste] [--png docs/align_pair.png]
+    python benchmarks/bench_align_dlpfc.py [--data DIR] [--methods ours,nonrigid,centroid,paste] [--png ...]
 """
 
 from __future__ import annotations
@@ -55,12 +56,18 @@ def run_one(method: str, data: Path, k: int, mode: str, png: str | None) -> dict
     a, b = load_pair(data, k, mode)
     la, lb = a.obs["layer"].astype(str).to_numpy(), b.obs["layer"].astype(str).to_numpy()
     t0 = time.perf_counter()
-    if method == "ours":
+    if method in ("ours", "nonrigid"):
         from inrscrecon.align import align
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = align([a, b], spacing=10.0, allow_reflection=mode == "perturbed", seed=0)
+            res = align(
+                [a, b],
+                spacing=10.0,
+                allow_reflection=mode == "perturbed",
+                seed=0,
+                nonrigid=method == "nonrigid",
+            )
         xyz = res.aligned.obsm["spatial_3d"]
         sec = res.aligned.obs["section"].astype(str).to_numpy()
         xa, xb = xyz[sec == IDS[k], :2], xyz[sec == IDS[k + 1], :2]

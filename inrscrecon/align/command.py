@@ -42,6 +42,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "weighted by each pair's overlay score; chained: compose consecutive pairs only (faster)",
     )
     p.add_argument(
+        "--nonrigid",
+        action="store_true",
+        help="after the rigid poses, warp each section onto its neighbour by a smooth displacement field "
+        "(bending penalty chosen on held-out cells); fields go to STEM_nonrigid/SECTION.npz beside "
+        "--transforms, obsm['spatial_aligned'] / 'spatial_3d' get the warped coordinates",
+    )
+    p.add_argument(
         "--accept-low-confidence",
         action="store_true",
         help="keep pairs whose overlay score is below the threshold (default: stop with exit status 2)",
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         accept_low_confidence=args.accept_low_confidence,
         poses=args.poses,
+        nonrigid=args.nonrigid,
     )
     result.write(args.out, args.transforms, args.matches)
     out = Path(args.out)
@@ -90,9 +98,18 @@ def run(args: argparse.Namespace) -> int:
             f"{pr.moving} → {pr.fixed}: overlay score {pr.score:.2f} ({pr.pose_source} pose), inlier_fraction "
             f"{pr.inlier_fraction:.3f}, overlap {pr.overlap:.2f}, {pr.seconds:.1f} s"
         )
+    for e in result.transforms:
+        if "nonrigid" in e and e["name"] != result.reference:
+            nr = e["nonrigid"]
+            print(
+                f"{e['name']}: non-rigid {'kept' if nr.get('kept') else 'not kept (rigid is as good)'}, "
+                f"largest displacement {nr['max_displacement_um']:.1f} µm, held-out mismatch "
+                f"{-100 * nr.get('held_out_gain', 0.0):+.1f} %"
+            )
     print(
         f"wrote {out}, {args.transforms}"
         + (f", {args.matches}" if args.matches else "")
+        + (f", {result.nonrigid_dir(args.transforms)}/" if result.fields else "")
         + f"; {len(paths)} PNGs in {plots}"
     )
     return 0

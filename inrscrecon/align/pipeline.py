@@ -28,6 +28,7 @@ from inrscrecon.align.export import AlignmentResult, affines, stack_sections
 from inrscrecon.align.guard import centroid_pose, overlay_score, score_context
 from inrscrecon.align.kabsch import Pose, ransac_poses, rotation
 from inrscrecon.align.matching import mutual_nn
+from inrscrecon.align.nonrigid import DisplacementField, NonrigidConfig, fit_displacement
 from inrscrecon.align.posegraph import Edge, chain_poses, solve_pose_graph
 from inrscrecon.align.refine import (
     agreement_score,
@@ -67,6 +68,7 @@ class AlignConfig:
     max_mirror_support: float = 1.25
     guard_margin: float = 0.01  # identity / centroid must beat the aligned pose's score by this much
     pose_window: int = 3  # global poses: pairs up to this many sections apart enter the pose graph
+    nonrigid: NonrigidConfig = field(default_factory=NonrigidConfig)  # the optional non-rigid step
 
 
 @dataclass
@@ -332,6 +334,7 @@ def align(
     progress: bool = False,
     accept_low_confidence: bool = False,
     poses: str = "global",
+    nonrigid: bool = False,
 ) -> AlignmentResult:
     """Align consecutive sections pairwise and stack them in the reference section's frame.
 
@@ -343,6 +346,9 @@ def align(
     Each pair keeps the best of its aligned, identity and centroid poses by the overlay score
     (``inrscrecon.align.guard``). A pair whose kept score is below ``config.min_score`` raises InputError naming
     the pair, its score and what to try, unless ``accept_low_confidence`` (then it warns).
+    nonrigid: after the rigid poses, warp each section onto its (already warped) neighbour on the reference
+    side by a smooth displacement field (``inrscrecon.align.nonrigid``); ``obsm['spatial_aligned']`` and
+    ``spatial_3d`` then hold the warped coordinates and each transforms entry gains a ``nonrigid`` record.
     """
     cfg = config or AlignConfig()
     sections = list(sections)
@@ -404,6 +410,7 @@ def align(
     else:
         solved = chain_poses(len(sections), ref, {(e.i, e.j): e for e in edges})
     poses_of = dict(enumerate(solved))
+    fields = _nonrigid_fields(sections, xys, poses_of, order, ref, seed, cfg, progress) if nonrigid else {}
     transforms = []
     for k, name in enumerate(names):
         pose = poses_of[k]
@@ -427,11 +434,63 @@ def align(
                 score=pairs[k].score,
                 pose_source=pairs[k].pose_source,
             )
+        if fields:
+            entry["nonrigid"] = nonrigid_record(fields[k])
         transforms.append(entry)
-    aligned = stack_sections(sections, names, xys, poses_of, zs)
+    aligned = stack_sections(sections, names, xys, poses_of, zs, fields or None)
     aligned.uns["align"] = {
         "reference": names[ref],
         "poses": poses,
         "transforms_json": json.dumps(transforms),
     }
-    return AlignmentResult(names[ref], transforms, [pairs[k] for k, _ in order], aligned, poses, len(edges))
+    return AlignmentResult(
+        names[ref],
+        transforms,
+        [pairs[k] for k, _ in order],
+        aligned,
+        poses,
+        len(edges),
+        {names[k]: f for k, f in fields.items()},
+    )
+
+
+def nonrigid_record(f: DisplacementField) -> dict:
+    """The transforms.json record of a section's displacement field (the file name is added on writing)."""
+    d = np.hypot(*f.displacement.reshape(-1, 2).T)
+    return {
+        "interpolation": "bilinear",
+        "grid_origin_um": f.origin.tolist(),
+        "grid_spacing_um": f.spacing.tolist(),
+        "grid_shape": list(f.displacement.shape[:2]),
+        "max_displacement_um": float(d.max()),
+        **{k: v for k, v in f.info.items() if k in ("lambda", "held_out_gain", "kept")},
+    }
+
+
+def _nonrigid_fields(
+    sections: list[ad.AnnData],
+    xys: list[np.ndarray],
+    poses_of: dict[int, Pose],
+    order: list[tuple[int, int]],
+    ref: int,
+    seed: int,
+    cfg: AlignConfig,
+    progress: bool,
+) -> dict[int, DisplacementField]:
+    """Displacement field of every section (zero for the reference), fitted outward from the reference so
+    that each section is warped onto its neighbour's warped cells."""
+    xy_ref = poses_of[ref].apply(xys[ref])
+    lo, hi = xy_ref.min(axis=0), xy_ref.max(axis=0)
+    fields = {ref: DisplacementField.zeros(lo, np.maximum(hi - lo, 1.0), (2, 2))}
+    warped = {ref: xy_ref}
+    n_max = cfg.nonrigid.max_cells
+    for k, nb in tqdm(order, desc="non-rigid", disable=not progress, unit="section"):
+        rng = np.random.default_rng([seed, k, 2])
+        xa, xb = poses_of[k].apply(xys[k]), warped[nb]
+        ia = np.sort(rng.choice(len(xa), min(len(xa), n_max), replace=False))
+        ib = np.sort(rng.choice(len(xb), min(len(xb), n_max), replace=False))
+        with threadpool_limits(limits=1, user_api="blas"):
+            ea, eb, _ = joint_embedding(sections[k][ia], sections[nb][ib], cfg.n_genes, cfg.n_comps, seed + k)
+            fields[k] = fit_displacement(xa[ia], ea, xb[ib], eb, _spacing(xb[ib]), rng, cfg.nonrigid)
+        warped[k] = fields[k].apply(xa)
+    return fields
