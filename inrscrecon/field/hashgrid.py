@@ -260,6 +260,10 @@ def hashgrid_tcnn(coords: Tensor, table: Tensor, native: Any) -> Tensor:
     unused: its autograd function gets our table, so the gradient lands in ``table``. The batch is padded
     to tiny-cuda-nn's granularity (128) as its module does."""
     mod = _tcnn()
+    if native.params.numel() != table.numel():  # another layout: never let it read past our table
+        raise ValueError(
+            f"tiny-cuda-nn expects {native.params.numel()} parameters, the table has {table.numel()}"
+        )
     n = coords.shape[0]
     u = (coords.float().clamp(-1.0, 1.0) + 1.0) * 0.5
     pad = -n % 128
