@@ -143,6 +143,29 @@ def format_table(rows: list[dict]) -> str:
     return head + "\n".join(lines)
 
 
+def summarise(rows: list[dict]) -> str:
+    """Markdown table over seeds: mean ± s.d. per (task, model, dispersion)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["held_out"], r["model"], r["dispersion"]), []).append(r)
+
+    def ms(rs: list[dict], key: str) -> str:
+        v = np.array([r[key] for r in rs])
+        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    head = (
+        "| task | held out | model | dispersion | seeds | pooled | per-gene median | per-gene 10 % | "
+        "per-gene 90 % | mid-p (integer bounds) | plain quantiles |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {t} | {h} | {m} | {d} | {len(rs)} | {ms(rs, 'pooled')} | {ms(rs, 'per_gene_median')} | "
+        f"{ms(rs, 'per_gene_p10')} | {ms(rs, 'per_gene_p90')} | {ms(rs, 'pooled_midp')} | "
+        f"{ms(rs, 'pooled_plain')} |"
+        for (t, h, m, d), rs in groups.items()
+    ]
+    return head + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="inter,intra", help="comma-separated: inter, intra")
@@ -152,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--summarise", metavar="JSON", help="print the seed summary of an earlier run and stop")
     args = ap.parse_args(argv)
+    if args.summarise:
+        print(summarise(json.loads(Path(args.summarise).read_text())["rows"]))
+        return 0
     torch.set_num_threads(args.threads)
     missing = [f for f in DLPFC if not (DATA / f).exists()]
     if missing:
@@ -184,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {kind}: {skipped[kind]}", flush=True)
     table = format_table(rows)
     print(table)
+    summary = summarise(rows) if rows else ""
+    print(summary)
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}",
@@ -197,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "wall_s": round(time.time() - t0, 1),
         "table_md": table,
+        "summary_md": summary,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
