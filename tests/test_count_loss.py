@@ -339,40 +339,50 @@ def test_triton_matches_reference_fp32(shape, likelihood, lam, form):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
-def test_triton_small_tiles_chunks_and_unscaled_forward_grads(likelihood):
-    """GPU-sized tiles (several gene tiles, K loop, KCH = 2) and several dz chunks; extreme dispersions
-    (θ from 7e-3 to 8e3) and counts to ≈ 400, judged against the fp64 brute force (the fp32 reference
-    itself loses ≈ 1e-7·θ log θ at large θ, see ``count_nll``)."""
+@pytest.mark.parametrize("likelihood,form", [("poisson", "csr"), ("nb", "csr"), ("nb", "dense")])
+def test_triton_small_tiles_chunks_and_unscaled_forward_grads(likelihood, form):
+    """Kernel level: GPU-sized tiles (several gene tiles, K loop, KCH = 2) and several dz chunks; extreme
+    dispersions (θ from 7e-3 to 8e3) and counts to ≈ 400, judged against the fp64 brute force. Dense counts:
+    the kernel's NLL is complete; CSR counts: the host adds the (y, θ)-only terms (``csr_count_terms``)."""
     tc = _triton()
+    from inrscrecon.kernels.ops import csr_count_terms
     from inrscrecon.kernels.triton_sparse_head_loss import SparseHeadBlocks
 
     h, w, b, counts, off, lt = count_problem(35, 40, 100, density=0.4, seed=9)
     lt[:3] = torch.tensor([-5.0, 4.0, 9.0])
     counts[:, 0] *= 40
     blocks = SparseHeadBlocks(block_b=16, block_m=32, kch=2, block_k=16, chunk_rows=16)
-    indptr, indices, values = make_csr(counts, shuffle=False)
-    args = [x.to(DEV) if x is not None else None for x in (h, w, b, lt if likelihood == "nb" else None)]
-    csr = [x.to(DEV) for x in (indptr, indices, values)]
+    nb = likelihood == "nb"
+    args = [x.to(DEV) if x is not None else None for x in (h, w, b, lt if nb else None)]
+    csr = [x.to(DEV) for x in make_csr(counts, shuffle=False)]
+    data = [counts.to(DEV), None, None, None] if form == "dense" else [None, *csr]
     o = off.to(DEV)
+    lt_leaf = lt.clone().to(DEV).requires_grad_()
+    terms = torch.zeros((), device=DEV)
+    if form == "csr":
+        terms = csr_count_terms(*csr, lt_leaf if nb else None, likelihood, None, 100)
     for lam in (0.0, 0.8):
-        out = tc.count_head_forward(*args, None, *csr, o, None, likelihood, lam, 1e-2, lam == 0, blocks)
+        out = tc.count_head_forward(*args, *data, o, None, likelihood, lam, 1e-2, lam == 0, blocks)
         ps = leaves(h, w, b, lt, dtype=torch.float64, device="cpu")
-        live = ps if likelihood == "nb" else ps[:3]
+        live = ps if nb else ps[:3]
         r = brute_loss(ps, counts, off, likelihood, lam)
-        for a, e in zip(out[:3], r):
-            torch.testing.assert_close(a.double().cpu(), e.detach(), rtol=1e-5, atol=1e-6)
+        got_out = (out[0] + terms, out[1] + terms, out[2])
+        for a, e in zip(got_out, r):
+            torch.testing.assert_close(a.detach().double().cpu(), e.detach(), rtol=1e-5, atol=1e-6)
         r_g = grads(r[0], live)
         wsum = out[4]
         coef = torch.stack([1.0 / (100 * wsum), lam / wsum]).float()
         gh, gw, gb, glt = tc.count_head_backward(
-            *args, None, *csr, o, None, out[3], coef, likelihood, 1e-2, lam != 0, blocks
+            *args, *data, o, None, out[3], coef, likelihood, 1e-2, lam != 0, blocks
         )
-        got = [gh, gw, gb] + ([glt] if likelihood == "nb" else [])
+        got = [gh, gw, gb]
+        if nb:
+            extra = torch.autograd.grad(terms, lt_leaf, retain_graph=True)[0] if form == "csr" else 0.0
+            got.append(glt + extra)
         for name, a, e in zip(PARAMS, got, r_g):
             rel_close(name, a, e)
         if lam == 0:  # the forward's unscaled gradients are the backward's for c_n = 1
-            for name, u, a in zip(PARAMS, out[5:], got):
+            for name, u, a in zip(PARAMS, out[5:], (gh, gw, gb, glt) if nb else (gh, gw, gb)):
                 rel_close(name, coef[0] * u, a)
 
 
@@ -610,9 +620,9 @@ def test_bench_kernels_smoke_times_the_count_losses(tmp_path):
 
 @pytest.mark.slow
 def test_count_tiles_compile_for_sm90_without_spills():
-    """AOT compile (no GPU needed) of the count kernel's default GPU tiles in its heaviest variant (NB):
-    CSR in bf16 and fp32, dense in bf16, the three launch modes: no register spills, ≤ 64 KiB shared
-    memory. (All 24 variants: ``python -m inrscrecon.kernels.triton_count_loss``.)"""
+    """AOT compile (no GPU needed) of the count kernel's default GPU tiles with NB (the heavier likelihood):
+    CSR in bf16 (64 × 64 tiles) and fp32, dense in bf16 (32 × 64), the three launch modes: no register
+    spills, ≤ 64 KiB shared memory. (All 24 variants: ``python -m inrscrecon.kernels.triton_count_loss``.)"""
     import subprocess
 
     triton = pytest.importorskip("triton", reason="triton is not installed")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrscrecon.errors import InputError
+from inrscrecon.kernels.ops import lgamma_ratio
 
 KL_EPS = 1e-2
 
@@ -205,37 +206,6 @@ def _check_count_likelihood(likelihood: str, log_theta: torch.Tensor | None) -> 
         raise InputError(f"count likelihood must be one of {COUNT_LIKELIHOODS}, got {likelihood!r}")
     if likelihood == "nb" and log_theta is None:
         raise InputError("likelihood 'nb' needs log_theta [M] (gene-wise log dispersion)")
-
-
-def _stirling_series(x: torch.Tensor) -> torch.Tensor:
-    """lgamma(x) − [(x − ½) log x − x + ½ log 2π] for x ≥ 6 (error < 1e-10)."""
-    inv = 1.0 / x
-    inv2 = inv * inv
-    return inv * (1.0 / 12 - inv2 * (1.0 / 360 - inv2 * (1.0 / 1260 - inv2 / 1680)))
-
-
-def _log_prod6(x: torch.Tensor) -> torch.Tensor:
-    """log Π_{k<6} (x + k), in two halves (no fp32 overflow below x ≈ 1e12)."""
-    return torch.log(x * (x + 1) * (x + 2)) + torch.log((x + 3) * (x + 4) * (x + 5))
-
-
-def lgamma_ratio(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """lgamma(y + a) − lgamma(a) for y ≥ 0, a > 0 (broadcast), differentiable in a.
-
-    The plain difference cancels at large a (each term ≈ a log a, the difference ≈ y log a): in fp32 it loses
-    ≈ 1e-7·a·log a, and its gradient a·(ψ(y + a) − ψ(a)) — what ∂log θ of the NB loss is made of — drowns in
-    that noise. Here: below 6 both arguments are shifted by 6 (Γ(x) = Γ(x + 6) / Π_k (x + k)), then with
-    A = a (+6), B = A + y, Stirling's series gives (A − ½)·log1p(y/A) + y·(log B − 1) + ser(B) − ser(A)
-    (the Triton count kernel evaluates the same series).
-    """
-    small = a < 6
-    a_s = torch.where(small, a, torch.ones_like(a))  # the shift's argument, finite where it is not used
-    shift = _log_prod6(a_s + y) - _log_prod6(a_s)
-    big_a = torch.where(small, a + 6, a)
-    big_b = big_a + y
-    lg = (big_a - 0.5) * torch.log1p(y / big_a) + y * (torch.log(big_b) - 1)
-    lg = lg + _stirling_series(big_b) - _stirling_series(big_a)
-    return torch.where(small, lg - shift, lg)
 
 
 def count_nll(

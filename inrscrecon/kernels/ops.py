@@ -10,7 +10,9 @@ Ops (namespace ``inrscrecon``):
   (:mod:`inrscrecon.kernels.triton_head_loss`).
 * ``trunk`` / ``trunk_backward`` — Fourier encoding + MLP trunk (:mod:`inrscrecon.kernels.triton_trunk`).
 * ``count_head_loss`` / ``count_head_loss_backward`` — head + Poisson / NB likelihood against dense or CSR
-  counts (:mod:`inrscrecon.kernels.triton_count_loss`).
+  counts (:mod:`inrscrecon.kernels.triton_count_loss`); with CSR counts the op's NLL is the η-dependent part
+  and :func:`triton_sparse_count_head_loss` adds the (y, θ)-only terms of the non-zeros
+  (:func:`csr_count_terms`, plain torch).
 
 The implementations look the kernel modules up at call time (the tests reload them for the Triton
 interpreter), so importing this module needs torch only. The public entry points are the functions
@@ -29,6 +31,8 @@ from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "csr_count_terms",
+    "lgamma_ratio",
     "sort_rows",
     "triton_count_head_loss",
     "triton_sparse_count_head_loss",
@@ -545,6 +549,65 @@ def _count_backward(ctx: Any, g_loss: Tensor, g_nll: Tensor, g_kl: Tensor, *_: A
 _count_fwd.register_autograd(_count_backward, setup_context=_count_setup)
 
 
+def _stirling_series(x: torch.Tensor) -> torch.Tensor:
+    """lgamma(x) − [(x − ½) log x − x + ½ log 2π] for x ≥ 6 (error < 1e-10)."""
+    inv = 1.0 / x
+    inv2 = inv * inv
+    return inv * (1.0 / 12 - inv2 * (1.0 / 360 - inv2 * (1.0 / 1260 - inv2 / 1680)))
+
+
+def _log_prod6(x: torch.Tensor) -> torch.Tensor:
+    """log Π_{k<6} (x + k), in two halves (no fp32 overflow below x ≈ 1e12)."""
+    return torch.log(x * (x + 1) * (x + 2)) + torch.log((x + 3) * (x + 4) * (x + 5))
+
+
+def lgamma_ratio(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """lgamma(y + a) − lgamma(a) for y ≥ 0, a > 0 (broadcast), differentiable in a.
+
+    The plain difference cancels at large a (each term ≈ a log a, the difference ≈ y log a): in fp32 it loses
+    ≈ 1e-7·a·log a, and its gradient a·(ψ(y + a) − ψ(a)) — what ∂log θ of the NB loss is made of — drowns in
+    that noise. Here: below 6 both arguments are shifted by 6 (Γ(x) = Γ(x + 6) / Π_k (x + k)), then with
+    A = a (+6), B = A + y, Stirling's series gives (A − ½)·log1p(y/A) + y·(log B − 1) + ser(B) − ser(A)
+    (the Triton count kernel evaluates the same series in-kernel for dense counts).
+    """
+    small = a < 6
+    a_s = torch.where(small, a, torch.ones_like(a))  # the shift's argument, finite where it is not used
+    shift = _log_prod6(a_s + y) - _log_prod6(a_s)
+    big_a = torch.where(small, a + 6, a)
+    big_b = big_a + y
+    lg = (big_a - 0.5) * torch.log1p(y / big_a) + y * (torch.log(big_b) - 1)
+    lg = lg + _stirling_series(big_b) - _stirling_series(big_a)
+    return torch.where(small, lg - shift, lg)
+
+
+def csr_count_terms(
+    indptr: Tensor,  # [B+1] int64
+    indices: Tensor,  # [CAP] gene of each non-zero
+    values: Tensor,  # [CAP] raw counts
+    log_theta: Tensor | None,  # [M] (NB)
+    likelihood: str,
+    row_weight: Tensor | None,  # [B]
+    n_genes: int,
+) -> Tensor:
+    """The (y, θ)-only part of the count NLL, which vanishes at y = 0, summed over the CSR non-zeros:
+    Σ_b w_b Σ_nz [lgamma(y + 1) − (NB) lgamma_ratio(y, θ_g)] / (M Σ_b w_b), an fp32 scalar, differentiable
+    w.r.t. log_theta. Slots past indptr[B] are ignored. Static shapes (traceable)."""
+    n_rows = indptr.shape[0] - 1
+    cap = indices.shape[0]
+    slots = torch.arange(cap, device=indices.device, dtype=indptr.dtype)
+    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP], B = unused
+    live = rows < n_rows
+    y = torch.where(live, values.float(), 0.0)
+    terms = torch.lgamma(y + 1.0)
+    if likelihood == "nb":
+        assert log_theta is not None
+        theta = torch.exp(log_theta.float())[indices.long().clamp(0, max(n_genes - 1, 0))]  # [CAP]
+        terms = terms - lgamma_ratio(y, theta)
+    w = torch.ones(n_rows, device=y.device) if row_weight is None else row_weight.float()
+    w_slot = torch.cat([w, w.new_zeros(1)])[rows]  # 0 on unused slots
+    return (w_slot * terms).sum() / (n_genes * w.sum().clamp_min(1e-30))
+
+
 def _count_call(
     hidden: Tensor,
     weight: Tensor,
@@ -623,9 +686,13 @@ def triton_sparse_count_head_loss(
     if not indices_sorted:
         indices, values = sort_rows(indptr, indices, values, weight.shape[0])
     csr = (indptr, indices, values.float())
-    return _count_call(
+    loss, nll, kl = _count_call(
         hidden, weight, bias, log_theta, None, csr, log_offset, likelihood, lambda_kl, kl_eps, row_weight
     )
+    # the kernel's NLL is the η-dependent part; the (y, θ)-only terms of the non-zeros are added here
+    lt = log_theta if likelihood == "nb" else None
+    terms = csr_count_terms(indptr, indices, values, lt, likelihood, row_weight, weight.shape[0])
+    return loss + terms, nll + terms, kl
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -34,8 +34,12 @@ dz / c_n while it reduces the statistics and the backward only scales: 3 GEMM pa
 λ ≠ 0: dz needs s_b and KL_b, known only after the forward's pass over all genes; the backward recomputes the
 logits once: 4 GEMM passes.
 
-lgamma and digamma run in the kernel (shift by 6, then Stirling / the asymptotic series: ≈ 1e-7 relative in
-fp32 for any x > 0) so the per-element constants lgamma(y + 1), lgamma(y + θ) never need a [B, M] tensor.
+Terms that depend on (y, θ) only — lgamma(y + 1), −lgamma(y + θ) + lgamma(θ) and, in ∂log θ,
+−θ·(ψ(y + θ) − ψ(θ)) — vanish at y = 0. With CSR counts (≈ 95 % zeros) the kernel leaves them out (its nll
+is the η-dependent part: e^l − y·l, or θ·softplus(x) + y·softplus(−x)) and the host adds them at the CAP
+non-zeros in torch (:func:`inrscrecon.kernels.ops.csr_count_terms`, whose autograd gives their ∂log θ), so
+each of the B·M tile elements costs only exp / softplus. With dense counts they run in the kernel: lgamma
+(shift by 6, then Stirling: ≈ 1e-7 relative in fp32 for any x > 0), so they never need a [B, M] tensor.
 The NB differences lgamma(y + θ) − lgamma(θ) and ψ(y + θ) − ψ(θ) are evaluated as one series in y/θ
 (``_lgamma_ratio_and_digamma_diff``): at large θ the plain differences lose ≈ 1e-7·θ log θ in fp32, which
 would swamp ∂log θ, of order y²/θ there (the torch reference uses the same series:
@@ -243,13 +247,17 @@ def _count_tile_kernel(
         th = tl.exp(lt)
         x = lr - lt[None, :]
         sp, sg = _softplus_and_sigmoid(x)
-        lg_ratio, dg_diff = _lgamma_ratio_and_digamma_diff(y, th[None, :])
-        nll = th[None, :] * sp + y * (sp - x) - lg_ratio + _lgamma(y + 1.0)
+        nll = th[None, :] * sp + y * (sp - x)
         dnll = (th[None, :] + y) * sg - y
+        if not CSR:  # the (y, θ)-only terms; the CSR form leaves them to the host, at the non-zeros only
+            lg_ratio, _dg = _lgamma_ratio_and_digamma_diff(y, th[None, :])
+            nll += _lgamma(y + 1.0) - lg_ratio
     else:
         mu = tl.exp(lr)
-        nll = mu - y * lr + _lgamma(y + 1.0)
+        nll = mu - y * lr
         dnll = mu - y
+        if not CSR:
+            nll += _lgamma(y + 1.0)
     nll = tl.where(ok, nll, 0.0)
     if HAS_KL:
         pred, sig = _softplus_and_sigmoid(z)
@@ -279,7 +287,11 @@ def _count_tile_kernel(
         d = tl.where(ok, d, 0.0)
         tl.store(dz_ptr + (rows - row0)[:, None] * M + genes[None, :], _cast(d, out_dtype, UPCAST), mask=ok)
         if NB:
-            dlt = th[None, :] * (sp - sg - dg_diff) + y * (1.0 - sg)
+            core = sp - sg
+            if not CSR:
+                _lg, dg_diff = _lgamma_ratio_and_digamma_diff(y, th[None, :])
+                core -= dg_diff
+            dlt = th[None, :] * core + y * (1.0 - sg)
             if HAS_RW:
                 dlt = dlt * rw[:, None]
             dlt = tl.where(ok, c_n * dlt, 0.0)
@@ -291,15 +303,16 @@ def _count_tile_kernel(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def count_blocks(device: torch.device, width: int, dtype: torch.dtype) -> SparseHeadBlocks:
-    """Tiles of the count kernel. Interpreter: the sparse head's (few large programs). GPU: 32 × 64 tiles,
-    KCH = 2, K slices of 32, 8 warps for both dtypes and likelihoods: compiled for sm_90 without spills in
-    every mode (80–152 registers, ≤ 12 KiB shared; :func:`compile_count_head`), where the sparse head's
-    64 × 64 tiles spill with NB's special functions. Chosen by resource count, not yet by time on a GPU;
+def count_blocks(device: torch.device, width: int, dtype: torch.dtype, csr: bool = True) -> SparseHeadBlocks:
+    """Tiles of the count kernel. Interpreter: the sparse head's (few large programs). GPU, CSR counts in
+    bf16 (``fit``'s configuration): the sparse RMSE head's 64 × 64 tiles, KCH = 4, K slices of 64 (≤ 197
+    registers); dense counts (lgamma / digamma in the tile, NB spills at 64 × 64) and fp32: 32 × 64 tiles,
+    KCH = 4, K slices of 32 (80–148 registers). 8 warps; every mode compiles for sm_90 without spills
+    (:func:`compile_count_head`). Chosen by resource count, not yet by time on a GPU;
     ``INRSCRECON_SPARSE_HEAD_BLOCKS`` (see ``triton_sparse_head_loss.env_blocks``) overrides both kernels."""
-    if device.type != "cuda":
+    if device.type != "cuda" or (csr and dtype != torch.float32):
         return default_blocks(device, width, dtype)
-    return SparseHeadBlocks(block_b=32, block_m=64, kch=2, block_k=32, num_warps=8, num_stages=2)
+    return SparseHeadBlocks(block_b=32, block_m=64, kch=4, block_k=32, num_warps=8, num_stages=2)
 
 
 def _check(hidden: torch.Tensor, likelihood: str, log_theta: torch.Tensor | None) -> None:
@@ -351,7 +364,7 @@ class _Problem:
         self.kl_eps, self.has_kl = float(kl_eps), has_kl
         n_rows, width = self.h.shape
         self.n_rows, self.width, self.n_genes = n_rows, width, self.w.shape[0]
-        self.cfg = blocks or env_blocks() or count_blocks(self.h.device, width, self.h.dtype)
+        self.cfg = blocks or env_blocks() or count_blocks(self.h.device, width, self.h.dtype, self.csr)
 
     def launch(
         self,
@@ -451,6 +464,9 @@ def count_head_forward(
     blocks: SparseHeadBlocks | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """→ (loss, nll, kl, rowstat [2, B], wsum, gh_u, gw_u, gb_u, glt_u) as fp32.
+
+    With CSR counts nll (and loss) leave out the (y, θ)-only terms of the non-zeros (see the module
+    docstring); :func:`inrscrecon.kernels.ops.triton_sparse_count_head_loss` adds them.
 
     rowstat = (1/s_b, off_b) for the backward (zeros without KL); wsum = Σ w_b. With ``grad_in_forward``
     (only valid for λ = 0) gh_u, gw_u, gb_u, glt_u are the gradients for c_n = 1 (the backward scales them;
@@ -558,7 +574,7 @@ def compile_count_head(
     if type(_count_tile_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("AOT compile needs the kernels imported without TRITON_INTERPRET")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    cfg = blocks or count_blocks(torch.device("cuda"), width, torch_dtype)
+    cfg = blocks or count_blocks(torch.device("cuda"), width, torch_dtype, csr)
     ptr = "*bf16" if dtype == "bf16" else "*fp32"
     f32, i32 = "*fp32", "i32"
     sig = dict(h_ptr=ptr, w_ptr=ptr, b_ptr=ptr, lt_ptr=f32, y_ptr=f32, indptr_ptr="*i64", idx_ptr="*i32")
