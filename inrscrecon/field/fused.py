@@ -3,8 +3,8 @@
 ``impl`` / ``--backend`` ∈ {"auto", "torch", "triton", "cuda"}:
 
 * ``torch``  — the plain references (``head_loss_reference``, ``Trunk(fourier_encode(...))``); any device.
-* ``triton`` — the fused kernels of ``inrscrecon.kernels`` (sparse head + loss, dense head + loss, encode +
-  trunk), called through their ``torch.library`` ops (:mod:`inrscrecon.kernels.ops`) so that
+* ``triton`` — the fused kernels of ``inrscrecon.kernels`` (sparse head + loss, dense head + loss, head +
+  Poisson / NB likelihood on CSR or dense counts, encode + trunk), called through their ``torch.library`` ops (:mod:`inrscrecon.kernels.ops`) so that
   ``torch.compile(fullgraph=True)`` traces them; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
   set before triton was imported (tests).
 * ``cuda``   — dense head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``, SIMT
