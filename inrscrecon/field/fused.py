@@ -4,9 +4,9 @@
 
 * ``torch``  — the plain references (``head_loss_reference``, ``Trunk(fourier_encode(...))``); any device.
 * ``triton`` — the fused kernels of ``inrscrecon.kernels`` (sparse head + loss, dense head + loss, head +
-  Poisson / NB likelihood on CSR or dense counts, encode + trunk), called through their ``torch.library`` ops (:mod:`inrscrecon.kernels.ops`) so that
-  ``torch.compile(fullgraph=True)`` traces them; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
-  set before triton was imported (tests).
+  Poisson / NB likelihood on CSR or dense counts, encode + trunk), called through their ``torch.library``
+  ops (:mod:`inrscrecon.kernels.ops`) so that ``torch.compile(fullgraph=True)`` traces them; CUDA tensors,
+  or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported (tests).
 * ``cuda``   — dense head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``, SIMT
   fp32 tiles); the other ops (the count likelihoods among them) have no CUDA kernel and use Triton.
 * ``auto``   — CPU tensors: torch. CUDA tensors: the fastest impl *measured* on this device kind, dtype and
