@@ -71,6 +71,17 @@ def test_dispersion_fit_recovers_theta():
     assert unc.fit_dispersion(mu, np.zeros_like(y)).min() >= 9.0  # no counts: the Poisson end of the grid
 
 
+def test_nb_nll_matches_the_count_loss():
+    from inrscrecon.field.losses import count_nll
+
+    mu, log_theta, y = _simulated(300, 5, seed=9)
+    lm = torch.log(torch.as_tensor(mu))
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    lt = torch.as_tensor(log_theta)
+    ref = count_nll(lm, yt, torch.zeros(len(y)), "nb", lt).double() - torch.lgamma(yt + 1)
+    torch.testing.assert_close(unc.nb_nll_by_gene(lm, yt, lt), ref.sum(dim=0), rtol=1e-5, atol=1e-2)
+
+
 def test_mean_map_recovers_a_power_law():
     """Counts whose log-mean is a + b·log(rate) of the prediction's rate: the map finds (a, b), and the
     mean on those cells matches (Σμ = Σy, the Poisson score equation of a)."""

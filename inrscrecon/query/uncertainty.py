@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from inrscrecon.data.preprocess import TARGET_SUM
@@ -264,31 +265,43 @@ def spot_library_sizes(sections: Sequence[Any]) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------- calibration
 
 
+def nb_nll_by_gene(
+    log_mu: torch.Tensor,  # [n, K] log mean counts
+    y: torch.Tensor,  # [n, K] counts
+    log_theta: torch.Tensor,  # [K]
+) -> torch.Tensor:
+    """Σ over cells of the NB NLL (the count losses' formula, without its constant lgamma(y + 1)) → [K]
+    float64. The lgamma(y + θ) − lgamma(θ) term is 0 where y = 0, so it is evaluated on the non-zeros only
+    (most counts of a spot × gene matrix are zeros)."""
+    lt = log_theta.double()
+    theta = torch.exp(lt)
+    dense = (theta[None, :] * F.softplus(log_mu - lt[None, :])).sum(dim=0)
+    rows, cols = torch.nonzero(y > 0, as_tuple=True)
+    yv, lm = y[rows, cols].double(), log_mu[rows, cols]
+    th, ltc = theta[cols], lt[cols]
+    sparse = yv * F.softplus(ltc - lm) - torch.lgamma(yv + th) + torch.lgamma(th)
+    return dense + torch.zeros_like(dense).index_add_(0, cols, sparse)
+
+
 def fit_dispersion(
     mu: np.ndarray,  # [n, K] predicted mean counts
     y: np.ndarray,  # [n, K] observed counts
 ) -> np.ndarray:
-    """Gene-wise maximum-likelihood NB log θ [K] given the means: a coarse grid over log θ, then a fine
-    one (step 0.05) around the best point. A gene with no counts at all (whose likelihood grows as θ → 0)
-    gets the largest θ of the grid (Poisson-like) instead."""
-    from inrscrecon.field.losses import count_nll
-
-    mu_t = torch.as_tensor(np.maximum(mu, 1e-8), dtype=torch.float64)
-    y_t = torch.as_tensor(y, dtype=torch.float64)
-    zero = torch.zeros(mu_t.shape[0], dtype=torch.float64)
-    out = np.empty(mu_t.shape[1])
-    for g0 in range(0, mu_t.shape[1], _GENE_BLOCK):
-        m, c = torch.log(mu_t[:, g0 : g0 + _GENE_BLOCK]), y_t[:, g0 : g0 + _GENE_BLOCK]
-
-        def nll(lt: torch.Tensor, m=m, c=c) -> torch.Tensor:  # lt [K] → summed NLL per gene [K]
-            return count_nll(m, c, zero, "nb", lt).double().sum(dim=0)
-
-        # count_nll computes in fp32; the grid's resolution (0.05 in log θ) is far coarser than its error
+    """Gene-wise maximum-likelihood NB log θ [K] given the means (:func:`nb_nll_by_gene`): a coarse grid
+    over log θ, then a fine one (step 0.05) around the best point. A gene with no counts at all (whose
+    likelihood grows as θ → 0) gets the largest θ of the grid (Poisson-like) instead."""
+    out = np.empty(np.shape(mu)[1])
+    for g0 in range(0, len(out), _GENE_BLOCK):
+        block = slice(g0, g0 + _GENE_BLOCK)
+        m = torch.log(torch.as_tensor(np.maximum(mu[:, block], 1e-8), dtype=torch.float64))
+        c = torch.as_tensor(np.asarray(y[:, block]), dtype=torch.float64)
         k = m.shape[1]
-        coarse = torch.stack([nll(torch.full((k,), float(t), dtype=torch.float64)) for t in _COARSE])
+        coarse = torch.stack(
+            [nb_nll_by_gene(m, c, torch.full((k,), float(t), dtype=torch.float64)) for t in _COARSE]
+        )
         best = torch.as_tensor(_COARSE, dtype=torch.float64)[coarse.argmin(dim=0)]
         fine_t = best[None, :] + torch.as_tensor(_FINE, dtype=torch.float64)[:, None]  # [F, K]
-        fine = torch.stack([nll(t) for t in fine_t])
+        fine = torch.stack([nb_nll_by_gene(m, c, t) for t in fine_t])
         out[g0 : g0 + k] = fine_t.gather(0, fine.argmin(dim=0)[None]).squeeze(0).numpy()
     out[np.asarray(y).sum(axis=0) == 0] = _COARSE[-1]
     return out
@@ -321,8 +334,11 @@ def fit_mean_map(
         g0, g1 = r.sum(axis=0), (r * xc).sum(axis=0) - lam * (b - 1.0)
         h00, h01, h11 = mu.sum(axis=0), (mu * xc).sum(axis=0), (mu * xc * xc).sum(axis=0) + lam
         det = np.maximum(h00 * h11 - h01**2, 1e-12)
-        a = a + np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0)
-        b = np.clip(b + np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0), 0.0, 3.0)
+        da = np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0)
+        db = np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0)
+        a, b = a + da, np.clip(b + db, 0.0, 3.0)
+        if max(np.abs(da).max(), np.abs(db).max()) < 1e-7:
+            break
     a = a - b * xbar  # back to the uncentred x
     none = tot == 0
     a[none], b[none] = 0.0, 1.0
@@ -387,6 +403,7 @@ __all__ = [
     "fit_mean_map",
     "interval_counts",
     "interval_from_prediction",
+    "nb_nll_by_gene",
     "layer_names",
     "mean_counts",
     "plain_interval_counts",
