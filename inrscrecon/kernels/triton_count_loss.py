@@ -42,8 +42,8 @@ each of the B·M tile elements costs only exp / softplus. With dense counts they
 (shift by 6, then Stirling: ≈ 1e-7 relative in fp32 for any x > 0), so they never need a [B, M] tensor.
 The NB differences lgamma(y + θ) − lgamma(θ) and ψ(y + θ) − ψ(θ) are evaluated as one series in y/θ
 (``_lgamma_ratio_and_digamma_diff``): at large θ the plain differences lose ≈ 1e-7·θ log θ in fp32, which
-would swamp ∂log θ, of order y²/θ there (the torch reference uses the same series:
-:func:`~inrscrecon.field.losses.lgamma_ratio`).
+would swamp ∂log θ, of order y²/θ there (the torch side uses the same series:
+:func:`inrscrecon.kernels.ops.lgamma_ratio`).
 
 Memory: statistics [5, M/BLOCK_M, B] fp32, per-row constants [2, B], the dz chunk [CHUNK, M] in the compute
 dtype (≤ 64 MiB), fp32 gradients; ∂log θ [M] fp32. The torch reference keeps several fp32 [B, M] tensors for
