@@ -324,6 +324,31 @@ def test_render_writes_interval_channels(fitted, tmp_path):
     )
 
 
+def test_calibration_record_of_normalised_values_says_why(fitted):
+    from types import SimpleNamespace
+
+    m = INRField.load(fitted[2])
+    table = SimpleNamespace(target_sum=0.0, totals=np.ones(5))
+    rec = unc.calibration_record(m, table, np.arange(5))
+    assert rec["library_size_median"] is None
+    m.training_record["uncertainty"] = rec
+    with pytest.raises(InputError, match="normalised values"):
+        unc.predictive(m)
+
+
+def test_calibration_record_caps_the_cells(fitted, small_stack):
+    from inrscrecon.data.stack import build_cell_table
+
+    m = INRField.load(fitted[2])
+    sections, _ = small_stack
+    genes = [g for g in m.cfg.genes if g in sections[0].var_names]
+    assert len(genes) == m.cfg.n_genes  # same synthetic gene names
+    table = build_cell_table(sections, genes)
+    rec = unc.calibration_record(m, table, np.arange(table.n_cells), max_cells=50)
+    assert rec["calibration"]["cells"] == 50
+    assert rec["library_size_median"] == float(np.median(table.totals))
+
+
 def test_model_without_record_is_refused(fitted, tmp_path, capsys):
     model = fitted[2]
     m = INRField.load(model)
