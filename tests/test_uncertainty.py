@@ -100,6 +100,20 @@ def test_mean_map_recovers_a_power_law():
     assert (a0 == 0).all() and (b0 == 1).all()
 
 
+def test_interval_blocks_do_not_change_the_result(monkeypatch):
+    mu, log_theta, _ = _simulated(50, 7, seed=12)
+    pred = np.log1p(mu / 2000 * 1e4).astype(np.float32)
+    lib = np.full(50, 2000.0)
+    d = unc.Predictive("nb", log_theta, None, None, 2000.0, "test")
+    whole = unc.interval_from_prediction(pred, d, 0.9, lib)
+    monkeypatch.setattr(unc, "BLOCK_VALUES", 20)  # 2 rows per block
+    blocks = unc.interval_from_prediction(pred, d, 0.9)
+    for a, b in zip(whole, blocks):
+        np.testing.assert_array_equal(a, b)
+    lo, hi = unc.interval_counts(mu, log_theta, 0.9)
+    np.testing.assert_allclose(whole[1], unc.to_log1p(hi, lib), rtol=1e-5)
+
+
 def test_layer_names_and_levels():
     assert unc.layer_names(0.9) == ("lower_90", "upper_90")
     assert unc.layer_names(0.975) == ("lower_97_5", "upper_97_5")

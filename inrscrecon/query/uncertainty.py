@@ -59,6 +59,8 @@ CALIBRATION_CELLS = 2000
 _COARSE = np.arange(-4.0, 10.0001, 0.5)
 _FINE = np.arange(-0.5, 0.5001, 0.05)
 _GENE_BLOCK = 512
+#: Values per block when interval end points are computed (≈ 100 MB of float64 temporaries).
+BLOCK_VALUES = 1_000_000
 #: Rate floor ε (per 1e4 counts) inside the calibrated mean map's log.
 RATE_EPS = 1e-3
 MEDIAN_RULE = "median library size of the training cells (query points have no counts)"
@@ -223,14 +225,20 @@ def interval_from_prediction(
     level: float,
     library: np.ndarray | None = None,  # [N] per-spot library sizes; None: the training median
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) [N, K] float32 in the units of X: the ``level`` interval of each point's counts."""
-    n = pred.shape[0]
+    """(lower, upper) [N, K] float32 in the units of X: the ``level`` interval of each point's counts,
+    computed in row blocks of about :data:`BLOCK_VALUES` values (the float64 temporaries stay bounded)."""
+    n, k = pred.shape
     lib = np.full(n, dist.library_size) if library is None else np.asarray(library, dtype=np.float64)
     if lib.shape != (n,):
         raise InputError(f"{lib.shape[0]} library sizes for {n} points")
-    mu = dist.mean(pred, lib)
-    lo, hi = interval_counts(mu, dist.log_theta if dist.kind == "nb" else None, level)
-    return to_log1p(lo, lib), to_log1p(hi, lib)
+    lower, upper = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
+    step = max(1, BLOCK_VALUES // max(k, 1))
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
+        mu = dist.mean(pred[rows], lib[rows])
+        lo, hi = interval_counts(mu, dist.log_theta if dist.kind == "nb" else None, level)
+        lower[rows], upper[rows] = to_log1p(lo, lib[rows]), to_log1p(hi, lib[rows])
+    return lower, upper
 
 
 def record(dist: Predictive, level: float, library_rule: str) -> dict[str, Any]:
