@@ -443,18 +443,20 @@ def test_triton_special_functions_match_torch():
     out = torch.empty(4, x.numel(), device=DEV)
     _special[(triton.cdiv(x.numel(), 128),)](x.to(DEV), y.to(DEV), out, x.numel(), BLOCK=128)
     x64, y64 = x.double(), y.double()
-    # lgamma and log1p relative to max(1, |value|); the two differences relative to themselves (the ψ
-    # difference ≈ y/θ at large θ is what ∂log θ needs), exactly 0 where y = 0
-    for name, got, want, floor in (
-        ("lgamma", out[0], torch.lgamma(x64), 1.0),
-        ("log1p", out[1], torch.log1p(x64 * 1e-3), 1.0),
-        ("lgamma(y + θ) − lgamma(θ)", out[2], torch.lgamma(y64 + x64) - torch.lgamma(x64), 1e-30),
-        ("ψ(y + θ) − ψ(θ)", out[3], torch.digamma(y64 + x64) - torch.digamma(x64), 1e-30),
+    # lgamma and log1p relative to max(1, |value|), the two differences relative to themselves (the ψ
+    # difference ≈ y/θ at large θ is what ∂log θ needs), exactly 0 where y = 0. Bounds: lgamma cancels in its
+    # shift near its zeros (x = 1, 2: ≈ 1.5e-6 absolute measured), the ratio likewise (≈ 1.2e-6); the others
+    # stay near 1e-7 to 3e-7.
+    for name, got, want, floor, tol in (
+        ("lgamma", out[0], torch.lgamma(x64), 1.0, 4e-6),
+        ("log1p", out[1], torch.log1p(x64 * 1e-3), 1.0, 2e-6),
+        ("lgamma(y + θ) − lgamma(θ)", out[2], torch.lgamma(y64 + x64) - torch.lgamma(x64), 1e-30, 4e-6),
+        ("ψ(y + θ) − ψ(θ)", out[3], torch.digamma(y64 + x64) - torch.digamma(x64), 1e-30, 2e-6),
     ):
         diff = (got.double().cpu() - want).abs()
         err = torch.where(want == 0, diff, diff / (want.abs() + floor))
         worst = int(err.argmax())
-        assert err.max().item() < 2e-6, f"{name}: {err.max().item():.3g} at x = {x[worst]}, y = {y[worst]}"
+        assert err.max().item() < tol, f"{name}: {err.max().item():.3g} at x = {x[worst]}, y = {y[worst]}"
 
 
 @pytest.mark.triton
