@@ -163,6 +163,11 @@ def explore_inter(dataset: str, variants: list[str], hvg: str, seed: int = 100, 
                 theta = None if lt is None else lt.detach().cpu().numpy()
                 lib = float(np.median(ft.totals[ft.section != held]))
                 report(method + "_mean", predictive_log1p_mean(pred, lib, theta), {"config": cand.name})
+                if getattr(res.model, "library_head", None) is not None:  # E[log1p] at the library field
+                    from inrscrecon.field.expectation import expected_log1p
+
+                    measured = expected_log1p(res.model, table.coords[val]).cpu().numpy()
+                    report(method + "_measured", measured, {"config": cand.name})
 
 
 LABELS = {"mean_profile": "mean profile", "knn": "k-NN (tuned k)", "gaussian": "Gaussian smoother (tuned h)",

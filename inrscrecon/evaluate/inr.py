@@ -44,7 +44,9 @@ class INRVariant:
     section_code_dim: int = 0
     encoding: str = "fourier"
     own_encoding: bool = False
-    summary: str = "plugin"  # count models: "plugin" log1p(E[rate]) or "mean_log1p" E[log1p] (see below)
+    # count models: "plugin" log1p(E[rate]), "mean_log1p" E[log1p] at the median library (see below), or
+    # "measured" E[log1p] at the model's library-size field (inrscrecon.field.expectation)
+    summary: str = "plugin"
 
     def loss_config(self) -> LossConfig:
         return replace(LossConfig.preset(self.loss), likelihood=self.likelihood)
@@ -73,6 +75,8 @@ INR_METHODS: dict[str, INRVariant] = {
     "inr_nb": INRVariant(likelihood="nb"),
     "inr_poisson_mean": INRVariant(likelihood="poisson", summary="mean_log1p"),
     "inr_nb_mean": INRVariant(likelihood="nb", summary="mean_log1p"),
+    "inr_poisson_measured": INRVariant(likelihood="poisson", summary="measured"),
+    "inr_nb_measured": INRVariant(likelihood="nb", summary="measured"),
     "inr_zstretch": INRVariant(z_stretch=(1.0, 4.0, 16.0)),
     "inr_codes": INRVariant(section_code_dim=8),
     "inr_hashgrid": INRVariant(encoding="hashgrid"),

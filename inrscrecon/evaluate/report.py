@@ -53,6 +53,8 @@ METHOD_LABELS = {
     "inr_nb": "INR, negative-binomial count loss",
     "inr_poisson_mean": "INR, Poisson count loss, predictive mean of log1p",
     "inr_nb_mean": "INR, negative-binomial count loss, predictive mean of log1p",
+    "inr_poisson_measured": "INR, Poisson count loss, expected measured log1p (library-size field)",
+    "inr_nb_measured": "INR, negative-binomial count loss, expected measured log1p (library-size field)",
     "inr_zstretch": "INR, RMSE loss, z-stretch chosen on validation",
     "inr_codes": "INR, RMSE loss + per-section codes (D = 8)",
     "inr_hashgrid": "INR, RMSE loss, hash-grid encoding",

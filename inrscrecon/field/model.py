@@ -24,7 +24,9 @@ every part against this schema (:func:`check_model_file`): a supported format, c
 the config dataclasses, tensor names and shapes that the config implies, finite weights. Format 3 adds the
 config fields ``z_stretch``, ``section_code_dim``, ``section_knots_z`` (and the tensors ``section_codes``,
 ``code_proj.weight`` when codes are on); files of formats 1 and 2 load with their defaults (isotropic, no
-codes) and predict exactly as before.
+codes) and predict exactly as before. Count models may carry a library-size head (config ``library_head``,
+``library_mean``, ``library_sd``, ``library_detach``; tensors ``library_head.weight`` [1, W] and
+``library_head.bias`` [1]): format-3 files without it load as models without one.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class FieldConfig:
     # training loss: "rmse" | "poisson" | "nb"; count models read η = h·Wᵀ + b as the log-rate per 1e4 counts
     # (the prediction stays softplus(η)); "nb" adds the gene-wise log dispersion ``log_theta`` [M]
     likelihood: str = "rmse"
+    # count models: a linear head on the features predicting the standardised log library size,
+    # log L(x) = library_mean + library_sd · library_head(h); False in files written before it existed
+    library_head: bool = False
+    library_mean: float = 0.0
+    library_sd: float = 1.0
+    library_detach: bool = True  # trained on detached features: the gene field is unaffected by it
 
     @staticmethod
     def frame_for(coords: np.ndarray, margin: float = 1.02) -> tuple[tuple[float, float, float], float]:
@@ -199,6 +207,7 @@ class INRField(nn.Module):
     section_codes: nn.Parameter | None
     log_theta: nn.Parameter | None  # [M] NB models only
     code_proj: nn.Linear | None
+    library_head: nn.Linear | None  # count models fitted with a library-size field
 
     def __init__(self, cfg: FieldConfig):
         super().__init__()
@@ -224,6 +233,8 @@ class INRField(nn.Module):
         # NB dispersion θ_g = exp(log_theta_g), trained with the field; θ = 10 at the start
         nb = cfg.likelihood == "nb"
         self.log_theta = nn.Parameter(torch.full((cfg.n_genes,), math.log(10.0))) if nb else None
+        # created last, so that the other parameters' initialisation does not depend on it
+        self.library_head = nn.Linear(cfg.width, 1) if cfg.library_head else None
         self.training_record: dict[str, Any] = {}  # how the model was fitted (saved with it, format ≥ 2)
 
     def normalize(self, xyz: torch.Tensor) -> torch.Tensor:
@@ -299,6 +310,13 @@ class INRField(nn.Module):
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         return self.head_out(self.hidden(coords))
+
+    def log_library(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Predicted log library size log L(x) [N] (natural log of total counts) from features [N, W]; only
+        for a model with a library head (``cfg.library_head``)."""
+        assert self.library_head is not None, "the model has no library-size head"
+        z = self.library_head(hidden.to(self.library_head.weight.dtype))[:, 0]
+        return self.cfg.library_mean + self.cfg.library_sd * z
 
     @torch.no_grad()
     def init_head_bias(self, mean_expr: torch.Tensor) -> None:
@@ -433,6 +451,19 @@ def config_from_dict(d: Any, where: str) -> FieldConfig:
     if not (_finite(z_stretch) and z_stretch > 0):
         raise InputError(f"{where}: model metadata config.z_stretch = {z_stretch!r} is not a positive number")
     _positive_int(d, "section_code_dim", "config", where, minimum=0)
+    for key in ("library_head", "library_detach"):
+        if not isinstance(d.get(key, False), bool):
+            raise InputError(f"{where}: model metadata config.{key} = {d[key]!r} is not true or false")
+    lib_mean, lib_sd = d.get("library_mean", 0.0), d.get("library_sd", 1.0)
+    if not (_finite(lib_mean) and _finite(lib_sd) and lib_sd > 0):
+        raise InputError(
+            f"{where}: model metadata config.library_mean / library_sd = {lib_mean!r} / {lib_sd!r} are not a "
+            "finite number and a positive one"
+        )
+    if d.get("library_head", False) and d.get("likelihood", "rmse") == "rmse":
+        raise InputError(
+            f"{where}: model metadata config.library_head is set for an RMSE model (count models only)"
+        )
     knots = d.get("section_knots_z", [])
     if not (isinstance(knots, list) and all(_finite(k) for k in knots)):
         raise InputError(

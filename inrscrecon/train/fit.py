@@ -21,7 +21,10 @@ Count likelihoods (``LossConfig.likelihood`` "poisson" | "nb"): every data path 
 offset log(L / 1e4) instead of log1p-normalised values (the table must hold raw counts); the head starts at the
 log of each gene's mean normalised rate. Each epoch's history keeps ``val_rmse`` (RMSE of the normalised
 prediction, comparable across losses) and adds ``val_nll``; early stopping and the best epoch follow the
-validation NLL for count losses and the validation RMSE for RMSE.
+validation NLL for count losses and the validation RMSE for RMSE. Count models also learn a library-size field
+(``INRField.library_head``: the standardised log L(x), MSE weight ``objective.LIBRARY_WEIGHT``, on detached
+features by default (:data:`LIBRARY_DETACH`), so the gene field trains as without it), which
+:func:`inrscrecon.field.expectation.expected_log1p` uses to predict what a spot there would measure.
 
 Resume: the checkpoint records every setting that changes the result (:data:`RESULT_SETTINGS`, the model and
 loss configuration) and a fingerprint of the data; resuming with any of them changed is refused, naming it.
@@ -134,6 +137,24 @@ class FitResult:
     interrupted: bool = False
     resumed_finished: bool = False  # the checkpoint held a finished run: returned without training
     data_info: dict[str, Any] = field(default_factory=dict)
+
+
+#: whether a count model's library-size head trains on detached features (FieldConfig.library_detach)
+LIBRARY_DETACH = True
+
+
+def library_settings(table: Table, rows: np.ndarray) -> dict[str, Any]:
+    """FieldConfig settings of a count model's library-size head: on, with the mean and s.d. of the natural
+    log library size over ``rows`` with counts (the head predicts the standardised value)."""
+    tot = np.asarray(table.totals[rows], dtype=np.float64)
+    logs = np.log(tot[tot > 0]) if (tot > 0).any() else np.zeros(1)
+    sd = float(logs.std())
+    return {
+        "library_head": True,
+        "library_mean": float(logs.mean()),
+        "library_sd": sd if sd > 1e-6 else 1.0,
+        "library_detach": LIBRARY_DETACH,
+    }
 
 
 def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -501,6 +522,7 @@ def fit(
         z_stretch=check_z_stretch(table.coords, center, scale, z_stretch),
         **section_code_settings(table.coords, getattr(table, "section", None), section_code_dim),
         likelihood=loss_cfg.likelihood,
+        **(library_settings(table, train_rows) if count else {}),
     )
     record = run_record(
         table,

@@ -13,11 +13,13 @@ device tensors so that a training step never waits for the host.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from inrscrecon.data.preprocess import TARGET_SUM
 from inrscrecon.field.losses import (
     LossConfig,
     count_head_loss_reference,
@@ -31,6 +33,8 @@ from inrscrecon.field.losses import (
 from inrscrecon.field.model import INRField
 
 PRECISIONS = ("auto", "fp32", "bf16")
+#: weight of the library-size head's MSE (standardised log L) beside the count NLL
+LIBRARY_WEIGHT = 0.1
 #: order of the parts tensor; "rmse" is 0 under a count likelihood and "nll" is 0 under RMSE
 PARTS = ("loss", "rmse", "kl", "rc", "nll")
 
@@ -157,7 +161,42 @@ def _count_terms(
     impl: str,
     log_offset: torch.Tensor | None,  # [B] with a dense target
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(NLL, KL, RC) of a count likelihood: the count references on the torch backend, else the fused ops."""
+    """(NLL, KL, RC) of a count likelihood: the count references on the torch backend, else the fused ops.
+    With a library head the NLL slot also carries ``LIBRARY_WEIGHT`` × :func:`library_loss` (the validation
+    NLL does not)."""
+    nll, k, rc = _count_nll_terms(model, hidden, w, b, target, loss_cfg, extractor, impl, log_offset)
+    if model.library_head is not None:
+        off, row_w = count_rows(_batch_offset(target, log_offset))
+        nll = nll + LIBRARY_WEIGHT * library_loss(model, hidden, off, row_w)
+    return nll, k, rc
+
+
+def library_loss(
+    model: INRField,
+    hidden: torch.Tensor,  # [B, W]
+    log_offset: torch.Tensor,  # [B] log(L / 1e4), 0 where L = 0
+    row_weight: torch.Tensor,  # [B] 0 where L = 0
+) -> torch.Tensor:
+    """Weighted mean squared error of the library head on the standardised log library sizes (features
+    detached when ``cfg.library_detach``: the gene field then trains exactly as without the head)."""
+    cfg = model.cfg
+    h = hidden.detach() if cfg.library_detach else hidden
+    pred = model.log_library(h.float())
+    z = (pred - (log_offset.float() + math.log(TARGET_SUM))) / cfg.library_sd
+    return (row_weight * z.square()).sum() / row_weight.sum().clamp_min(1.0)
+
+
+def _count_nll_terms(
+    model: INRField,
+    hidden: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    target: torch.Tensor | SparseTarget,
+    loss_cfg: LossConfig,
+    extractor: nn.Module | None,
+    impl: str,
+    log_offset: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lik, lam, eps = loss_cfg.likelihood, loss_cfg.lambda_kl, loss_cfg.kl_eps
     off, row_w = count_rows(_batch_offset(target, log_offset))
     log_theta = model.log_theta if lik == "nb" else None
