@@ -64,8 +64,10 @@ def coverage_table(
     frac = unc.coverage_fraction(y, lo, hi)
     per_gene = frac.mean(axis=0)
     plo, phi = unc.plain_interval_counts(mu, log_theta, level)
+    jitter = y + np.random.default_rng(0).uniform(size=y.shape) - 0.5  # one draw of the randomized rule
     return {
         "pooled": float(frac.mean()),
+        "pooled_one_draw": float(((lo <= jitter) & (jitter <= hi)).mean()),
         "per_gene_median": float(np.median(per_gene)),
         "per_gene_p10": float(np.percentile(per_gene, 10)),
         "per_gene_p90": float(np.percentile(per_gene, 90)),
@@ -105,6 +107,7 @@ def evaluate_split(split, cfg: EvalConfig, model_kind: str, steps: int, level: f
                 "seed": split.seed,
                 "model": model_kind,
                 "dispersion": source,
+                "default": source == ("model" if model_kind == "nb" else "calibration"),
                 "distribution": dist.kind,
                 "n_spots": int(test.n_cells),
                 "n_genes": int(y.shape[1]),
