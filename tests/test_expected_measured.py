@@ -148,6 +148,9 @@ def test_expected_log1p_of_a_fitted_model_follows_its_library_field(gradient_fit
     torch.testing.assert_close(expected_log1p(model, pts), expected_log1p(model, pts, lib_field.numpy()))
     torch.testing.assert_close(expected_log1p(model, pts), expected_log1p_counts(eta, torch.log(lib_field)))
     # the same rate measured with 16× the library: fewer zeros, smaller Jensen gap, still below the plug-in
+    # a gene subset computes those head rows only, with the same values
+    sub = expected_log1p(model, pts, gene_idx=np.array([4, 1]))
+    torch.testing.assert_close(sub, expected_log1p(model, pts)[:, [4, 1]])
     small = expected_log1p(model, pts, np.full(2, 500.0))
     big = expected_log1p(model, pts, np.full(2, 8000.0))
     plug = torch.nn.functional.softplus(eta)
@@ -249,6 +252,8 @@ def test_expected_log1p_rejects_bad_input(gradient_fit):
         expected_log1p(model, np.zeros((2, 2)))
     with pytest.raises(InputError, match="2 values for 3 points"):
         expected_log1p(model, np.zeros((3, 3)), np.array([1.0, 2.0]))
+    with pytest.raises(InputError, match="gene_idx outside"):
+        expected_log1p(model, np.zeros((1, 3)), gene_idx=np.array([99]))
     rmse_model = INRField(FieldConfig(3, EncodingConfig(n_bands=1), 8, 1))
     with pytest.raises(InputError, match="needs a count model"):
         expected_log1p(rmse_model, np.zeros((1, 3)))

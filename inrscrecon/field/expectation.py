@@ -114,10 +114,12 @@ def expected_log1p(
     model: INRField,
     coords: torch.Tensor | np.ndarray,  # [N, 3] physical coordinates (µm)
     library: torch.Tensor | np.ndarray | None = None,  # [N] library sizes L (total counts); None: the model's
+    gene_idx: torch.Tensor | np.ndarray | None = None,  # [K] head rows to compute; None: all M genes
     rows_chunk: int = 256,
     tol: float = 1e-6,
 ) -> torch.Tensor:
-    """Expected measured expression E[log1p(1e4 · Y / L)] [N, M] (fp32, on the model's device) at ``coords``.
+    """Expected measured expression E[log1p(1e4 · Y / L)] [N, M] (or [N, K] for ``gene_idx``; fp32, on the
+    model's device) at ``coords``.
 
     The model's predictive distribution: NB with θ = exp(log_theta) for an NB model, Poisson for a Poisson
     model. L = ``library`` (given per point) or exp(predicted log L(x)) from the model's library head.
@@ -144,13 +146,20 @@ def expected_log1p(
         raise InputError(
             "expected_log1p: the model has no library-size head (fitted before it existed); pass library"
         )
+    w, b = model.head.weight.float(), model.head.bias.float()
     log_theta = model.log_theta if lik == "nb" else None
-    out = torch.empty(xyz.shape[0], model.cfg.n_genes, dtype=torch.float32, device=device)
+    if gene_idx is not None:
+        gi = torch.as_tensor(gene_idx, dtype=torch.long, device=device).reshape(-1)
+        if gi.numel() and (gi.min() < 0 or gi.max() >= model.cfg.n_genes):
+            raise InputError(f"expected_log1p: gene_idx outside 0..{model.cfg.n_genes - 1}")
+        w, b = w[gi], b[gi]
+        log_theta = None if log_theta is None else log_theta[gi]
+    out = torch.empty(xyz.shape[0], w.shape[0], dtype=torch.float32, device=device)
     model.eval()
     for s in range(0, xyz.shape[0], rows_chunk):
         c = model.normalize(xyz[s : s + rows_chunk].to(device))
         hidden = model.hidden(c).float()
-        eta = torch.nn.functional.linear(hidden, model.head.weight.float(), model.head.bias.float())
+        eta = torch.nn.functional.linear(hidden, w, b)
         ll = log_lib[s : s + rows_chunk] if log_lib is not None else model.log_library(hidden)
         out[s : s + rows_chunk] = expected_log1p_counts(eta, ll, log_theta, tol)
     return out
