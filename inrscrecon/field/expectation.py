@@ -147,7 +147,7 @@ def expected_log1p(
             "expected_log1p: the model has no library-size head (fitted before it existed); pass library"
         )
     w, b = model.head.weight.float(), model.head.bias.float()
-    log_theta = model.log_theta if lik == "nb" else None
+    log_theta: torch.Tensor | None = model.log_theta if lik == "nb" else None
     if gene_idx is not None:
         gi = torch.as_tensor(gene_idx, dtype=torch.long, device=device).reshape(-1)
         if gi.numel() and (gi.min() < 0 or gi.max() >= model.cfg.n_genes):
