@@ -110,6 +110,8 @@ def test_interval_blocks_do_not_change_the_result(monkeypatch):
     blocks = unc.interval_from_prediction(pred, d, 0.9)
     for a, b in zip(whole, blocks):
         np.testing.assert_array_equal(a, b)
+    empty = unc.interval_from_prediction(pred, d, 0.9, np.where(np.arange(50) == 3, 0.0, lib))
+    np.testing.assert_array_equal(empty[1], whole[1])  # a spot without counts: the training median
     lo, hi = unc.interval_counts(mu, log_theta, 0.9)
     np.testing.assert_allclose(whole[1], unc.to_log1p(hi, lib), rtol=1e-5)
 

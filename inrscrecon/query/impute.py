@@ -74,6 +74,6 @@ def impute_sections(
         out.uns["inrscrecon"]["section_codes"] = codes
     if dist is not None and level is not None:
         library = spot_library_sizes(sections)
-        rule = None if library is not None else f"{MEDIAN_RULE}; the sections hold no counts for every spot"
+        rule = None if library is not None else f"{MEDIAN_RULE}; the sections hold no counts"
         add_interval_layers(out, values, dist, level, library, rule)
     return out

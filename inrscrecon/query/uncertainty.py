@@ -64,7 +64,7 @@ BLOCK_VALUES = 1_000_000
 #: Rate floor ε (per 1e4 counts) inside the calibrated mean map's log.
 RATE_EPS = 1e-3
 MEDIAN_RULE = "median library size of the training cells (query points have no counts)"
-SPOT_RULE = "each spot's own total counts"
+SPOT_RULE = "each spot's own total counts (the training median for a spot with none)"
 
 
 def check_level(level: float) -> float:
@@ -226,11 +226,13 @@ def interval_from_prediction(
     library: np.ndarray | None = None,  # [N] per-spot library sizes; None: the training median
 ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) [N, K] float32 in the units of X: the ``level`` interval of each point's counts,
-    computed in row blocks of about :data:`BLOCK_VALUES` values (the float64 temporaries stay bounded)."""
+    computed in row blocks of about :data:`BLOCK_VALUES` values (the float64 temporaries stay bounded).
+    Spots with no counts (library size 0) get the training median."""
     n, k = pred.shape
     lib = np.full(n, dist.library_size) if library is None else np.asarray(library, dtype=np.float64)
     if lib.shape != (n,):
         raise InputError(f"{lib.shape[0]} library sizes for {n} points")
+    lib = np.where(lib > 0, lib, dist.library_size)
     lower, upper = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
     step = max(1, BLOCK_VALUES // max(k, 1))
     for s in range(0, n, step):
@@ -258,7 +260,7 @@ def record(dist: Predictive, level: float, library_rule: str) -> dict[str, Any]:
 
 def spot_library_sizes(sections: Sequence[Any]) -> np.ndarray | None:
     """Total counts per spot of every section, stacked [N] (as the training table sums them), or None when a
-    section holds no counts (``uns['X_kind']``) or a spot has none."""
+    section holds no counts (``uns['X_kind']``)."""
     from inrscrecon.data.preprocess import is_counts
 
     parts = []
@@ -266,8 +268,7 @@ def spot_library_sizes(sections: Sequence[Any]) -> np.ndarray | None:
         if not is_counts(s):
             return None
         parts.append(np.asarray(s.X.sum(axis=1), dtype=np.float64).ravel())
-    lib = np.concatenate(parts) if parts else np.zeros(0)
-    return lib if (lib > 0).all() else None
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
