@@ -293,6 +293,16 @@ def test_impute_uses_each_spots_library_size(fitted, tmp_path):
     np.testing.assert_array_equal(a.X, b.X)
 
 
+def test_spot_library_sizes(small_stack):
+    sections, _ = small_stack
+    lib = unc.spot_library_sizes(sections[:2])
+    want = np.concatenate([np.asarray(s.X.sum(axis=1)).ravel() for s in sections[:2]])
+    np.testing.assert_array_equal(lib, want)
+    normalised = sections[0].copy()
+    normalised.uns["X_kind"] = "normalized_expression"
+    assert unc.spot_library_sizes([sections[1], normalised]) is None
+
+
 def test_render_writes_interval_channels(fitted, tmp_path):
     import zarr
 
