@@ -261,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         run_part(part, args.seeds, cfg, out, args.figures_only, args.holdout, args.baselines_only)
     if args.merge or args.all:
         notes = Path(args.notes).read_text() if args.notes else ""
+        present = [p for p in PARTS if any((out / "parts").glob(f"{p}*.json"))]
         command = (
             "python benchmarks/eval_real.py "
-            + " ".join(f"--part {p}" for p in PARTS)
-            + f" --seeds {args.seeds} --threads {args.threads}; then --merge"
+            + " ".join(f"--part {p}" for p in present)
+            + f" --seeds {args.seeds} --threads {args.threads} (one process per part file in parts/; the "
+            "commands are under 'How these files were produced'); then --merge"
         )
         torch.set_num_threads(args.threads)
         merge(out, command, cfg, notes, args.wall_note)

@@ -310,4 +310,4 @@ def markdown_report(results: dict, meta: dict) -> str:
         "(candidates fitted on validation data, details.json).",
         "",
     ]
-    return "\n".join(head) + markdown_table(results, reported) + meta.get("notes", "")
+    return "\n".join(head) + "\n" + markdown_table(results, reported) + meta.get("notes", "")
