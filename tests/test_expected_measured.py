@@ -297,3 +297,13 @@ def test_evaluation_scores_the_measured_point_of_the_same_count_fit(small_stack)
     assert {"rmse", "pearson", "ari"} <= set(res.metrics["inr_poisson_measured"])
     # one fit: the same fitting time is reported for both summaries
     assert res.metrics["inr_poisson_measured"]["wall_s"] == res.metrics["inr_poisson"]["wall_s"]
+
+
+def test_a_tail_beyond_the_count_cap_is_an_error_not_a_truncation(monkeypatch):
+    import inrscrecon.field.expectation as ex
+
+    monkeypatch.setattr(ex, "MAX_COUNT", 512)
+    eta, log_lib = torch.tensor([[6.0]]), torch.tensor([math.log(5000.0)])  # μ ≈ 200, NB θ = 0.5: long tail
+    with pytest.raises(RuntimeError, match="tail is above"):
+        ex.expected_log1p_counts(eta, log_lib, torch.tensor([math.log(0.5)]))
+    assert torch.isfinite(ex.expected_log1p_counts(eta, log_lib)).all()  # Poisson(200) ends well before 512
