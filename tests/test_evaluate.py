@@ -1,6 +1,7 @@
-"""Evaluation: metrics, tuned baselines, bandwidth selection, task splits, the ``evaluate`` API / CLI on a tiny
-synthetic stack, and a fast subsampled real-data run (skips without ../shared/data). The full run is
-benchmarks/eval_real.py and stays out of CI."""
+"""Evaluation: metrics, tuned baselines, bandwidth selection, task splits, held-out-section (LOSO) choices for
+the inter task, the paper protocol, report labels, the ``evaluate`` API / CLI on a tiny synthetic stack, and a
+fast subsampled real-data run (skips without ../shared/data). The full run is benchmarks/eval_real.py and stays
+out of CI."""
 
 from __future__ import annotations
 
@@ -444,3 +445,16 @@ def test_predictive_log1p_mean_matches_sampling():
         want = np.log1p(y * 1e4 / lib).mean(axis=-1)
         np.testing.assert_allclose(got, want, atol=0.01)
         assert (got <= pred + 1e-6).all() and got[1, 1] == 0.0  # Jensen: below the plug-in value
+
+
+def test_prepare_gene_selection_and_protocol_errors(stack):
+    sections, _ = stack
+    prep = prepare(sections, cfg=replace(TINY, gene_selection="batch", max_cells=50))
+    assert prep.genes == select_genes(sections, TINY.n_genes, method="batch")
+    assert prep.genes != select_genes(sections, TINY.n_genes)  # the rules differ on this stack
+    with pytest.raises(InputError, match="protocol paper"):
+        make_splits("inter", prep, None, [0], replace(TINY, protocol="paper"))
+    with pytest.raises(InputError, match="unknown protocol"):
+        make_splits("intra", prep, None, [0], replace(TINY, protocol="theirs"))
+    paper = make_splits("intra", prep, ["section_01"], [0], replace(TINY, protocol="paper"))
+    assert [s.task for s in paper] == ["intra_paper"] and paper[0].test.n_cells == 50
