@@ -156,6 +156,8 @@ def _fit(args: argparse.Namespace) -> int:
     holdout = parse_names(args.holdout)
     di = distributed.init_from_env(args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
     table: Table
+    if args.stream and args.hvg != "pooled":
+        raise InputError("--hvg batch needs in-memory sections; --stream selects genes by pooled variance")
     if args.stream:  # X stays on disk, read in CSR chunks
         from inrscrecon.data.streaming import open_stack
 
@@ -185,7 +187,7 @@ def _fit(args: argparse.Namespace) -> int:
         genes = table.genes
     else:
         sections = _load_stack(args, holdout)
-        genes = select_genes(sections, args.genes)
+        genes = select_genes(sections, args.genes, method=args.hvg)
         spacing = None if holdout and args.z_key is None else args.spacing  # z_um set by _load_stack
         table = build_cell_table(
             sections, genes, spacing=spacing, z_key=args.z_key, spatial_key=args.spatial_key
@@ -367,6 +369,13 @@ def _add_fit(sub) -> None:
     )
     p.add_argument(
         "--genes", type=positive_int, default=5000, help="top-M variable shared genes (default 5000)"
+    )
+    p.add_argument(
+        "--hvg",
+        choices=["pooled", "batch"],
+        default="pooled",
+        help="gene selection: variance pooled over sections (default), or per section and combined "
+        "(Seurat v3 rule, scanpy's seurat_v3 with batch_key; in-memory sections only)",
     )
     p.add_argument("--epochs", type=positive_int, default=60)
     p.add_argument(

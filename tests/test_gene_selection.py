@@ -97,3 +97,18 @@ def test_single_section_and_non_counts():
 def test_unknown_method_is_an_input_error():
     with pytest.raises(InputError, match="gene selection"):
         select_genes(_sections(n_sections=2), 10, method="variance")
+
+
+def test_fit_cli_hvg_batch(tmp_path, small_stack, capsys):
+    from inrscrecon.cli import main
+    from inrscrecon.data.io import write_h5ad
+    from inrscrecon.field.model import INRField
+
+    sections, _ = small_stack
+    paths = [str(write_h5ad(s.copy(), tmp_path / f"{s.uns['section']}.h5ad")) for s in sections[:2]]
+    out = tmp_path / "m.safetensors"
+    base = ["fit", *paths, "--genes", "20", "--epochs", "1", "--bands", "1", "--quiet", "--out", str(out)]
+    assert main([*base, "--hvg", "batch"]) == 0
+    assert INRField.load(out).cfg.genes == select_genes(sections[:2], 20, method="batch")
+    assert main([*base, "--hvg", "batch", "--stream"]) == 2  # streaming selects by pooled variance only
+    assert "--hvg batch needs in-memory sections" in capsys.readouterr().err
