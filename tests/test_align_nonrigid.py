@@ -98,7 +98,7 @@ def test_known_warp_error_drops_at_least_5x(warped):
 def test_no_warp_invents_no_deformation():
     case = warp_case(seed=1, cells=CELLS, amplitude_um=0.0)
     rigid, nonrigid = _run(case, False), _run(case, True)
-    d = np.hypot(*nonrigid.fields["moving"].displacement.reshape(-1, 2).T)
+    d = np.hypot(*(_aligned_xy(nonrigid, "moving") - _aligned_xy(rigid, "moving")).T)  # what moved the cells
     assert d.max() <= 0.25 * case.spacing, f"invented up to {d.max():.2f} µm (spacing {case.spacing:.1f})"
     before = np.median(np.hypot(*(_aligned_xy(rigid, "moving") - case.true_xy).T))
     after = np.median(np.hypot(*(_aligned_xy(nonrigid, "moving") - case.true_xy).T))
@@ -151,4 +151,29 @@ def test_cli_nonrigid_export_round_trip(warped, tmp_path):
     assert (
         np.abs(pose.apply(case.moving.obsm["spatial"]) - back.obsm["spatial_aligned"][sec == "moving"]).max()
         > 1
+    )
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_dlpfc_nonrigid_keeps_layer_agreement():
+    """151673 → 151674 (adjacent sections): --nonrigid must not lower layer agreement by more than 0.005."""
+    from conftest import require_data
+
+    from inrscrecon.align.metrics import layer_agreement
+
+    data = require_data("dlpfc_151673.h5ad", "dlpfc_151674.h5ad")
+    a, b = ad.read_h5ad(data / "dlpfc_151673.h5ad"), ad.read_h5ad(data / "dlpfc_151674.h5ad")
+    a.uns["section"], b.uns["section"] = "151673", "151674"
+    la, lb = a.obs["layer"].astype(str).to_numpy(), b.obs["layer"].astype(str).to_numpy()
+    score = {}
+    for nonrigid in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = align([a, b], spacing=10.0, seed=0, nonrigid=nonrigid)
+        score[nonrigid] = layer_agreement(_aligned_xy(res, "151673"), la, _aligned_xy(res, "151674"), lb)
+    assert score[True] >= score[False] - 0.005, (
+        f"layer agreement rigid {score[False]:.4f} → {score[True]:.4f}"
     )

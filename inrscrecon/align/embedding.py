@@ -1,7 +1,7 @@
 """Joint low-dimensional expression space of two sections (no dense N × G matrix, no N × N matrix).
 
 Shared genes → library-size normalise + log1p (sparse) → top variable genes (pooled over both sections) →
-standardise with pooled mean / s.d. → randomized PCA with implicit centring on the sparse matrix.
+standardise with pooled mean / s.d. → exact PCA (scikit-learn) of the sparse matrix, centred implicitly.
 """
 
 from __future__ import annotations
@@ -43,41 +43,31 @@ def _moments(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x.mean(axis=0)).ravel(), np.asarray(x.multiply(x).sum(axis=0)).ravel() / n
 
 
-def randomized_pca(
+def pca_scores(
     x: sp.csr_matrix,
     mean: np.ndarray,
     n_comps: int,
     rng: np.random.Generator,
-    n_power: int = 3,
-    oversample: int = 10,
     max_fit_rows: int | None = None,
 ) -> np.ndarray:
     """Top principal-component scores of (x − 1 meanᵀ) [n, g] without forming it; returns [n, n_comps] float32.
 
-    Halko et al. randomized range finder with power iterations; the centring is applied implicitly. With
-    ``max_fit_rows`` the components are fitted on that many random rows and every row is then projected (one
-    pass over x), so the cost stops growing with n beyond the projection.
+    scikit-learn's exact PCA (``svd_solver="covariance_eigh"``: the g × g covariance of the sparse rows, then
+    its eigenvectors; deterministic) finds the components. With ``max_fit_rows`` they are fitted on that many
+    random rows, so the cost stops growing with n; every row is then projected in chunks, centred by ``mean``.
     """
+    from sklearn.decomposition import PCA  # deferred: scikit-learn's import is slow
+
     fit = x
     if max_fit_rows is not None and x.shape[0] > max_fit_rows:
         fit = x[np.sort(rng.choice(x.shape[0], max_fit_rows, replace=False))]
-    n, g = fit.shape
-    k = min(n_comps, g, n)
-    ell = min(k + oversample, g, n)
-
-    def mv(a: np.ndarray) -> np.ndarray:  # (fit − 1 μᵀ) a
-        return np.asarray(fit @ a) - mean @ a
-
-    def rmv(b: np.ndarray) -> np.ndarray:  # (fit − 1 μᵀ)ᵀ b
-        return np.asarray(fit.T @ b) - np.outer(mean, b.sum(axis=0))
-
-    y, _ = np.linalg.qr(mv(rng.standard_normal((g, ell))))
-    for _ in range(n_power):
-        z, _ = np.linalg.qr(rmv(y))
-        y, _ = np.linalg.qr(mv(z))
-    _, _, vt = np.linalg.svd(rmv(y).T, full_matrices=False)  # Yᵀ (fit − 1 μᵀ) = U S Vᵀ
-    comps = vt[:k].T  # [g, k]
-    return (np.asarray(x @ comps) - mean @ comps).astype(np.float32)
+    k = min(n_comps, fit.shape[1], fit.shape[0] - 1)
+    comps = PCA(n_components=k, svd_solver="covariance_eigh").fit(fit).components_.T  # [g, k]
+    offset = mean @ comps
+    out = np.empty((x.shape[0], k), dtype=np.float32)
+    for s in range(0, x.shape[0], CHUNK):
+        out[s : s + CHUNK] = np.asarray(x[s : s + CHUNK] @ comps) - offset
+    return out
 
 
 def joint_embedding(
@@ -111,9 +101,7 @@ def joint_embedding(
     sd = np.sqrt(var[keep])
     x = sp.vstack([xa[:, keep], xb[:, keep]], format="csr") @ sp.diags((1.0 / sd).astype(np.float32))
     x = sp.csr_matrix(x)
-    scores = randomized_pca(
-        x, mean[keep] / sd, n_comps, np.random.default_rng(seed), max_fit_rows=max_fit_rows
-    )
+    scores = pca_scores(x, mean[keep] / sd, n_comps, np.random.default_rng(seed), max_fit_rows=max_fit_rows)
     return scores[: a.n_obs], scores[a.n_obs :], [genes[i] for i in keep]
 
 

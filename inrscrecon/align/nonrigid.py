@@ -138,12 +138,16 @@ class NonrigidConfig:
     bandwidths: tuple[float, ...] = (4.0, 3.0, 2.0, 1.5, 1.0)  # kernel bandwidths, coarse to fine
     iters: int = 3  # Gauss–Newton steps per bandwidth
     # bending weights tried (relative to the data term, see _gauss_newton). On DLPFC the held-out expression
-    # mismatch keeps falling down to λ ≈ 0.01 while layer agreement drops (λ 1: −0.010, λ 10: +0.007, λ 100:
-    # +0.014 against rigid on 151673–74): below 10 the field follows per-section expression structure that is
-    # not deformation, so the search starts at 10.
-    lambdas: tuple[float, ...] = (10.0, 100.0, 1000.0)
+    # mismatch keeps falling down to λ ≈ 0.01 while layer agreement drops below the rigid one's (151674–75:
+    # λ 10 −0.004, λ 30 +0.009, λ 100 +0.003): below ~30 the field also follows per-section expression
+    # structure that is not deformation (held-out cells of the same section share it), so the search starts
+    # at 30. Section-scale warps (wavelength ≥ the section's diameter) are recovered 6–17× at λ 30–100.
+    lambdas: tuple[float, ...] = (30.0, 100.0, 300.0)
     holdout: float = 0.2  # fraction of moving cells that choose λ and guard the result
     min_gain: float = 0.002  # held-out mismatch must drop by this fraction for the warp to be kept
+    # ... and by this many paired standard errors over the held-out cells: on patchy tissue without a warp
+    # the gain reaches ~2.5 s.e. (the field then moves cells ≤ 0.25 spacings), a real warp gives tens
+    min_z: float = 3.0
     max_cells: int = 20000  # moving cells used for the fit (random subset beyond it)
     trim: float = 0.9  # worst residuals left out of each step
     # pull of every node towards zero displacement, relative to the data term's mean strength per node: where
@@ -309,7 +313,8 @@ def fit_displacement(
     with ``cfg.symmetric`` the field is the mean of the forward one and the inverse of the backward one,
     d(p) = (d_ab(p) − d_ba(p + d_ab(p))) / 2, so biases that pull both directions alike (e.g. towards regions
     whose kernel average is closest to every cell's mean) cancel while a real deformation adds up. The zero
-    field is returned unless the result lowers the held-out mismatch of a's cells by ``cfg.min_gain``.
+    field is returned unless the result lowers the held-out mismatch of a's cells by ``cfg.min_gain`` and by
+    ``cfg.min_z`` paired standard errors.
     ``info`` records the choices."""
     cfg = cfg or NonrigidConfig()
     ea, eb = ea[:, : cfg.n_comps], eb[:, : cfg.n_comps]
@@ -325,26 +330,50 @@ def fit_displacement(
     d = fwd.displacement
     if cfg.symmetric:
         held_b = rng.uniform(size=len(xy_b)) < cfg.holdout
-        back, _, tried_b = _one_way(xy_b, eb, xy_a, ea, _spacing_of(xy_a), held_b, cfg)
-        ny, nx = d.shape[:2]
-        gx, gy = np.meshgrid(
-            fwd.origin[0] + fwd.spacing[0] * np.arange(nx), fwd.origin[1] + fwd.spacing[1] * np.arange(ny)
-        )
-        p = np.column_stack([gx.ravel(), gy.ravel()])
-        df = d.reshape(-1, 2)
-        d = ((df - back.sample(p + df)) / 2).reshape(d.shape)
+        # a's held-out cells stay out of the backward fit too (as its target field): they judge the result
+        fit_a = ~held_a
+        back, _, tried_b = _one_way(xy_b, eb, xy_a[fit_a], ea[fit_a], _spacing_of(xy_a[fit_a]), held_b, cfg)
+        d = _symmetric(fwd, back)
         info.update(lambda_back=back.info["lambda"], held_out_mismatch_back=tried_b)
     field = DisplacementField(fwd.origin, fwd.spacing, d)
-    rigid, warped = ho.score(DisplacementField.zeros(fwd.origin, fwd.spacing, d.shape[:2])), ho.score(field)
+    zero = DisplacementField.zeros(fwd.origin, fwd.spacing, d.shape[:2])
+    rigid, warped = ho.score(zero), ho.score(field)
     gain = 1.0 - warped / rigid if np.isfinite(rigid) and rigid > 0 else 0.0
+    diff = ho.per_cell(zero) - ho.per_cell(field)
+    diff = diff[np.isfinite(diff)]
+    z = float(diff.mean() / max(diff.std(ddof=1) / np.sqrt(len(diff)), 1e-12)) if len(diff) >= 10 else 0.0
     info.update(
         held_out_gain=float(gain),
+        held_out_z=z,  # the gain in paired standard errors over the held-out cells
         held_out_rigid=rigid,
         grid_shape=[int(d.shape[0]), int(d.shape[1])],
         cells=int(len(xy_a)),
-        kept=bool(gain >= cfg.min_gain),
+        kept=bool(gain >= cfg.min_gain and z >= cfg.min_z),
     )
     if not info["kept"]:
-        field = DisplacementField.zeros(fwd.origin, fwd.spacing, d.shape[:2])
+        field = zero
+    else:  # judged on held-out cells; the field itself is then refitted on every cell with the chosen λ
+        d_all = _gauss_newton(xy_a, ea, xy_b, eb, cKDTree(xy_b), fwd, info["lambda"], spacing, cfg)
+        field = DisplacementField(fwd.origin, fwd.spacing, d_all.reshape(d.shape))
+        if cfg.symmetric:
+            sp_a = _spacing_of(xy_a)
+            grid_b = _grid_over(xy_b, sp_a, cfg)
+            d_b = _gauss_newton(xy_b, eb, xy_a, ea, cKDTree(xy_a), grid_b, info["lambda_back"], sp_a, cfg)
+            back_all = DisplacementField(
+                grid_b.origin, grid_b.spacing, d_b.reshape(grid_b.displacement.shape)
+            )
+            field = DisplacementField(fwd.origin, fwd.spacing, _symmetric(field, back_all))
     field.info = info
     return field
+
+
+def _symmetric(fwd: DisplacementField, back: DisplacementField) -> np.ndarray:
+    """Nodes of ``fwd``'s grid: (d_ab(p) − d_ba(p + d_ab(p))) / 2, [ny, nx, 2]."""
+    d = fwd.displacement
+    ny, nx = d.shape[:2]
+    gx, gy = np.meshgrid(
+        fwd.origin[0] + fwd.spacing[0] * np.arange(nx), fwd.origin[1] + fwd.spacing[1] * np.arange(ny)
+    )
+    p = np.column_stack([gx.ravel(), gy.ravel()])
+    df = d.reshape(-1, 2)
+    return ((df - back.sample(p + df)) / 2).reshape(d.shape)
