@@ -89,7 +89,9 @@ def sweep_intra_151673() -> None:
     run("L=3 full", four(3), loss="full")
 
 
-def explore_inter(dataset: str, variants: list[str], hvg: str, seed: int = 100, steps: int = 1000) -> None:
+def explore_inter(
+    dataset: str, variants: list[str], hvg: str, seed: int = 100, steps: int = 1000, own_library: bool = False
+) -> None:
     """Every variant and baseline on the held-out interior training section of the inter task (see top)."""
     from dataclasses import replace
 
@@ -172,6 +174,9 @@ def explore_inter(dataset: str, variants: list[str], hvg: str, seed: int = 100, 
 
                     measured = expected_log1p(res.model, table.coords[val]).cpu().numpy()
                     report(method + "_measured", measured, {"config": cname})
+                    if own_library:  # reference only: a held-out spot's own total is unknown at query time
+                        own = expected_log1p(res.model, table.coords[val], table.totals[val]).cpu().numpy()
+                        report(method + "_measured", own, {"config": cname + ", own library (oracle)"})
 
 
 LABELS = {"mean_profile": "mean profile", "knn": "k-NN (tuned k)", "gaussian": "Gaussian smoother (tuned h)",
@@ -206,6 +211,8 @@ def main() -> None:
     ap.add_argument("--variants", default="inr_rmse,inr_poisson,inr_nb,inr_zstretch,inr_codes,inr_hashgrid")
     ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled")
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--own-library", action="store_true",
+                    help="also the measured-scale rows at the validation spots' own library sizes (oracle)")  # fmt: skip
     ap.add_argument("--library-coupled", action="store_true",
                     help="count models' library-size head trains the trunk too (not detached)")  # fmt: skip
     ap.add_argument("--table", nargs="+", help="print explore_*.jsonl files as one markdown table")
@@ -219,7 +226,8 @@ def main() -> None:
             import inrscrecon.train.fit as fit_mod
 
             fit_mod.LIBRARY_DETACH = False
-        explore_inter(args.inter or "dlpfc", [v for v in args.variants.split(",") if v], args.hvg, args.seed)
+        variants = [v for v in args.variants.split(",") if v]
+        explore_inter(args.inter or "dlpfc", variants, args.hvg, args.seed, own_library=args.own_library)
 
 
 if __name__ == "__main__":
