@@ -177,3 +177,29 @@ def test_dlpfc_nonrigid_keeps_layer_agreement():
     assert score[True] >= score[False] - 0.005, (
         f"layer agreement rigid {score[False]:.4f} → {score[True]:.4f}"
     )
+
+
+def test_three_sections_middle_reference_fields_every_section():
+    """With the middle section as reference, both outer sections get a field (fitted outward) and the
+    reference stays where the rigid step put it; a field that is not kept moves nothing."""
+    import itertools
+
+    from inrscrecon.data.synthetic import SynthConfig, iter_sections
+
+    cfg = SynthConfig(n_sections=81, spacing=10.0, cells_per_section=600, n_genes=100, seed=7)
+    sections = [r[0] for r in itertools.islice(iter_sections(cfg), 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rigid = align(sections, spacing=10.0, reference=1, poses="chained")
+        res = align(sections, spacing=10.0, reference=1, poses="chained", nonrigid=True)
+    names = ["section_00", "section_01", "section_02"]
+    assert set(res.fields) == set(names)
+    assert not res.fields["section_01"].displacement.any()
+    np.testing.assert_allclose(_aligned_xy(res, "section_01"), _aligned_xy(rigid, "section_01"))
+    for name in ("section_00", "section_02"):
+        rec = next(e for e in res.transforms if e["name"] == name)["nonrigid"]
+        moved = np.hypot(*(_aligned_xy(res, name) - _aligned_xy(rigid, name)).T)
+        if not rec["kept"]:
+            assert moved.max() == 0.0
+        else:  # bilinear weights are convex: no cell moves further than the largest node displacement
+            assert 0 < moved.max() <= rec["max_displacement_um"] + 1e-6
