@@ -182,6 +182,7 @@ def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: 
     details: list = []
     task_wall: dict[str, float] = {}
     parts_meta = {}
+    seen: dict[tuple, dict] = {}  # (task key, holdout, seed) → its record in details
     redone: dict[tuple, dict] = {}  # (task, holdout, seed) → baseline metrics of a --baselines-only rerun
     for path in sorted((out / "parts").glob("*.baselines.json")):
         for d in json.loads(path.read_text())["details"]:
@@ -199,7 +200,19 @@ def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: 
                             d["metrics"][m] = new["metrics"][m]
                             d["chosen"][m] = new["chosen"][m]
             suffix = part_spec(part)["suffix"]
-            details += [dict(d, part=part, key=d["task"] + suffix) for d in rec["details"]]
+            for d in rec["details"]:
+                # the same split in an earlier part file (e.g. a run adding INR rows): keep that file's
+                # methods, take only the new ones from this file
+                same = seen.get((d["task"] + suffix, d["holdout"], d["seed"]))
+                if same is None:
+                    d = dict(d, part=part, key=d["task"] + suffix)
+                    seen[(d["key"], d["holdout"], d["seed"])] = d
+                    details.append(d)
+                    continue
+                for m, ms in d["metrics"].items():
+                    if m not in same["metrics"]:
+                        same["metrics"][m] = ms
+                        same["chosen"][m] = d["chosen"].get(m, {})
             for k, v in rec["task_compute_s"].items():
                 task_wall[k] = task_wall.get(k, 0.0) + v
             parts_meta[path.stem] = {k: rec[k] for k in ("wall_s", "labels", "n_genes", "n_cells", "figures")}
