@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from inrscrecon.data.preprocess import TARGET_SUM
 from inrscrecon.data.stack import CellTable
 from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import EncodingConfig
@@ -269,25 +270,19 @@ def predictive_log1p_mean(
     A count model's plug-in output log1p(E[rate]) is Jensen-biased upwards against the log1p-normalised
     measurement; this predictive mean is the point prediction that minimises the expected squared error in
     those units. ``library`` L is one library size for every point (the evaluation uses the median of the
-    training cells: a held-out spot's own total is not known to the model). Summed over y until the
-    remaining probability mass is below ``tol`` everywhere (pmf by recursion, no [N, G, Y] array)."""
-    rate = np.expm1(np.asarray(pred, dtype=np.float64))
-    mu = np.maximum(library / target_sum * rate, 0.0)
-    scale = target_sum / library
-    if log_theta is None:
-        pmf = np.exp(-mu)
-        step = lambda y: mu / y  # noqa: E731  pmf(y) / pmf(y-1)
-    else:
-        theta = np.exp(np.asarray(log_theta, dtype=np.float64))[None, :]
-        pmf = np.exp(theta * (np.log(theta) - np.log(theta + mu)))
-        ratio = mu / (theta + mu)
-        step = lambda y: (y - 1 + theta) / y * ratio  # noqa: E731
-    cum = pmf.copy()
-    out = np.zeros_like(mu)
-    y = 0
-    while float((1.0 - cum).max()) > tol and y < 100_000:
-        y += 1
-        pmf = pmf * step(y)
-        out += pmf * math.log1p(y * scale)
-        cum += pmf
-    return out.astype(np.float32)
+    training cells: a held-out spot's own total is not known to the model). The exact sum of
+    :func:`inrscrecon.field.expectation.expected_log1p_counts`, in blocks of 256 points."""
+    import torch
+
+    from inrscrecon.field.expectation import expected_log1p_counts
+
+    if target_sum != TARGET_SUM:
+        raise ValueError(f"predictive_log1p_mean: target_sum must be {TARGET_SUM:g}, got {target_sum:g}")
+    p = torch.as_tensor(np.asarray(pred), dtype=torch.float64)
+    eta = torch.log(torch.expm1(p).clamp_min(1e-12)).float()  # softplus⁻¹; rate ≥ 1e-12 keeps log finite
+    lt = None if log_theta is None else torch.as_tensor(np.asarray(log_theta), dtype=torch.float32)
+    out = [
+        expected_log1p_counts(e, torch.full((e.shape[0],), math.log(library)), lt, tol=tol)
+        for e in eta.split(256)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(p.shape, dtype=np.float32)
