@@ -12,13 +12,8 @@ from safetensors.torch import save_file
 
 from inrscrecon.errors import InputError
 from inrscrecon.field.encoding import EncodingConfig
-from inrscrecon.field.model import (
-    FORMAT_VERSION,
-    SUPPORTED_FORMATS,
-    FieldConfig,
-    INRField,
-    check_model_file,
-)
+from inrscrecon.field.model import FORMAT_VERSION, SUPPORTED_FORMATS, FieldConfig, INRField
+from inrscrecon.field.schema import check_model_file
 
 
 def _model(n_genes: int = 5, **extra) -> INRField:
