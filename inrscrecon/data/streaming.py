@@ -208,20 +208,40 @@ class _Source:
             self.root.close()
 
 
+def _libc_function(name: str) -> Any:
+    """A glibc function by name, or None (another C library, or none found)."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(lib), name) if lib else None
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand memory that the allocator keeps after large temporary arrays back to the system (glibc
     ``malloc_trim``; a no-op elsewhere). Called after the streaming pass, whose per-chunk temporaries
     otherwise stay in the process's RSS for the whole fit."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own pages, returned to the system when freed
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve allocations above ``threshold`` bytes from their own memory maps for the rest of the process
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere); True when set.
+
+    glibc otherwise raises its threshold to the size of the last large block freed (up to 32 MiB), so the
+    chunks, batches and validation slices of a streaming fit — all below that — come from the heap, whose
+    fragments are not returned: measured, the RSS of a 300k-cell fit crept up by ≈ 200 MB over one epoch."""
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
 
 
 def fitted_chunk_rows(sources: Sequence[_Source], chunk_rows: int, n_chunks: int, cache_mb: float) -> int:
@@ -507,6 +527,7 @@ def open_stack(
         raise InputError(f"chunk_rows and window must be ≥ 1, got {chunk_rows}, {window}")
     if not cache_mb > 0:
         raise InputError(f"cache_mb must be > 0, got {cache_mb}")
+    map_large_allocations()
     sources = [_Source(p) for p in paths]
     try:
         chunk_rows = fitted_chunk_rows(sources, chunk_rows, cache_chunks or 2 * window + 1, cache_mb)

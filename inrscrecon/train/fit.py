@@ -520,7 +520,9 @@ def fit(
         list(table.genes),
         **tissue_frame(table.coords),
         z_stretch=check_z_stretch(table.coords, center, scale, z_stretch),
-        **section_code_settings(table.coords, getattr(table, "section", None), section_code_dim),
+        **section_code_settings(
+            table.coords, getattr(table, "section", None) if section_code_dim > 0 else None, section_code_dim
+        ),  # a streaming table builds its [N] section labels on demand: only when codes need them
         likelihood=loss_cfg.likelihood,
         **(library_settings(table, train_rows) if count else {}),
     )
