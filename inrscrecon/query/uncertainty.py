@@ -337,11 +337,15 @@ def fit_mean_map(
     lam = 1.0 / prior_sd**2
     b = np.ones(x.shape[1])
     a = np.log(np.maximum(tot, 1e-3) / np.exp(off + xc).sum(axis=0))  # intercept at the centred x
+    g0, g1, h00, h01, h11 = (np.empty(x.shape[1]) for _ in range(5))
     for _ in range(iters):
-        mu = np.exp(np.clip(off + a + b * xc, -50.0, 50.0))
-        r = y - mu
-        g0, g1 = r.sum(axis=0), (r * xc).sum(axis=0) - lam * (b - 1.0)
-        h00, h01, h11 = mu.sum(axis=0), (mu * xc).sum(axis=0), (mu * xc * xc).sum(axis=0) + lam
+        for s in range(0, x.shape[1], _GENE_BLOCK):  # [n, block] temporaries, not [n, K] ones
+            k = slice(s, s + _GENE_BLOCK)
+            xk = xc[:, k]
+            mu = np.exp(np.clip(off + a[k] + b[k] * xk, -50.0, 50.0))
+            r = y[:, k] - mu
+            g0[k], g1[k] = r.sum(axis=0), (r * xk).sum(axis=0) - lam * (b[k] - 1.0)
+            h00[k], h01[k], h11[k] = mu.sum(axis=0), (mu * xk).sum(axis=0), (mu * xk * xk).sum(axis=0) + lam
         det = np.maximum(h00 * h11 - h01**2, 1e-12)
         da = np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0)
         db = np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0)
