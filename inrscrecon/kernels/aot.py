@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["Resources", "compile_sparse_head"]
+__all__ = ["Resources", "compile_kernel", "compile_sparse_head"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,22 @@ def _usage(cubin: bytes) -> tuple[int, int]:
     return int(reg.group(1)), int(stack.group(1))
 
 
+def compile_kernel(
+    fn, sig: dict[str, str], const: dict, num_warps: int, num_stages: int, arch: int
+) -> Resources:
+    """Compile the jitted kernel ``fn`` for sm_``arch`` with runtime argument types ``sig`` (in argument order)
+    and the constexprs ``const`` (which follow them) → its resources."""
+    if type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("AOT compile needs the kernels imported without TRITON_INTERPRET")
+    names = list(sig) + list(const)
+    sig = dict(sig, **{c: "constexpr" for c in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    regs, stack = _usage(compiled.asm["cubin"])
+    return Resources(int(compiled.metadata.shared), regs, stack)
+
+
 def compile_sparse_head(
     dtype: str = "bf16",  # "bf16" | "fp32"
     width: int = 256,
@@ -58,8 +74,6 @@ def compile_sparse_head(
 
     from inrscrecon.kernels import triton_sparse_head_loss as k
 
-    if type(k._sparse_head_kernel).__name__ == "InterpretedFunction":
-        raise RuntimeError("AOT compile needs the kernels imported without TRITON_INTERPRET")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     cfg = k.default_blocks(torch.device("cuda"), width, torch_dtype)
     ptr = "*bf16" if dtype == "bf16" else "*fp32"
@@ -98,15 +112,7 @@ def compile_sparse_head(
         BLOCK_M=cfg.block_m,
         BLOCK_K=min(cfg.block_k, max(16, triton.next_power_of_2(width))),
     )
-    names = list(sig) + list(const)
-    sig.update({c: "constexpr" for c in const})
-    src = ASTSource(
-        fn=k._sparse_head_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}
-    )
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages or 2}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    regs, stack = _usage(compiled.asm["cubin"])
-    return Resources(int(compiled.metadata.shared), regs, stack)
+    return compile_kernel(k._sparse_head_kernel, sig, const, cfg.num_warps, cfg.num_stages or 2, arch)
 
 
 if __name__ == "__main__":

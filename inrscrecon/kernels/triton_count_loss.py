@@ -567,13 +567,8 @@ def compile_count_head(
 ) -> Any:
     """AOT compile of ``_count_tile_kernel`` for sm_``arch`` without a GPU (triton's NVIDIA backend, no
     TRITON_INTERPRET) → :class:`inrscrecon.kernels.aot.Resources` (shared bytes, registers, spill stack)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from inrscrecon.kernels.aot import compile_kernel
 
-    from inrscrecon.kernels.aot import Resources, _usage
-
-    if type(_count_tile_kernel).__name__ == "InterpretedFunction":
-        raise RuntimeError("AOT compile needs the kernels imported without TRITON_INTERPRET")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     cfg = blocks or count_blocks(torch.device("cuda"), width, torch_dtype, csr)
     ptr = "*bf16" if dtype == "bf16" else "*fp32"
@@ -598,15 +593,7 @@ def compile_count_head(
         BLOCK_M=cfg.block_m,
         BLOCK_K=min(cfg.block_k, max(16, triton.next_power_of_2(width))),
     )
-    names = list(sig) + list(const)
-    sig.update({c: "constexpr" for c in const})
-    src = ASTSource(
-        fn=_count_tile_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}
-    )
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages or 2}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    regs, stack = _usage(compiled.asm["cubin"])
-    return Resources(int(compiled.metadata.shared), regs, stack)
+    return compile_kernel(_count_tile_kernel, sig, const, cfg.num_warps, cfg.num_stages or 2, arch)
 
 
 if __name__ == "__main__":  # python -m inrscrecon.kernels.triton_count_loss: resources of the GPU tiles
