@@ -68,6 +68,7 @@ from inrscrecon.kernels.triton_sparse_head_loss import (
     SparseHeadBlocks,
     _chunks,
     _csr_target_tile,
+    _logits_tile,
     default_blocks,
     env_blocks,
 )
@@ -219,22 +220,24 @@ def _count_tile_kernel(
     g_ok = genes < M
     ok = row_ok[:, None] & g_ok[None, :]
     out_dtype = w_ptr.dtype.element_ty
-    z = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, W, BLOCK_K):
-        ck = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ck < W
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_hb + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        wt = tl.load(
-            w_ptr + genes[None, :] * stride_wm + ck[:, None], mask=k_ok[:, None] & g_ok[None, :], other=0.0
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            wt = wt.to(tl.float32)
-        z += tl.dot(h, wt, input_precision=PRECISION)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + genes, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_ok,
+        genes,
+        g_ok,
+        W,
+        stride_hb,
+        stride_wm,
+        HAS_BIAS,
+        UPCAST,
+        PRECISION,
+        BLOCK_B,
+        BLOCK_M,
+        BLOCK_K,
+    )
     if CSR:
         y = _csr_target_tile(
             indptr_ptr, idx_ptr, val_ptr, rows, row_ok, g0, SEARCH_STEPS, KCH, BLOCK_B, BLOCK_M

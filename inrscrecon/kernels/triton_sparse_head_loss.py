@@ -117,6 +117,45 @@ def _csr_target_tile(
 
 
 @triton.jit
+def _logits_tile(
+    h_ptr,  # [B, W]
+    w_ptr,  # [M, W]
+    b_ptr,  # [M]
+    rows,  # [BLOCK_B] batch rows of the tile
+    row_ok,
+    genes,  # [BLOCK_M] genes of the tile
+    g_ok,
+    W,
+    stride_hb,
+    stride_wm,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The head's logits h·Wᵀ + b of one [BLOCK_B, BLOCK_M] tile in fp32, on chip."""
+    z = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, W, BLOCK_K):  # K loop: small register tiles, pipelined through shared memory
+        ck = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ck < W
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hb + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + genes[None, :] * stride_wm + ck[:, None], mask=k_ok[:, None] & g_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            h = h.to(tl.float32)
+            wt = wt.to(tl.float32)
+        z += tl.dot(h, wt, input_precision=PRECISION)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + genes, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
 def _sparse_head_kernel(
     h_ptr,  # [B, W]
     w_ptr,  # [M, W]
@@ -160,22 +199,24 @@ def _sparse_head_kernel(
     genes = g0 + tl.arange(0, BLOCK_M)
     g_ok = genes < M
     out_dtype = w_ptr.dtype.element_ty
-    z = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, W, BLOCK_K):  # K loop: small register tiles, pipelined through shared memory
-        ck = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ck < W
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_hb + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        wt = tl.load(
-            w_ptr + genes[None, :] * stride_wm + ck[:, None], mask=k_ok[:, None] & g_ok[None, :], other=0.0
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            wt = wt.to(tl.float32)
-        z += tl.dot(h, wt, input_precision=PRECISION)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + genes, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_ok,
+        genes,
+        g_ok,
+        W,
+        stride_hb,
+        stride_wm,
+        HAS_BIAS,
+        UPCAST,
+        PRECISION,
+        BLOCK_B,
+        BLOCK_M,
+        BLOCK_K,
+    )
     pred, sig = _softplus_and_sigmoid(z)
     t = _csr_target_tile(indptr_ptr, idx_ptr, val_ptr, rows, row_ok, g0, SEARCH_STEPS, KCH, BLOCK_B, BLOCK_M)
     ok = row_ok[:, None] & g_ok[None, :]
