@@ -1,26 +1,34 @@
 """End-to-end ``fit`` throughput on a synthetic stack, beside bare torch steps of the same network, in one run.
 
-What it times (one process, the same model, seed and batches):
+What it times (one process, the same model, seed and batches), for each loss of ``--loss rmse poisson nb``
+(default: rmse); every row carries its ``loss``:
 
 * ``fit-device-csr`` — ``inrscrecon.train.fit.fit`` for one epoch on an in-memory stack: the stack placed on
-  the device as CSR, per-step gather + normalise + log1p there, the sparse-target loss, backward, Adam, the
-  validation pass: everything a user's ``fit`` epoch does (``end_to_end_cells_per_s`` = training cells / wall
-  of the whole call). Its ``step_cells_per_s`` is the steady-state rate of the same step without the loop;
-  the per-phase breakdown (sample, gather, forward, backward, optimizer; synchronised) is printed.
-* ``torch-eager-dense`` — the bare loop: a dense [N, M] target tensor already on the device, rows indexed per
-  step, dense ``head_loss_reference``, backward, ``torch.optim.Adam`` (the CPU target's reference).
+  the device as CSR, per-step gather (+ normalise + log1p for RMSE; raw counts + library offsets for the count
+  losses) there, the sparse-target loss, backward, Adam, the validation pass: everything a user's ``fit``
+  epoch does (``end_to_end_cells_per_s`` = training cells / wall of the whole call). Its
+  ``step_cells_per_s`` is the steady-state rate of the same step without the loop; the per-phase breakdown
+  (sample, gather, forward, backward, optimizer; synchronised) is printed.
+* ``torch-eager-dense`` — the bare loop: a dense [N, M] target tensor already on the device (log1p-normalised
+  for RMSE, raw counts + [N] log offsets for a count loss), rows indexed per step, the dense reference loss
+  (``head_loss_reference`` / ``count_head_loss_reference``), backward, ``torch.optim.Adam`` (the CPU target's
+  reference).
 * ``torch-compile-dense`` — the same dense step compiled whole (``torch.compile(fullgraph=True)``).
-* ``fit-device-csr-compiled`` (CUDA, or ``--compile-fit``) — ``fit`` with its whole step compiled
+* ``fit-device-csr-compiled`` (CUDA, or ``--compile-fit [LOSS ...]``) — ``fit`` with its whole step compiled
   (``compile="on"``; CUDA graphs on CUDA); its end-to-end wall includes the compilation, as a user pays it.
 
-Every measurement is repeated in ``--rounds`` interleaved rounds and the best kept (a shared machine).
-``--defaults-check [H5AD ...]`` instead compares ``fit`` with the CPU defaults and the device defaults.
+The count losses fit the same network as ``fit`` builds for them (the library-size head; NB's gene-wise log θ).
+Losses run one after the other, each with its own dense target (one [N, M] tensor resident at a time); within
+a loss every measurement is repeated in ``--rounds`` interleaved rounds and the best kept (a shared machine).
+A loss's rows are appended as soon as it is done. ``--defaults-check [H5AD ...]`` instead compares ``fit``
+with the CPU defaults and the device defaults.
 
 FLOPs per cell = 3 · 2 · (the network's weight count) (forward + backward, no recomputation); ``pct_of_peak``
-is against the bf16 matmul rate measured here (8192² GEMM) on a GPU, null on CPU. Rows (exact keys) are
+is against the bf16 matmul rate measured here (8192² GEMM) on a GPU, null on CPU. Rows (keys ``KEYS``) are
 appended to ``benchmarks/results/bench_fit.json``; a markdown table is printed (paste into RESULTS.md).
 
-    python benchmarks/bench_fit.py                                   # CPU: 50k × 5000, batch 2048
+    python benchmarks/bench_fit.py                                   # CPU: 50k × 5000, batch 2048, RMSE
+    python benchmarks/bench_fit.py --loss rmse poisson nb            # CPU: every loss
     python benchmarks/bench_fit.py --device cuda --cells 1000000     # GPU target run (batch: GPU default)
     python benchmarks/bench_fit.py --device cuda --defaults-check ../shared/data/dlpfc_1516*.h5ad
 """
@@ -46,29 +54,50 @@ from inrscrecon.data.device_table import DeviceTable
 from inrscrecon.data.stack import CellTable
 from inrscrecon.evaluate import cpu_name
 from inrscrecon.field.encoding import EncodingConfig
-from inrscrecon.field.losses import LossConfig
+from inrscrecon.field.losses import LIKELIHOODS, LossConfig
 from inrscrecon.field.model import FieldConfig, INRField
-from inrscrecon.train.fit import CPU_BATCH, CPU_LR, TrainConfig, _split, fit, resolved_batch_lr
+from inrscrecon.train.fit import (
+    CPU_BATCH,
+    CPU_LR,
+    TrainConfig,
+    _split,
+    fit,
+    library_settings,
+    resolved_batch_lr,
+)
 from inrscrecon.train.objective import PARTS, objective_tensors
 from inrscrecon.train.step import TrainStep
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_fit.json"
 KEYS = ("device", "date", "command", "backend", "batch", "cells", "genes", "end_to_end_cells_per_s",
-        "step_cells_per_s", "step_tflops", "pct_of_peak")  # fmt: skip
+        "step_cells_per_s", "step_tflops", "pct_of_peak", "loss")  # fmt: skip
 
 
 def synthetic_table(n: int, m: int, density: float, seed: int = 0, chunk: int = 8192) -> CellTable:
-    """n cells × m genes, ``density`` non-zeros (counts 1 + Poisson(1)), 4 sections 10 µm apart."""
+    """n cells × m genes, each entry non-zero with probability ``density`` (0 < density ≤ 1; integer counts
+    1 + Poisson(1), so the count losses see raw counts), 4 sections 10 µm apart. The non-zero positions of a
+    chunk are drawn by geometric gaps over its flattened [rows, m] grid: the same Bernoulli pattern law as a
+    dense random mask, at ~1/density fewer draws."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
     rng = np.random.default_rng(seed)
     indptr, indices, data = [np.zeros(1, np.int64)], [], []
     total = 0
     for s in range(0, n, chunk):
-        mask = rng.random((min(chunk, n - s), m), dtype=np.float32) < density
-        r, c = np.nonzero(mask)
+        rows = min(chunk, n - s)
+        size = rows * m
+        mean = size * density
+        gaps = [rng.geometric(density, int(mean + 6.0 * math.sqrt(mean) + 16))]
+        reach = int(gaps[0].sum())
+        while reach <= size:  # rare (6 s.d. of headroom): draw on until the chunk's grid is passed
+            gaps.append(rng.geometric(density, max(int(mean) // 8, 16)))
+            reach += int(gaps[-1].sum())
+        pos = np.cumsum(np.concatenate(gaps)) - 1
+        pos = pos[pos < size]
+        r, c = pos // m, pos % m
         indices.append(c.astype(np.int32))
         data.append((1 + rng.poisson(1.0, len(c))).astype(np.float32))
-        counts = np.bincount(r, minlength=mask.shape[0])
-        indptr.append(total + np.cumsum(counts))
+        indptr.append(total + np.cumsum(np.bincount(r, minlength=rows)))
         total += len(c)
     csr = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)), shape=(n, m))
     xy = rng.random((n, 2)) * 2000.0
@@ -105,12 +134,40 @@ def bf16_peak_tflops(dev: torch.device) -> float | None:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
-def _model(table: CellTable, width: int, layers: int, dev: torch.device) -> INRField:
+def _model(table: CellTable, width: int, layers: int, dev: torch.device, loss: str = "rmse") -> INRField:
+    """The network ``fit`` builds for ``loss`` (a count loss: + the library-size head, NB's log θ; the head
+    bias at the mean rate), seed 0."""
+    count = loss != "rmse"
+    train_rows = _split(table.n_cells, 0.1, 0)[0]
     torch.manual_seed(0)
     cfg = FieldConfig(
-        len(table.genes), EncodingConfig(n_bands=4), width, layers, *FieldConfig.frame_for(table.coords)
+        len(table.genes),
+        EncodingConfig(n_bands=4),
+        width,
+        layers,
+        *FieldConfig.frame_for(table.coords),
+        likelihood=loss,
+        **(library_settings(table, train_rows) if count else {}),
     )
-    return INRField(cfg).to(dev)
+    model = INRField(cfg)
+    if count:
+        rows = np.sort(train_rows[:4096])
+        tot = np.asarray(table.totals[rows], dtype=np.float64)
+        has = tot > 0
+        rates = table.raw_targets(rows[has]) * (table.target_sum / tot[has])[:, None]
+        with torch.no_grad():
+            model.init_count_bias(torch.as_tensor(rates.mean(axis=0)))
+    return model.to(dev)
+
+
+def dense_targets(table: CellTable, raw: bool, dev: torch.device, chunk: int = 32768) -> torch.Tensor:
+    """The whole table as one dense [N, M] fp32 tensor on ``dev``: log1p-normalised, or the raw counts
+    (``raw``); built in row chunks, so the host holds one chunk's dense block at a time."""
+    out = torch.empty((table.n_cells, len(table.genes)), dtype=torch.float32, device=dev)
+    for s in range(0, table.n_cells, chunk):
+        r = np.arange(s, min(s + chunk, table.n_cells))
+        out[s : s + len(r)] = torch.from_numpy(table.raw_targets(r) if raw else table.targets(r))
+    return out
 
 
 def flops_per_cell(model: INRField) -> float:
@@ -171,70 +228,25 @@ def defaults_check(files: list[str], device: str, epochs: int) -> None:
     print(f"device defaults vs CPU defaults: {100 * rel:+.2f} % validation RMSE (target: within 1 %)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cells", type=int, default=50_000)
-    ap.add_argument("--genes", type=int, default=5000)
-    ap.add_argument("--density", type=float, default=0.05)
-    ap.add_argument("--batch", type=int, default=None, help="default: 2048 on CPU, the GPU default on CUDA")
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per step-rate measurement")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
-    ap.add_argument(
-        "--no-compile", action="store_true", help="skip the torch.compile row (slow to build on CPU)"
-    )
-    ap.add_argument("--backend", default="auto", help="fit --backend for the fit row")
-    ap.add_argument(
-        "--compile-fit",
-        action="store_true",
-        help="also the compiled fit rows on CPU (always on CUDA; ~1.5 min of compilation on a 2-core CPU)",
-    )
-    ap.add_argument(
-        "--defaults-check",
-        nargs="*",
-        metavar="H5AD",
-        default=None,
-        help="instead: fit these sections (none: a synthetic 6 × 20k-cell stack) with the CPU and with "
-        "the GPU defaults on --device; print both best validation RMSEs and wall times",
-    )
-    ap.add_argument(
-        "--epochs", type=int, default=60, help="epochs of --defaults-check fits (early stopping on)"
-    )
-    ap.add_argument("--results", default=str(RESULTS), help="JSON list to append rows to ('' = do not write)")
-    args = ap.parse_args()
-    dev = torch.device(args.device)
-    if args.defaults_check is not None:
-        defaults_check(args.defaults_check, args.device, args.epochs)
-        return
-    n_fit = len(_split(args.cells, 0.1, 0)[0])
-    batch = args.batch or (
-        resolved_batch_lr(TrainConfig(batch_size=None), "cuda", n_fit)[0] if dev.type == "cuda" else 2048
-    )
-    command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:])
-    date = _dt.date.today().isoformat()
-    t0 = time.perf_counter()
-    table = synthetic_table(args.cells, args.genes, args.density)
-    print(
-        f"synthetic stack {args.cells} × {args.genes}, {table.counts.nnz} non-zeros ({time.perf_counter() - t0:.1f} s)"
-    )
-    peak = bf16_peak_tflops(dev)
+def bench_loss(loss: str, table: CellTable, args: argparse.Namespace, ctx: dict) -> list[dict]:
+    """Rows (keys ``KEYS``) of every backend for one loss; prints its table, ratio line and notes."""
+    dev, batch, peak = ctx["dev"], ctx["batch"], ctx["peak"]
+    count = loss != "rmse"
     precision = "auto"
-    loss_cfg = LossConfig()
+    loss_cfg = LossConfig(likelihood=loss)
     rows: list[dict] = []
     notes: list[str] = []
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
 
     def row(backend: str, e2e: float, step_rate: float, fpc: float) -> None:
         tflops = step_rate * fpc / 1e12
-        rows.append(dict(device=_device_name(dev), date=date, command=command, backend=backend, batch=batch,
-                         cells=args.cells, genes=args.genes, end_to_end_cells_per_s=e2e,
+        rows.append(dict(device=_device_name(dev), date=ctx["date"], command=ctx["command"], backend=backend,
+                         batch=batch, cells=args.cells, genes=args.genes, end_to_end_cells_per_s=e2e,
                          step_cells_per_s=step_rate, step_tflops=tflops,
-                         pct_of_peak=None if peak is None else 100 * tflops / peak))  # fmt: skip
+                         pct_of_peak=None if peak is None else 100 * tflops / peak, loss=loss))  # fmt: skip
 
-    # Every measurement is repeated in --rounds interleaved rounds and the best is kept: on a shared machine
-    # the least disturbed run is the closest to the machine's rate, and interleaving exposes each variant to
-    # the same background load.
     small = TrainConfig(epochs=1, batch_size=64, device=args.device, progress=False)
     fit(synthetic_table(300, 20, 0.2, seed=1), EncodingConfig(n_bands=4), 8, 1, loss_cfg, small)  # imports
     tc = TrainConfig(epochs=1, batch_size=batch, lr=None, seed=0, device=args.device, backend=args.backend,
@@ -246,16 +258,19 @@ def main() -> None:
     rows_dev = torch.as_tensor(
         np.sort(perm[: n_batches * batch].reshape(n_batches, batch), axis=1), device=dev
     )
-    dt = DeviceTable(table, dev)
+    t0 = time.perf_counter()
+    dt = DeviceTable(table, dev, raw=count)
     cap = dt.capacity(np.arange(args.cells), batch)
-    targets = torch.as_tensor(table.targets(np.arange(args.cells)), device=dev)  # [N, M] dense, in memory
+    targets = dense_targets(table, count, dev)  # [N, M] dense, in memory (raw counts for a count loss)
+    offsets = torch.as_tensor(table.log_offsets(np.arange(args.cells)), device=dev) if count else None  # [N]
     coords = torch.as_tensor(table.coords, dtype=torch.float32, device=dev)
+    notes.append(f"placement of the CSR + dense [N, M] targets: {time.perf_counter() - t0:.1f} s")
     backend = args.backend
 
     gather_impl = "triton" if dev.type == "cuda" and backend != "torch" else "torch"  # as fit picks it
 
     def make(kind: str):
-        model = _model(table, args.width, args.layers, dev)
+        model = _model(table, args.width, args.layers, dev, loss)
         compiled = kind in ("torch-compile-dense", "fit-device-csr-compiled")
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=compiled and dev.type == "cuda")
         if kind.startswith("fit-device-csr"):
@@ -270,7 +285,10 @@ def main() -> None:
 
             def loss_fn(r, model=model):
                 x, t = coords[r], targets[r]
-                return objective_tensors(model, model.normalize(x), t, loss_cfg, None, "torch", precision)
+                off = None if offsets is None else offsets[r]
+                return objective_tensors(
+                    model, model.normalize(x), t, loss_cfg, None, "torch", precision, off
+                )
 
         step = TrainStep(loss_fn, opt, 1e-3, 10**6, 0.05, compile=compiled,
                          cuda_graphs=compiled and dev.type == "cuda")  # fmt: skip
@@ -279,7 +297,7 @@ def main() -> None:
     kinds = ["fit-device-csr", "torch-eager-dense"]
     if not args.no_compile:
         kinds += ["torch-compile-dense"] + (
-            ["fit-device-csr-compiled"] if dev.type == "cuda" or args.compile_fit else []
+            ["fit-device-csr-compiled"] if loss in ctx["fit_compiled"] else []
         )
     steppers = {}
     for kind in kinds:
@@ -291,6 +309,9 @@ def main() -> None:
     step_sec = {k: math.inf for k in kinds}
     epoch_sec = {k: math.inf for k in kinds}
     info: dict = {}
+    # Every measurement is repeated in --rounds interleaved rounds and the best is kept: on a shared machine
+    # the least disturbed run is the closest to the machine's rate, and interleaving exposes each variant to
+    # the same background load.
     for _ in range(args.rounds):
         for kind in kinds:
             acc = torch.zeros(len(PARTS), dtype=torch.float64, device=dev)
@@ -301,7 +322,7 @@ def main() -> None:
             if kind.startswith("fit-device-csr"):  # the whole fit call: placement, setup, epoch, validation
                 run_tc = replace(tc, compile="on" if kind.endswith("compiled") else "off")
                 res = fit(table, EncodingConfig(n_bands=4), args.width, args.layers, loss_cfg, run_tc)
-                info = res.data_info
+                info = res.data_info if kind == "fit-device-csr" else info
             else:  # the bare loop's epoch
                 for i in range(n_ep):
                     steppers[kind][2](acc, i, rows_dev[i % n_batches])
@@ -325,11 +346,11 @@ def main() -> None:
         b = dt.gather(r, cap, gather_impl)
         _sync(dev)
         marks.append(time.perf_counter())
-        loss, _ = objective_tensors(model, model.normalize(b.coords), b, loss_cfg, None, backend, precision)
+        lo, _ = objective_tensors(model, model.normalize(b.coords), b, loss_cfg, None, backend, precision)
         _sync(dev)
         marks.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lo.backward()
         _sync(dev)
         marks.append(time.perf_counter())
         opt.step()
@@ -339,25 +360,103 @@ def main() -> None:
             phases[k] += (z - a) / 3
     notes.append("fit step phases (ms, eager, synchronised): "
                  + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in phases.items()) + f"; CSR capacity {cap} slots")  # fmt: skip
-    print(f"device: {_device_name(dev)}; bf16 peak: {'n/a' if peak is None else f'{peak:.0f} TFLOP/s'}")
-    print("| backend | batch | end-to-end cells/s | step cells/s | step TFLOP/s | % of bf16 peak |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"device: {_device_name(dev)}; bf16 peak: {'n/a' if peak is None else f'{peak:.0f} TFLOP/s'}; loss {loss}"
+    )
+    print("| loss | backend | batch | end-to-end cells/s | step cells/s | step TFLOP/s | % of bf16 peak |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         pct = "–" if r["pct_of_peak"] is None else f"{r['pct_of_peak']:.1f}"
-        print(f"| {r['backend']} | {r['batch']} | {r['end_to_end_cells_per_s']:.3g} | {r['step_cells_per_s']:.3g} "
-              f"| {r['step_tflops']:.3g} | {pct} |")  # fmt: skip
+        print(f"| {loss} | {r['backend']} | {r['batch']} | {r['end_to_end_cells_per_s']:.3g} "
+              f"| {r['step_cells_per_s']:.3g} | {r['step_tflops']:.3g} | {pct} |")  # fmt: skip
     eager = next(r for r in rows if r["backend"] == "torch-eager-dense")
-    print(f"fit epoch / bare torch step rate: {fit_e2e / eager['step_cells_per_s']:.2f} "
-          f"(vs the bare epoch: {fit_e2e / eager['end_to_end_cells_per_s']:.2f}); "
-          f"1M-cell epoch at the fit rate: {1e6 / fit_e2e:.2f} s")  # fmt: skip
+    ratio = [f"fit epoch / bare torch step rate ({loss}): {fit_e2e / eager['step_cells_per_s']:.2f} "
+             f"(vs the bare epoch: {fit_e2e / eager['end_to_end_cells_per_s']:.2f})"]  # fmt: skip
+    comp = next((r for r in rows if r["backend"] == "torch-compile-dense"), None)
+    for name in ("fit-device-csr", "fit-device-csr-compiled"):
+        r = next((r for r in rows if r["backend"] == name), None)
+        if comp is not None and r is not None:
+            ratio.append(
+                f"{name} step / torch-compile-dense step: {r['step_cells_per_s'] / comp['step_cells_per_s']:.2f}"
+            )
+    ratio.append(f"1M-cell epoch at the fit rate: {1e6 / fit_e2e:.2f} s")
+    print("; ".join(ratio))
     for n in notes:
         print("-", n)
-    if args.results:
-        path = Path(args.results)
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(old + [{k: r[k] for k in KEYS} for r in rows], indent=1) + "\n")
-        print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` (only the ``KEYS``) to the JSON list at ``path`` (created when absent)."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old + [{k: r[k] for k in KEYS} for r in rows], indent=1) + "\n")
+    print(f"appended {len(rows)} rows to {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cells", type=int, default=50_000)
+    ap.add_argument("--genes", type=int, default=5000)
+    ap.add_argument("--density", type=float, default=0.05)
+    ap.add_argument("--batch", type=int, default=None, help="default: 2048 on CPU, the GPU default on CUDA")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--loss", nargs="+", default=["rmse"], choices=LIKELIHOODS,
+                    help="losses to time, one after the other (default: rmse)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per step-rate measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip every compiled row (slow to build on CPU)"
+    )
+    ap.add_argument("--backend", default="auto", help="fit --backend for the fit row")
+    ap.add_argument(
+        "--compile-fit",
+        nargs="*",
+        choices=LIKELIHOODS,
+        default=None,
+        metavar="LOSS",
+        help="the compiled fit rows for these losses (none named: every --loss); default: every loss on "
+        "CUDA, none on CPU (~1.5 min of compilation per loss on a 2-core CPU)",
+    )
+    ap.add_argument(
+        "--defaults-check",
+        nargs="*",
+        metavar="H5AD",
+        default=None,
+        help="instead: fit these sections (none: a synthetic 6 × 20k-cell stack) with the CPU and with "
+        "the GPU defaults on --device; print both best validation RMSEs and wall times",
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=60, help="epochs of --defaults-check fits (early stopping on)"
+    )
+    ap.add_argument("--results", default=str(RESULTS), help="JSON list to append rows to ('' = do not write)")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if args.defaults_check is not None:
+        defaults_check(args.defaults_check, args.device, args.epochs)
+        return
+    n_fit = len(_split(args.cells, 0.1, 0)[0])
+    batch = args.batch or (
+        resolved_batch_lr(TrainConfig(batch_size=None), "cuda", n_fit)[0] if dev.type == "cuda" else 2048
+    )
+    if args.compile_fit is None:
+        fit_compiled = set(args.loss) if dev.type == "cuda" else set()
+    else:
+        fit_compiled = set(args.compile_fit or args.loss)
+    t0 = time.perf_counter()
+    table = synthetic_table(args.cells, args.genes, args.density)
+    print(
+        f"synthetic stack {args.cells} × {args.genes}, {table.counts.nnz} non-zeros ({time.perf_counter() - t0:.1f} s)"
+    )
+    ctx = dict(dev=dev, batch=batch, peak=bf16_peak_tflops(dev), fit_compiled=fit_compiled,
+               date=_dt.date.today().isoformat(),
+               command="python benchmarks/bench_fit.py " + " ".join(sys.argv[1:]))  # fmt: skip
+    for loss in dict.fromkeys(args.loss):
+        rows = bench_loss(loss, table, args, ctx)
+        if args.results:
+            append_rows(Path(args.results), rows)
 
 
 if __name__ == "__main__":
