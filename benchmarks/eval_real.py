@@ -105,11 +105,14 @@ def run_part(
     figures_only: bool = False,
     holdout: list[str] | None = None,
     baselines_only: bool = False,
+    rerun: bool = False,
 ) -> dict:
     """Run one part; write parts/<part>.json and its figures; return the part record. ``figures_only``: run
-    only the first split (seed 0) and write its figures."""
+    only the first split (seed 0) and write its figures. ``rerun``: write parts/<part>[...].rerun.json, whose
+    rows the merge takes in preference (see :func:`merge`)."""
     spec = part_spec(part)
     tag = part + ("." + "_".join(holdout) if holdout else "") + (".baselines" if baselines_only else "")
+    tag += ".rerun" if rerun else ""
     if baselines_only:
         cfg = replace(cfg, ablations=())
     if holdout:
@@ -153,7 +156,7 @@ def run_part(
     figs = []
     seen = set()
     for r in results:
-        if r.split.task not in seen and not baselines_only:
+        if r.split.task not in seen and not baselines_only and not rerun:
             seen.add(r.split.task)
             figs += [
                 str(p.relative_to(out))
@@ -170,14 +173,56 @@ def run_part(
     record = {"part": part, "results": report.aggregate(results, suffix), "details": report.details(results),
               "wall_s": wall, "task_compute_s": by_task, "labels": prep.label_source, "n_genes": len(prep.genes),
               "n_cells": prep.table.n_cells, "alignment": prep.info, "figures": figs,
-              "baselines_only": baselines_only}  # fmt: skip
+              "baselines_only": baselines_only, "rerun": rerun,
+              "methods": sorted(cfg.ablations) + ([] if figures_only else list(BASELINES))}  # fmt: skip
     (out / "parts" / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str))
     log(f"{part}: done in {wall:.0f} s")
     return record
 
 
+MERGE_RULE = (
+    "Per split (task, held-out section, seed) and method, the merge takes the row of a parts/*.rerun.json file "
+    "(today's code) when one has it; otherwise a --baselines-only file's baseline rows (parts/*.baselines.json); "
+    "otherwise the first part file (sorted names) that has the method. Each record of details.json names the "
+    "methods it took from a rerun file under 'rerun'."
+)
+
+
+def _rerun_rows(out: Path) -> tuple[dict[tuple, dict], list[dict]]:
+    """Splits of parts/*.rerun.json: (task key, holdout, seed) → detail record, and the part records."""
+    rows: dict[tuple, dict] = {}
+    recs = []
+    for path in sorted((out / "parts").glob("*.rerun.json")):
+        rec = json.loads(path.read_text())
+        rec["_stem"] = path.stem
+        recs.append(rec)
+        suffix = part_spec(rec["part"])["suffix"]
+        for d in rec["details"]:
+            key = (d["task"] + suffix, d["holdout"], d["seed"])
+            if key in rows:  # two rerun files of one split: the later (sorted) one wins per method
+                rows[key]["metrics"].update(d["metrics"])
+                rows[key]["chosen"].update(d["chosen"])
+            else:
+                rows[key] = dict(d, part=rec["part"], key=key[0])
+    return rows, recs
+
+
+def _take_rerun(d: dict, new: dict) -> None:
+    """Replace the methods of split record ``d`` by those of rerun record ``new`` (in place)."""
+    methods = sorted(new["metrics"])
+    for m in methods:
+        d["metrics"][m] = new["metrics"][m]
+        d["chosen"][m] = new["chosen"].get(m, {})
+    sel, old = new["chosen"].get("inr_selection"), d["chosen"].get("inr_selection")
+    if sel is not None and (old is None or old.get("method") == sel.get("method")):
+        d["chosen"]["inr_selection"] = sel
+    if "selection" in new["chosen"]:
+        d["chosen"]["selection"] = new["chosen"]["selection"]
+    d["rerun"] = methods
+
+
 def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: str = "") -> None:
-    """Combine parts/*.json into results.json, details.json, run.json and results.md."""
+    """Combine parts/*.json into results.json, details.json, run.json and results.md (rule: ``MERGE_RULE``)."""
     results: dict = {}
     details: list = []
     task_wall: dict[str, float] = {}
@@ -190,7 +235,7 @@ def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: 
     for part in PARTS:
         for path in sorted((out / "parts").glob(f"{part}*.json")):
             rec = json.loads(path.read_text())
-            if rec.get("part") != part or rec.get("baselines_only"):
+            if rec.get("part") != part or rec.get("baselines_only") or rec.get("rerun"):
                 continue
             for d in rec["details"]:
                 new = redone.get((d["task"], d["holdout"], d["seed"]))
@@ -219,6 +264,21 @@ def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: 
             parts_meta[path.stem]["alignment"] = {
                 k: v for k, v in rec["alignment"].items() if k != "transforms"
             }
+    rerun_rows, rerun_recs = _rerun_rows(out)
+    for d in details:
+        new = rerun_rows.pop((d["key"], d["holdout"], d["seed"]), None)
+        if new is not None:
+            _take_rerun(d, new)
+    for new in rerun_rows.values():  # splits only a rerun has
+        details.append(dict(new, rerun=sorted(new["metrics"])))
+    for rec in rerun_recs:
+        for k, v in rec["task_compute_s"].items():
+            task_wall[k] = task_wall.get(k, 0.0) + v
+        parts_meta[rec["_stem"]] = {k: rec[k] for k in ("wall_s", "labels", "n_genes", "n_cells", "figures")}
+        parts_meta[rec["_stem"]].update(rerun=True, methods=rec.get("methods"))
+        parts_meta[rec["_stem"]]["alignment"] = {
+            k: v for k, v in rec["alignment"].items() if k != "transforms"
+        }
     for key in dict.fromkeys(d["key"] for d in details):
         recs = [dict(d, task=key) for d in details if d["key"] == key]
         results.update(report.aggregate_details(recs))
@@ -226,7 +286,8 @@ def merge(out: Path, command: str, cfg: EvalConfig, notes: str = "", wall_note: 
     meta = {"command": command, "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": sum(p["wall_s"] for p in parts_meta.values()), "task_wall_s": task_wall,
             "config": asdict(cfg), "parts": parts_meta, "notes": "\n" + REPORTED_NOTE + "\n\n" + wall_note + "\n" + notes,
-            "wall_label": "sum of the parts' wall times (parts ran as parallel processes)"}  # fmt: skip
+            "wall_label": "sum of the parts' wall times (parts ran as parallel processes)",
+            "merge_rule": MERGE_RULE}  # fmt: skip
     report.write_results(out, results, details, meta, reported)
 
 
@@ -252,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baselines-only", action="store_true", help="rerun only the baselines (parts/*.baselines.json)"
     )
+    ap.add_argument(
+        "--rerun", action="store_true", help="write parts/*.rerun.json (the merge prefers their rows)"
+    )
     ap.add_argument("--ablations", default="inr,inr_no_rc,inr_rmse", help="INR methods (comma-separated)")
     ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled", help="gene selection rule")
     ap.add_argument("--inter-selection", choices=["sections", "spots"], default="sections")
@@ -271,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, n_genes=100, steps=60, max_cells=400)
     parts = list(PARTS) if args.all else (args.part or [])
     for part in parts:
-        run_part(part, args.seeds, cfg, out, args.figures_only, args.holdout, args.baselines_only)
+        run_part(part, args.seeds, cfg, out, args.figures_only, args.holdout, args.baselines_only, args.rerun)
     if args.merge or args.all:
         notes = Path(args.notes).read_text() if args.notes else ""
         present = [p for p in PARTS if any((out / "parts").glob(f"{p}*.json"))]

@@ -117,10 +117,32 @@ def test_tuning_prefers_smoothing_on_noise():
     fit_rows, val_rows = tuning.validation_split(1200, 0.1, 0)
     q = xyz[:5]
     knn = tuning.tune_knn(xyz[fit_rows], expr[fit_rows], xyz[val_rows], expr[val_rows], q)
-    assert knn.params["k"] >= 20 and set(knn.scores) == {str(k) for k in tuning.KNN_KS}
+    n_fit = len(fit_rows)  # the grid stops at the training cells: the cap itself is the last candidate
+    assert set(knn.scores) == {str(k) for k in tuning.KNN_KS if k < n_fit} | {str(n_fit)}
+    assert knn.params["k"] >= 20 and knn.params["at_cap"] == float(knn.params["k"] == n_fit)
     g = tuning.tune_gaussian(xyz[fit_rows], expr[fit_rows], xyz[val_rows], expr[val_rows], q)
     assert g.params["bandwidth_um"] > tuning.spacing(xyz[fit_rows])
     assert g.prediction.shape == (5, 1)
+
+
+def test_grid_edge_and_data_cap_are_told_apart():
+    rng = np.random.default_rng(6)
+    xyz = np.column_stack([rng.uniform(0, 100, (400, 2)), np.zeros(400)])
+    q = xyz[:3]
+    # pure noise, validated against the training mean: the more cells averaged the better, so the largest
+    # candidate (all 300 fit cells) wins — a data cap, not a grid edge
+    expr = rng.normal(scale=1.0, size=(400, 2)).astype(np.float32)
+    expr[300:] = expr[:300].mean(axis=0)
+    knn = tuning.tune_knn(xyz[:300], expr[:300], xyz[300:], expr[300:], q)
+    assert max(int(k) for k in knn.scores) == 300 and str(640) not in knn.scores
+    assert knn.params["k"] == 300 and knn.params["at_cap"] == 1.0 and knn.params["at_grid_edge"] == 0.0
+    # a pure function of position: the smallest k wins, which is a grid edge
+    smooth = np.sin(xyz[:, :1] / 3.0).astype(np.float32)
+    knn = tuning.tune_knn(xyz[:300], smooth[:300], xyz[300:], smooth[300:], q, ks=(1, 2, 40))
+    assert knn.params["k"] == 1 and knn.params["at_grid_edge"] == 1.0 and knn.params["at_cap"] == 0.0
+    # a grid below the cap keeps its top as an edge
+    knn = tuning.tune_knn(xyz[:300], expr[:300], xyz[300:], expr[300:], q, ks=(3, 10, 40))
+    assert knn.params["k"] == 40 and knn.params["at_grid_edge"] == 1.0 and knn.params["at_cap"] == 0.0
 
 
 def test_validation_split_matches_fit():
@@ -228,7 +250,8 @@ def test_evaluate_end_to_end(stack, tmp_path):
     details = json.loads((tmp_path / "details.json").read_text())
     assert details[0]["chosen"]["inr_selection"]["encoding"] in ("fourier L=1", "fourier L=2")
     assert details[0]["chosen"]["selection"]["mode"] == "spots"  # intra: random validation spots
-    assert details[0]["chosen"]["knn"]["params"]["k"] in tuning.KNN_KS
+    knn = details[0]["chosen"]["knn"]
+    assert knn["params"]["k"] in tuning.KNN_KS or knn["params"]["at_cap"] == 1.0
 
 
 def test_method_labels_name_the_loss_and_mark_fits_default():

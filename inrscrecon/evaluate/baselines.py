@@ -59,8 +59,9 @@ def knn_interpolate(
     return idw_from_neighbours(dist, idx, train_expr, k, power)
 
 
-def smoother_k(bandwidth: float, spacing: float, dim: int = 2, floor: int = 64, cap: int = 1500) -> int:
-    """Neighbours needed so a Gaussian of ``bandwidth`` is truncated beyond ~3 h (points ``spacing`` apart)."""
+def smoother_k(bandwidth: float, spacing: float, dim: int = 2, floor: int = 64, cap: int = 5000) -> int:
+    """Neighbours needed so a Gaussian of ``bandwidth`` is truncated beyond ~3 h (points ``spacing`` apart);
+    at most ``cap`` (in 2D that is 3 h up to h ≈ 12 spacings, ≈ 2.2 h at 16)."""
     r = 3.0 * bandwidth / max(spacing, 1e-9)
     need = np.pi * r**2 if dim == 2 else 4.0 / 3.0 * np.pi * r**3
     return int(np.clip(1.2 * need, floor, cap))

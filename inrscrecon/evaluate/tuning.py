@@ -16,9 +16,12 @@ import numpy as np
 from inrscrecon.evaluate import baselines
 from inrscrecon.evaluate.metrics import median_pearson, rmse
 
-KNN_KS = (3, 6, 10, 20, 40, 80, 160, 320)
-BANDWIDTH_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # × median nearest-neighbour spacing
-LINEAR_Z_KS = (3, 6, 10, 20, 40, 80, 160, 320)
+# Grids reach far enough that a held-out section's preference for heavy smoothing is not cut off: k beyond the
+# training cells (linear-z: the smallest training section) is replaced by that cap, so the largest candidate
+# is then "every cell" and a choice there is a data limit (``at_cap``), not a grid edge (``at_grid_edge``).
+KNN_KS = (3, 6, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
+BANDWIDTH_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # × median NN spacing
+LINEAR_Z_KS = KNN_KS
 
 
 def validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +73,12 @@ def tune_knn(
     ks: tuple[int, ...] = KNN_KS,
 ) -> Tuned:
     """Inverse-distance k-NN in 3D; k chosen on validation cells by RMSE."""
-    ks = tuple(k for k in ks if k <= len(xyz)) or (len(xyz),)
+    ks, capped = _capped(ks, len(xyz))
     dist, idx = baselines.neighbours(xyz, val_xyz, max(ks))
     scores = {str(k): _score(baselines.idw_from_neighbours(dist, idx, expr, k), val_expr) for k in ks}
     best = min(ks, key=lambda k: scores[str(k)])
     pred = baselines.knn_interpolate(xyz, expr, query, best)
-    return Tuned("knn", pred, {"k": float(best), "at_grid_edge": _edge(best, ks)}, scores[str(best)], scores)
+    return Tuned("knn", pred, _k_params(best, ks, capped), scores[str(best)], scores)
 
 
 def tune_gaussian(
@@ -103,9 +106,30 @@ def tune_gaussian(
     return Tuned("gaussian", pred, params, scores[f"{best:.4g}"], scores)
 
 
-def _edge(best: float, grid) -> float:
-    """1.0 when the chosen value is the smallest or largest of its grid (the grid may be too narrow)."""
-    return float(len(grid) > 1 and best in (min(grid), max(grid)))
+def _edge(best: float, grid, capped: bool = False) -> float:
+    """1.0 when the chosen value is the smallest or largest of its grid (the grid may be too narrow); the
+    largest does not count when it is the data cap (``capped``: nothing larger exists)."""
+    top = max(grid) if not capped else None
+    return float(len(grid) > 1 and best in (min(grid), top))
+
+
+def _capped(ks: tuple[int, ...], cap: int) -> tuple[tuple[int, ...], bool]:
+    """Grid ``ks`` limited to ``cap`` (cells available); when values were cut the cap itself is the last
+    candidate. Returns (candidates, whether the grid was cut)."""
+    cap = max(1, int(cap))
+    kept = tuple(k for k in ks if k < cap)
+    if len(kept) == len(ks):
+        return ks, False
+    return kept + (cap,), True
+
+
+def _k_params(best: int, ks, capped: bool) -> dict[str, float]:
+    """A neighbour count's record: k, whether it sits on the grid's edge, whether it is the data cap."""
+    return {
+        "k": float(best),
+        "at_grid_edge": _edge(best, ks, capped),
+        "at_cap": float(capped and best == max(ks)),
+    }
 
 
 def _layered(xyz: np.ndarray) -> bool:
@@ -124,13 +148,11 @@ def tune_linear_z(
 ) -> Tuned:
     """Linear-z interpolation between the nearest sections; the in-section k chosen on validation cells."""
     smallest = min(int((section == n).sum()) for n in np.unique(section))
-    ks = tuple(k for k in ks if k <= smallest) or (max(1, smallest),)
+    ks, capped = _capped(ks, smallest)
     scores = {str(k): _score(baselines.linear_z(xyz, expr, section, val_xyz, k), val_expr) for k in ks}
     best = min(ks, key=lambda k: scores[str(k)])
     pred = baselines.linear_z(xyz, expr, section, query, best)
-    return Tuned(
-        "linear_z", pred, {"k": float(best), "at_grid_edge": _edge(best, ks)}, scores[str(best)], scores
-    )
+    return Tuned("linear_z", pred, _k_params(best, ks, capped), scores[str(best)], scores)
 
 
 def tuned_baselines(
@@ -204,7 +226,7 @@ def tuned_baselines_sections(
     out["knn"] = Tuned(
         "knn",
         baselines.knn_interpolate(xyz, expr, query, k),
-        {"k": float(k), "at_grid_edge": _edge(k, ks)},
+        _k_params(k, ks, _cut(ks, KNN_KS)),
         s[str(k)],
         s,
     )
@@ -221,10 +243,11 @@ def tuned_baselines_sections(
     if "linear_z" in mean_scores:
         s = mean_scores["linear_z"]
         k = int(min(s, key=lambda c: s[c]))
+        ks = [int(c) for c in s]
         out["linear_z"] = Tuned(
             "linear_z",
             baselines.linear_z(xyz, expr, section, query, k),
-            {"k": float(k), "at_grid_edge": _edge(k, [int(c) for c in s])},
+            _k_params(k, ks, _cut(ks, LINEAR_Z_KS)),
             s[str(k)],
             s,
         )
@@ -235,3 +258,9 @@ def _mean_scores(runs: list[dict[str, float]]) -> dict[str, float]:
     """Mean RMSE per candidate over folds (candidates every fold scored)."""
     keys = [k for k in runs[0] if all(k in r for r in runs)]
     return {k: float(np.mean([r[k] for r in runs])) for k in keys}
+
+
+def _cut(ks: list[int], grid: tuple[int, ...]) -> bool:
+    """True when the largest candidate every fold scored is a data cap, not a grid value (folds whose caps
+    differ drop their cap candidates, and the largest grid value left then counts as an edge)."""
+    return max(ks) not in grid
