@@ -8,6 +8,7 @@ on small shapes; with CUDA the same tests run on the GPU.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -29,9 +30,15 @@ from inrscrecon.kernels import ops  # noqa: E402
 pytestmark = pytest.mark.triton
 DEV = torch.device("cuda" if CUDA else "cpu")
 
-load_interpreted("inrscrecon.kernels.triton_sparse_head_loss", "_sparse_head_kernel")
+_sparse_mod = load_interpreted("inrscrecon.kernels.triton_sparse_head_loss", "_sparse_head_kernel")
 load_interpreted("inrscrecon.kernels.triton_head_loss", "_head_stats_kernel")
 tt = load_interpreted("inrscrecon.kernels.triton_trunk", "_trunk_fused_fwd_kernel")
+_count_mod = load_interpreted("inrscrecon.kernels.triton_count_loss", "_count_tile_kernel")
+if _count_mod._csr_target_tile is not _sparse_mod._csr_target_tile:  # imported before its helper reloaded
+    _count_mod = importlib.reload(_count_mod)
+load_interpreted("inrscrecon.kernels.triton_hashgrid", "_hashgrid_fwd_kernel")
+_csr_gather_mod = load_interpreted("inrscrecon.kernels.triton_csr_gather", "_csr_gather_kernel")
+import inrscrecon.field.hashgrid  # noqa: E402, F401  (registers inrscrecon::hashgrid)
 
 
 def _sparse_inputs(n_rows=20, width=16, n_genes=37, seed=0):
@@ -49,35 +56,6 @@ def _sparse_inputs(n_rows=20, width=16, n_genes=37, seed=0):
     return h, w, b, indptr.to(DEV), indices.to(DEV), values.to(DEV), dense.to(DEV)
 
 
-@pytest.mark.parametrize("lam,grad_in_forward", [(0.0, True), (0.0, False), (0.7, False)])
-def test_opcheck_sparse_head_loss(lam, grad_in_forward):
-    h, w, b, indptr, indices, values, _ = _sparse_inputs()
-    rw = torch.ones(h.shape[0], device=DEV)
-    rw[-3:] = 0
-    torch.library.opcheck(
-        torch.ops.inrscrecon.sparse_head_loss.default,
-        (h, w, b, indptr, indices, values, rw, lam, 1e-2, grad_in_forward),
-    )
-    rowstat = torch.rand(2, h.shape[0], device=DEV) + 0.1
-    coef = torch.tensor([0.01, 0.02], device=DEV)
-    torch.library.opcheck(
-        torch.ops.inrscrecon.sparse_head_loss_backward.default,
-        (h.detach(), w.detach(), None, indptr, indices, values, None, rowstat, coef, 1e-2, lam != 0),
-    )
-
-
-def test_opcheck_dense_head_loss():
-    h, w, b, *_, dense = _sparse_inputs(seed=1)
-    torch.library.opcheck(torch.ops.inrscrecon.head_loss.default, (h, w, b, dense, 0.5, 1e-2))
-    torch.library.opcheck(torch.ops.inrscrecon.head_loss.default, (h, w, None, dense, 0.0, 1e-2))
-    rowstat = torch.rand(2, h.shape[0], device=DEV) + 0.1
-    coef = torch.tensor([0.01, 0.02], device=DEV)
-    torch.library.opcheck(
-        torch.ops.inrscrecon.head_loss_backward.default,
-        (h.detach(), w.detach(), b.detach(), dense, rowstat, coef, 1e-2, True),
-    )
-
-
 def _trunk(width=32, n_bands=2, n_layers=3, seed=0):
     torch.manual_seed(seed)
     trunk = Trunk(3 + 6 * n_bands, width, n_layers).to(DEV)
@@ -85,21 +63,213 @@ def _trunk(width=32, n_bands=2, n_layers=3, seed=0):
     return trunk, coords
 
 
-def test_opcheck_trunk():
+# ------------------------------------------------------------------------------------------------------------
+# opcheck of every registered op: one table, keyed by the dispatcher's op names
+# ------------------------------------------------------------------------------------------------------------
+
+ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+NO_AUTOGRAD = ("test_schema", "test_faketensor")  # a forward that keeps nothing for a backward
+
+
+def _rowstat_coef(n_rows):
+    return torch.rand(2, n_rows, device=DEV) + 0.1, torch.tensor([0.01, 0.02], device=DEV)
+
+
+def _cases_sparse_head_loss():
+    h, w, b, indptr, indices, values, _ = _sparse_inputs()
+    rw = torch.ones(h.shape[0], device=DEV)
+    rw[-3:] = 0
+    indices, values = ops.sort_rows(indptr, indices, values, w.shape[0])
+    op = torch.ops.inrscrecon.sparse_head_loss.default
+    for lam, gif in ((0.0, True), (0.0, False), (0.7, False)):  # λ = 0: gradients in the forward
+        yield op, (h, w, b, indptr, indices, values, rw, lam, 1e-2, gif), ALL_UTILS
+    yield op, (h, w, None, indptr, indices, values, None, 0.0, 1e-2, True), ALL_UTILS  # no bias, no weights
+
+
+def _cases_sparse_head_loss_backward():
+    h, w, b, indptr, indices, values, _ = _sparse_inputs()
+    indices, values = ops.sort_rows(indptr, indices, values, w.shape[0])
+    rowstat, coef = _rowstat_coef(h.shape[0])
+    op = torch.ops.inrscrecon.sparse_head_loss_backward.default
+    for bias, has_kl in ((None, True), (b.detach(), False)):
+        yield (
+            op,
+            (h.detach(), w.detach(), bias, indptr, indices, values, None, rowstat, coef, 1e-2, has_kl),
+            ALL_UTILS,
+        )
+
+
+def _cases_head_loss():
+    h, w, b, *_, dense = _sparse_inputs(seed=1)
+    yield torch.ops.inrscrecon.head_loss.default, (h, w, b, dense, 0.5, 1e-2), ALL_UTILS
+    yield torch.ops.inrscrecon.head_loss.default, (h, w, None, dense, 0.0, 1e-2), ALL_UTILS
+
+
+def _cases_head_loss_backward():
+    h, w, b, *_, dense = _sparse_inputs(seed=1)
+    rowstat, coef = _rowstat_coef(h.shape[0])
+    op = torch.ops.inrscrecon.head_loss_backward.default
+    yield op, (h.detach(), w.detach(), b.detach(), dense, rowstat, coef, 1e-2, True), ALL_UTILS
+    yield op, (h.detach(), w.detach(), None, dense, rowstat, coef, 1e-2, False), ALL_UTILS
+
+
+def _trunk_args():
     trunk, coords = _trunk()
-    ws = [lay.weight for lay in trunk.layers]
-    bs = [lay.bias for lay in trunk.layers]
-    torch.library.opcheck(torch.ops.inrscrecon.trunk.default, (coords, ws, bs, 2, True))
-    torch.library.opcheck(
-        torch.ops.inrscrecon.trunk.default,
-        (coords, ws, bs, 2, False),
-        test_utils=("test_schema", "test_faketensor"),
+    return coords, [lay.weight for lay in trunk.layers], [lay.bias for lay in trunk.layers]
+
+
+def _cases_trunk():
+    coords, ws, bs = _trunk_args()
+    yield torch.ops.inrscrecon.trunk.default, (coords, ws, bs, 2, True), ALL_UTILS
+    yield torch.ops.inrscrecon.trunk.default, (coords, ws, bs, 2, False), NO_AUTOGRAD
+
+
+def _cases_trunk_backward():
+    coords, ws, bs = _trunk_args()
+    ws, bs = [w.detach() for w in ws], [b.detach() for b in bs]
+    ys = torch.ops.inrscrecon.trunk(coords, ws, bs, 2, True)
+    g = torch.randn(coords.shape[0], ws[-1].shape[0], device=DEV)
+    yield torch.ops.inrscrecon.trunk_backward.default, (coords, ws, ys, g, 2), ALL_UTILS
+
+
+def _count_inputs():
+    """Leaves (h, w, b, log θ), integer counts [B, M], their sorted CSR with 2 unused slots, offsets, weights."""
+    h, w, b, indptr, indices, values, dense = _sparse_inputs(seed=5)
+    counts = dense.round()
+    nz = counts.cpu().nonzero()
+    indptr = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.bincount(nz[:, 0], minlength=counts.shape[0]).cumsum(0)
+    indices = torch.cat([nz[:, 1].int(), torch.tensor([1, 5], dtype=torch.int32)])
+    values = torch.cat([counts.cpu()[nz[:, 0], nz[:, 1]], torch.tensor([9.0, 9.0])])
+    csr = [x.to(DEV) for x in (indptr, indices, values)]
+    g = torch.Generator().manual_seed(6)
+    off = (torch.rand(counts.shape[0], generator=g) - 0.5).to(DEV)
+    lt = torch.randn(w.shape[0], generator=g).to(DEV).requires_grad_()
+    rw = torch.ones(counts.shape[0], device=DEV)
+    rw[-3:] = 0
+    return (h, w, b, lt), counts, csr, off, rw
+
+
+def _cases_count_head_loss():
+    (h, w, b, lt), counts, csr, off, rw = _count_inputs()
+    op = torch.ops.inrscrecon.count_head_loss.default
+    for likelihood, lam, gif, form in (
+        ("poisson", 0.0, True, "csr"),
+        ("nb", 0.0, True, "dense"),
+        ("nb", 0.5, False, "csr"),
+        ("poisson", 0.5, False, "dense"),
+    ):
+        dense = counts if form == "dense" else None
+        sp = csr if form == "csr" else [None, None, None]
+        theta = lt if likelihood == "nb" else None
+        yield op, (h, w, b, theta, dense, *sp, off, rw, likelihood, lam, 1e-2, gif), ALL_UTILS
+    yield op, (h, w, None, lt, None, *csr, off, None, "nb", 0.0, 1e-2, True), ALL_UTILS  # no bias
+
+
+def _cases_count_head_loss_backward():
+    (h, w, b, lt), counts, csr, off, _ = _count_inputs()
+    rowstat, coef = _rowstat_coef(h.shape[0])
+    op = torch.ops.inrscrecon.count_head_loss_backward.default
+    d = [x.detach() for x in (h, w, b, lt)]
+    for likelihood, form, has_kl, bias in (
+        ("nb", "csr", True, d[2]),
+        ("poisson", "dense", False, d[2]),
+        ("nb", "dense", True, None),
+    ):
+        dense = counts if form == "dense" else None
+        sp = csr if form == "csr" else [None, None, None]
+        theta = d[3] if likelihood == "nb" else None
+        args = (*d[:2], bias, theta, dense, *sp, off, None, rowstat, coef, likelihood, 1e-2, has_kl)
+        yield op, args, ALL_UTILS
+
+
+def _hashgrid_args():
+    from inrscrecon.field.hashgrid import HashGrid, level_tensors
+
+    hg = HashGrid(4, 2, 8, 3, 20, seed=0).to(DEV)
+    pts = ((torch.rand(50, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 1.1).to(DEV)
+    table = (torch.rand(hg.table.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(DEV)
+    return pts, table, level_tensors(hg.levels, DEV)
+
+
+def _cases_hashgrid():
+    pts, table, levels = _hashgrid_args()
+    op = torch.ops.inrscrecon.hashgrid.default
+    yield op, (pts.requires_grad_(), table.requires_grad_(), *levels), ALL_UTILS
+    yield op, (pts, table.requires_grad_(), *levels), ALL_UTILS  # table gradient only
+
+
+def _cases_hashgrid_backward():
+    pts, table, levels = _hashgrid_args()
+    grad = torch.randn(pts.shape[0], levels[0].shape[0] * table.shape[1], device=DEV)
+    for coord_grad in (True, False):
+        yield (
+            torch.ops.inrscrecon.hashgrid_backward.default,
+            (pts, table, *levels, grad, coord_grad),
+            ALL_UTILS,
+        )
+
+
+def _cases_csr_gather():
+    """A batch of 4 rows of an 11-gene stack into a capacity with 5 padding slots; normalised and raw."""
+    g = torch.Generator().manual_seed(7)
+    dense = (torch.rand(30, 11, generator=g) < 0.4) * torch.randint(1, 6, (30, 11), generator=g)
+    dense[3] = 0  # a row without non-zeros
+    nz = dense.nonzero()
+    stack_indptr = torch.zeros(31, dtype=torch.int64)
+    stack_indptr[1:] = torch.bincount(nz[:, 0], minlength=30).cumsum(0)
+    stack_idx, stack_val = nz[:, 1].int(), dense[nz[:, 0], nz[:, 1]].float()
+    rows = torch.tensor([1, 3, 17, 29])
+    starts = stack_indptr[rows]
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), (stack_indptr[rows + 1] - starts).cumsum(0)])
+    cap = int(indptr[-1]) + 5
+    row = torch.searchsorted(indptr[1:].contiguous(), torch.arange(cap), right=True)
+    totals = dense[rows].sum(1).float() + 2
+    args = [x.to(DEV) for x in (row, indptr, starts, stack_idx, stack_val, totals)]
+    for target_sum in (1e4, 0.0):
+        yield _csr_gather_mod.csr_gather_op, (*args, target_sum), ALL_UTILS
+
+
+OPCHECK_CASES = {
+    "sparse_head_loss": _cases_sparse_head_loss,
+    "sparse_head_loss_backward": _cases_sparse_head_loss_backward,
+    "head_loss": _cases_head_loss,
+    "head_loss_backward": _cases_head_loss_backward,
+    "trunk": _cases_trunk,
+    "trunk_backward": _cases_trunk_backward,
+    "count_head_loss": _cases_count_head_loss,
+    "count_head_loss_backward": _cases_count_head_loss_backward,
+    "hashgrid": _cases_hashgrid,
+    "hashgrid_backward": _cases_hashgrid_backward,
+    "csr_gather": _cases_csr_gather,
+}
+
+
+def _registered_ops() -> list[str]:
+    """Every op of the ``inrscrecon`` namespace in the dispatcher (the modules that register ops are imported
+    above: kernels.ops, kernels.triton_csr_gather, field.hashgrid)."""
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted(n.split("::", 1)[1] for n in names if n.startswith("inrscrecon::"))
+
+
+def test_every_registered_op_has_opcheck_cases():
+    """A newly registered op fails here until it has opcheck cases in OPCHECK_CASES."""
+    registered = _registered_ops()
+    assert len(registered) >= 11, registered
+    assert set(registered) == set(OPCHECK_CASES), (
+        f"without opcheck cases: {sorted(set(registered) - set(OPCHECK_CASES))}; "
+        f"cases for unregistered ops: {sorted(set(OPCHECK_CASES) - set(registered))}"
     )
-    ys = torch.ops.inrscrecon.trunk(coords, [w.detach() for w in ws], [b.detach() for b in bs], 2, True)
-    g = torch.randn(40, 32, device=DEV)
-    torch.library.opcheck(
-        torch.ops.inrscrecon.trunk_backward.default, (coords, [w.detach() for w in ws], ys, g, 2)
-    )
+
+
+@pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
+def test_opcheck(name):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on each case."""
+    n = 0
+    for op, args, utils in OPCHECK_CASES[name]():
+        torch.library.opcheck(op, args, test_utils=utils)
+        n += 1
+    assert n > 0
 
 
 def test_trunk_op_matches_torch_and_stores_nothing_under_no_grad(monkeypatch):

@@ -549,7 +549,8 @@ def head_loss_backward(
         splits, per_prog = _split(triton.cdiv(n_rows, cfg.block_b), gene_blocks, cfg.splits, h.device)
         alloc = torch.zeros if splits > 1 else torch.empty
         gw = alloc(n_genes, width, device=h.device, dtype=torch.float32)
-        gb = alloc(n_genes, device=h.device, dtype=torch.float32)
+        # without a bias the kernel writes no ∂b: zeros, not uninitialised memory, leave the op
+        gb = (alloc if b is not None else torch.zeros)(n_genes, device=h.device, dtype=torch.float32)
         _head_grad_weight_kernel[(gene_blocks, splits)](
             h,
             w,
