@@ -254,3 +254,136 @@ def test_cli_fit_stream_and_truncated_input(stack_files, tmp_path, capsys):
     args[1] = str(bad)
     assert main([*args, "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "truncated.h5ad" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def odd_files(small_stack, tmp_path_factory):
+    """Two sections whose genes do not line up: the second lists them in reverse order (its col_map is not
+    monotone), each has one gene of its own (dropped, yet in the library size); rows 3 and 10 are empty and
+    row 11 holds counts only on the dropped gene."""
+    import pandas as pd
+
+    sections, _ = small_stack
+    d = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(4)
+    paths = []
+    for k, s in enumerate(sections[:2]):
+        x = s.X.toarray().astype(np.float32)
+        own = rng.poisson(2.0, size=(x.shape[0], 1)).astype(np.float32)
+        x[[3, 10, 11]] = 0
+        own[[3, 10]], own[11] = 0, 7
+        names = [*s.var_names, f"only{k}"]
+        x = np.hstack([x, own])
+        if k == 1:
+            x, names = x[:, ::-1], names[::-1]
+        a = ad.AnnData(sp.csr_matrix(x), obs=s.obs.copy(), var=pd.DataFrame(index=names), obsm=dict(s.obsm),
+                       uns=dict(s.uns))  # fmt: skip
+        paths.append(write_h5ad(a, d / f"odd{k}.h5ad"))
+    return paths
+
+
+def test_csr_rows_equal_dense_rows(odd_files):
+    with open_stack(odd_files, n_genes=25, chunk_rows=37, progress=False) as st:
+        cm = st.col_maps[1]
+        assert (cm < 0).sum() > 1 and np.any(np.diff(cm[cm >= 0]) < 0)  # genes dropped; order not monotone
+        n, g = st.n_cells, len(st.genes)
+        rng = np.random.default_rng(0)
+        for rows in (
+            np.concatenate(
+                [rng.permutation(n)[:150], [3, 10, 11, 3, n - 1]]
+            ),  # unsorted, repeats, empty rows
+            np.array([3, 10, 11]),  # a batch with no non-zeros at all
+            np.arange(5, n, 90),  # spread over more chunks than the cache: row reads
+        ):
+            indptr, indices, values = st.csr_rows(rows)
+            assert indptr.dtype == np.int64 and indices.dtype == np.int32 and values.dtype == np.float32
+            for i in range(len(rows)):
+                assert np.all(np.diff(indices[indptr[i] : indptr[i + 1]]) > 0)
+            dense = sp.csr_matrix((values, indices, indptr), shape=(len(rows), g)).toarray()
+            np.testing.assert_array_equal(dense, st.raw_targets(rows))
+        mem = st.to_cell_table()
+        lens = np.diff(mem.counts.indptr)
+        assert st.mean_row_nnz() >= lens.mean() - 1e-9 and (lens[[3, 10, 11]] == 0).all()
+        assert st.mean_row_nnz() == pytest.approx(
+            max(lens[: st.offsets[1]].mean(), lens[st.offsets[1] :].mean())
+        )
+
+
+def test_streamed_sparse_batches_equal_dense_batches(odd_files):
+    from inrscrecon.data.device_table import HostBatchFeeder
+
+    with open_stack(odd_files, n_genes=25, chunk_rows=37, window=2, progress=False) as st:
+        g = len(st.genes)
+        feeder = HostBatchFeeder(st, "cpu")
+        order = st.epoch_order(np.arange(st.n_cells), seed=0, epoch=0)
+        batches = [np.sort(order[b : b + 64]) for b in range(0, len(order) - 63, 64)]
+        cap = feeder.capacity(np.arange(st.n_cells), 64)
+        for k, rows in enumerate(batches):
+            nxt = batches[k + 1] if k + 1 < len(batches) else None
+            b = feeder.gather_host(rows, cap, nxt)
+            assert b.values.shape == (cap,) and b.indices_sorted
+            np.testing.assert_array_equal(b.dense(g).numpy(), st.targets(rows))
+            np.testing.assert_array_equal(b.coords.numpy(), st.coords[rows].astype(np.float32))
+            r = feeder.gather_host(rows, cap, raw=True)
+            np.testing.assert_array_equal(r.dense(g).numpy(), st.raw_targets(rows))
+            np.testing.assert_array_equal(r.log_offset.numpy(), st.log_offsets(rows))
+        assert feeder.grown == {}  # the capacity from the nnz statistics held every windowed batch
+        empty = np.array([3, 10])  # library size 0: zero targets, offset −inf
+        r = feeder.gather_host(empty, feeder.exact_capacity(empty), raw=True)
+        assert int(r.indptr[-1]) == 0 and np.isneginf(r.log_offset.numpy()).all()
+
+
+def test_a_batch_over_its_capacity_grows_the_buffers_once(odd_files, caplog):
+    from inrscrecon.data.device_table import HostBatchFeeder
+
+    with open_stack(odd_files, n_genes=25, chunk_rows=37, progress=False) as st:
+        feeder = HostBatchFeeder(st, "cpu")
+        rows = np.arange(40, 80)
+        nnz = int(st.csr_rows(rows)[0][-1])
+        with caplog.at_level("INFO", logger="inrscrecon.data.device_table"):
+            b = feeder.gather_host(rows, 10)  # far too small: grown, not truncated
+            again = feeder.gather_host(rows[:30], 10)  # fits the grown buffers: shapes stay static
+        assert len(caplog.records) == 1 and "grown" in caplog.text
+        assert feeder.grown[10] >= nnz and b.values.shape == again.values.shape == (feeder.grown[10],)
+        np.testing.assert_array_equal(b.dense(len(st.genes)).numpy(), st.targets(rows))
+        np.testing.assert_array_equal(again.dense(len(st.genes)).numpy(), st.targets(rows[:30]))
+
+
+def _fit_loss(table, likelihood, **tc):
+    cfg = dict(epochs=3, batch_size=100, progress=False, seed=2, val_fraction=0.1)
+    cfg.update(tc)
+    loss = LossConfig(lambda_kl=LossConfig.preset("no_rc").lambda_kl, likelihood=likelihood)
+    return fit(
+        table, EncodingConfig(n_bands=3), width=24, n_layers=2, loss_cfg=loss, train_cfg=TrainConfig(**cfg)
+    )
+
+
+@pytest.mark.parametrize("likelihood", ["rmse", "poisson"])
+def test_streaming_csr_fit_equals_dense_streaming_fit(stack_files, likelihood, caplog):
+    """data="auto" on a streaming table feeds CSR batches read from the disk chunks: same window order, same
+    batches, so the same loss curve, validation scores and weights as the dense reference path."""
+    torch.set_num_threads(1)
+    _, paths = stack_files
+    with open_stack(paths, n_genes=30, chunk_rows=128, window=2, progress=False) as st:
+        ref = _fit_loss(st, likelihood, data="dense")
+        with caplog.at_level("INFO", logger="inrscrecon.train.fit"):
+            csr = _fit_loss(st, likelihood)
+    assert ref.data_info["placement"] == "dense host batches"
+    assert csr.data_info["placement"] == "CSR batches streamed from disk chunks"
+    assert caplog.text.count("CSR batches streamed from disk chunks") == 1
+    keys = ("loss", "val_rmse") + (("val_nll", "nll") if likelihood != "rmse" else ("rmse", "kl"))
+    assert len(ref.history) == len(csr.history) == 3
+    for a, b in zip(ref.history, csr.history):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    for (name, a), b in zip(ref.model.state_dict().items(), csr.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_streaming_data_modes(stack_files):
+    _, paths = stack_files
+    with open_stack(paths[:2], n_genes=20, chunk_rows=128, progress=False) as st:
+        host = _fit(st, epochs=1, data="host")
+        assert host.data_info["placement"] == "CSR batches streamed from disk chunks"
+        with pytest.raises(InputError, match="data='device' needs an in-memory table"):
+            _fit(st, epochs=1, data="device")

@@ -18,18 +18,25 @@ On CUDA, :meth:`DeviceTable.gather` can route the gather + normalise + log1p to 
 (:mod:`inrscrecon.kernels.triton_csr_gather`). A stack that does not fit the device's free memory is not
 placed there: :func:`device_table_or_none` says so once and the caller streams host batches instead
 (:class:`HostBatchFeeder`: sparse rows gathered on the host, pinned, copied on a side stream one batch ahead).
+The same feeder serves a :class:`~inrscrecon.data.streaming.StreamingTable`, whose rows come as CSR from its
+disk chunks (:meth:`~inrscrecon.data.streaming.StreamingTable.csr_rows`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from inrscrecon.data.stack import CellTable
+
+if TYPE_CHECKING:
+    from inrscrecon.data.streaming import StreamingTable
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +233,61 @@ class _InFlight:
     """A batch on its way to the device: host (pinned) buffers kept alive until the copy is consumed."""
 
     rows: np.ndarray
-    cap: int
+    asked: int  # the capacity the caller asked for
+    cap: int  # the capacity of the buffers (``asked``, or larger once grown)
     host: list[torch.Tensor]
     dev: list[torch.Tensor]
     event: torch.cuda.Event | None
 
 
-class HostBatchFeeder:
-    """Batches for a stack kept in host memory: each batch's CSR rows are gathered on the host (sparse, never
-    dense), copied into pinned buffers and sent to the device on a side stream one batch ahead (double buffer).
+class HostRows(Protocol):
+    """A stack whose rows are read on the host as CSR: :class:`_InMemoryRows` (a CellTable) or a
+    :class:`~inrscrecon.data.streaming.StreamingTable` (chunks read from disk)."""
 
-    ``gather`` has the DeviceTable's contract (same SparseBatch, same capacity, same ``raw`` mode) given host
-    row ids.
+    coords: np.ndarray  # [N, 3] µm
+    totals: np.ndarray  # [N] library sizes
+
+    def csr_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [B] → (indptr [B+1] int64, indices [NNZ] int32 ascending per row, raw values [NNZ] fp32)."""
+        ...
+
+    def csr_capacity(self, batch: int) -> int: ...
+
+
+class _InMemoryRows:
+    """A CellTable's CSR as :class:`HostRows` (genes sorted once when they are not)."""
+
+    def __init__(self, table: CellTable):
+        counts = table.counts.tocsr()
+        self.counts = counts if counts.has_sorted_indices else counts.sorted_indices()
+        self.coords, self.totals = table.coords, table.totals
+
+    def csr_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sub = self.counts[rows]
+        return (
+            np.asarray(sub.indptr, dtype=np.int64),
+            np.asarray(sub.indices, dtype=np.int32),
+            np.asarray(sub.data, dtype=np.float32),
+        )
+
+    def lens(self, rows: np.ndarray) -> np.ndarray:
+        return np.diff(self.counts.indptr)[rows]
+
+
+class HostBatchFeeder:
+    """Batches for a stack kept on the host — an in-memory CellTable, or a StreamingTable whose X stays on
+    disk — through one host CSR gather (``csr_rows``: sparse, never dense): each batch's rows are gathered on
+    the host, put in pinned buffers and sent to the device on a side stream one batch ahead (double buffer);
+    only the batch's non-zeros travel, the padding is zeroed on the device.
+
+    ``gather_host`` has the DeviceTable's contract (same SparseBatch, same ``raw`` mode) given host row ids.
+    Capacity: exact bounds for a CellTable (:func:`batch_capacity`); for a streaming table an estimate from its
+    nnz statistics (:meth:`~inrscrecon.data.streaming.StreamingTable.csr_capacity`). A batch with more
+    non-zeros than its capacity is never truncated: the buffers for that capacity grow (to 1.25 × the batch's
+    non-zeros), said once per growth in the log, and later batches keep the grown size (static again).
     """
 
-    def __init__(self, table: CellTable, device: str | torch.device, raw: bool = False):
+    def __init__(self, table: CellTable | StreamingTable, device: str | torch.device, raw: bool = False):
         self.device = torch.device(device)
         self.raw = raw
         self.table = table
@@ -248,44 +295,70 @@ class HostBatchFeeder:
         self.n_cells = table.n_cells
         self.genes = list(table.genes)
         self.target_sum = float(table.target_sum)
-        self._counts = table.counts.tocsr()
-        self._coords = np.asarray(table.coords, dtype=np.float32)
-        self._totals = np.asarray(table.totals, dtype=np.float32)
+        self.rows: HostRows | _InMemoryRows = (
+            _InMemoryRows(table) if isinstance(table, CellTable) else table  # type: ignore[assignment]
+        )
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._next: _InFlight | None = None
+        self.grown: dict[int, int] = {}  # capacity asked for → buffer capacity, where a batch outgrew it
 
     def capacity(self, rows: np.ndarray, batch: int) -> int:
-        return batch_capacity(self._counts, rows, batch)
+        """CSR capacity for batches of ``batch`` rows drawn from ``rows``."""
+        if isinstance(self.rows, _InMemoryRows):
+            return batch_capacity(self.rows.counts, rows, batch)
+        return self.rows.csr_capacity(min(batch, len(rows)))
 
     def exact_capacity(self, rows: np.ndarray) -> int:
-        return max(int(np.diff(self._counts.indptr)[rows].sum()), 1)
+        """Capacity for exactly these ``rows`` (exact in memory; the streaming estimate otherwise)."""
+        if isinstance(self.rows, _InMemoryRows):
+            return max(int(self.rows.lens(rows).sum()), 1)
+        return self.rows.csr_capacity(len(rows))
 
-    def _host(self, rows: np.ndarray, cap: int) -> list[torch.Tensor]:
-        sub = self._counts[rows]
-        nnz = sub.nnz
-        indices = np.zeros(cap, dtype=np.int32)
-        raw = np.zeros(cap, dtype=np.float32)
-        indices[:nnz], raw[:nnz] = sub.indices, sub.data
+    def _host(self, rows: np.ndarray, asked: int) -> tuple[int, list[torch.Tensor]]:
+        """(buffer capacity, host tensors: indptr [B+1], indices, raw values, totals [B], coords [B, 3]).
+        For the CPU device indices / values are padded to the capacity; for CUDA they hold the non-zeros."""
+        indptr, genes, stored = self.rows.csr_rows(rows)
+        nnz = int(indptr[-1])
+        cap = self.grown.get(asked, asked)
+        if nnz > cap:
+            new = max(math.ceil(1.25 * nnz), cap + 1)
+            log.info(
+                "a batch of %d rows holds %d non-zeros, over its CSR capacity %d: buffers grown to %d",
+                len(rows),
+                nnz,
+                cap,
+                new,
+            )
+            self.grown[asked] = cap = new
+        if not self._cuda:
+            pad_genes, pad_stored = np.zeros(cap, dtype=np.int32), np.zeros(cap, dtype=np.float32)
+            pad_genes[:nnz], pad_stored[:nnz] = genes, stored
+            genes, stored = pad_genes, pad_stored
         parts = [
-            torch.from_numpy(np.asarray(sub.indptr, dtype=np.int64)),
-            torch.from_numpy(indices),
-            torch.from_numpy(raw),
-            torch.from_numpy(self._totals[rows]),
-            torch.from_numpy(self._coords[rows]),
+            torch.from_numpy(indptr),
+            torch.from_numpy(genes),
+            torch.from_numpy(stored),
+            torch.from_numpy(np.asarray(self.rows.totals[rows], dtype=np.float32)),
+            torch.from_numpy(np.asarray(self.rows.coords[rows], dtype=np.float32)),
         ]
-        return [p.pin_memory() for p in parts] if self._cuda else parts
+        return cap, [p.pin_memory() for p in parts] if self._cuda else parts
 
-    def _send(self, rows: np.ndarray, cap: int) -> _InFlight:
+    def _send(self, rows: np.ndarray, asked: int) -> _InFlight:
         """Host gather into pinned buffers, then the copy on the side stream: returns without waiting."""
-        host = self._host(rows, cap)
+        cap, host = self._host(rows, asked)
         if self._stream is None:
-            return _InFlight(rows, cap, host, host, None)
+            return _InFlight(rows, asked, cap, host, host, None)
         with torch.cuda.stream(self._stream):
-            dev = [h.to(self.device, non_blocking=True) for h in host]
+            indptr, totals, coords = (host[k].to(self.device, non_blocking=True) for k in (0, 3, 4))
+            nnz = host[1].shape[0]
+            genes = torch.zeros(cap, dtype=torch.int32, device=self.device)  # padding zeroed on the device
+            stored = torch.zeros(cap, dtype=torch.float32, device=self.device)
+            genes[:nnz].copy_(host[1], non_blocking=True)  # only the non-zeros cross the bus
+            stored[:nnz].copy_(host[2], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return _InFlight(rows, cap, host, dev, event)
+        return _InFlight(rows, asked, cap, host, [indptr, genes, stored, totals, coords], event)
 
     def _finish(self, f: _InFlight, raw: bool) -> SparseBatch:
         """The main stream waits for ``f``'s copy (on the device: the host runs on), then normalises (or, raw,
@@ -317,7 +390,7 @@ class HostBatchFeeder:
         """Batch of host ``rows``; ``next_rows`` (the following batch) starts its copy now and is finished
         when it is asked for, so its transfer overlaps this batch's step. ``raw``: as in DeviceTable.gather."""
         f = self._next
-        if f is None or f.cap != cap or not np.array_equal(f.rows, rows):
+        if f is None or f.asked != cap or not np.array_equal(f.rows, rows):
             f = self._send(rows, cap)
         self._next = self._send(next_rows, cap) if next_rows is not None else None
         return self._finish(f, self.raw if raw is None else raw)

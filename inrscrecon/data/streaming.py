@@ -8,11 +8,14 @@
   dense that ``2 · window + 1`` chunks would not fit in it, so peak memory is set by the budget, not by N or
   by the density of X.
 * :func:`open_stack` makes one streaming pass over X: it checks the values (finite, non-negative, column
-  indices in range), records library sizes over all genes, and the per-gene moments that pick the top-M
+  indices in range), records library sizes over all genes, non-zeros per gene, and the per-gene moments that pick the top-M
   variable genes (same rule as :func:`~inrscrecon.data.preprocess.select_genes`).
 * :meth:`StreamingTable.targets` gathers rows from cached chunks (LRU) and normalises them on the fly with
   :func:`~inrscrecon.data.csr_gather.gather_normalized`; a chunk with only a few requested rows is read row by
-  row instead of whole.
+  row instead of whole. :meth:`StreamingTable.csr_rows` reads the same way but returns the rows' raw values on
+  the model genes as CSR (what training feeds, through
+  :class:`~inrscrecon.data.device_table.HostBatchFeeder`): no dense [B, G] block. Its batch capacity comes from
+  the pass's per-gene non-zero counts (:meth:`StreamingTable.csr_capacity`).
 * :meth:`StreamingTable.epoch_order` shuffles across chunks while reading chunk-wise: chunks in random order,
   rows shuffled within windows of ``window`` chunks, so consecutive batches touch at most two windows.
   ``shuffle="global"`` reproduces the in-memory table's uniform permutation (and its loss curve) exactly.
@@ -20,9 +23,10 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ CHUNK_ROWS = 16384
 CACHE_MB = 256.0  # default memory budget (MiB) of the chunk cache
 H5_CHUNK_CACHE = 2**17  # bytes of HDF5 chunk cache per dataset
 DIRECT_FRACTION = 1 / 16  # fewer requested rows than this fraction of a chunk: read them row by row
+CAPACITY_SCALE, CAPACITY_SIGMAS = 1.25, 6.0  # CSR batch capacity: mean rows × 1.25 + 6·sqrt(B) rows
 
 
 def _read_elem(node: Any) -> Any:
@@ -275,11 +280,27 @@ def _check_block(block: sp.csr_matrix, src: _Source, start: int) -> None:
             )
 
 
+def _model_rows(block: sp.csr_matrix, idx: np.ndarray, col_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Rows ``idx`` [K] of a file block [R, n_vars] on the model genes: CSR [K, n_genes] float32, columns
+    through ``col_map`` (−1 dropped), canonical (each row's genes ascending, duplicates summed)."""
+    sub = block[idx]
+    cols = col_map[sub.indices]
+    keep = cols >= 0
+    kept = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    out = sp.csr_matrix(
+        (sub.data[keep].astype(np.float32, copy=False), cols[keep].astype(np.int32), kept[sub.indptr]),
+        shape=(len(idx), n_genes),
+    )
+    out.sum_duplicates()  # sorts each row's genes (col_map need not be monotone); no-op when canonical
+    return out
+
+
 @dataclass
 class StreamingTable:
     """Cells of a stack whose X stays on disk. Same interface as CellTable for training and prediction:
     ``coords`` [N, 3] µm, ``totals`` [N] library sizes, ``genes``, ``target_sum``, ``n_cells``,
-    ``targets(rows)`` → [len(rows), G] float32 log1p-normalised, ``sections()``, ``section``, ``obs_names``.
+    ``targets(rows)`` → [len(rows), G] float32 log1p-normalised, ``sections()``, ``section``, ``obs_names``;
+    ``csr_rows(rows)`` → the same rows' raw values as CSR on the model genes (training batches).
 
     ``chunk_rows``: rows per read; ``window``: chunks shuffled together; ``cache_chunks``: chunks kept in memory
     (default ``2 · window + 1``, so a batch straddling two windows never rereads). Memory ≈ cache_chunks ·
@@ -301,6 +322,7 @@ class StreamingTable:
     cache_chunks: int | None = None
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"chunk_reads": 0, "row_reads": 0})
+    col_nnz: list[np.ndarray] | None = None  # per source: [n_vars] stored entries of each file gene
 
     def __post_init__(self) -> None:
         if self.shuffle not in ("window", "global"):
@@ -364,10 +386,28 @@ class StreamingTable:
         return log_offsets(self.totals[np.asarray(rows, dtype=np.int64)], self.target_sum)
 
     def _gather(self, rows: np.ndarray, raw: bool) -> np.ndarray:
+        out = np.empty((len(rows), len(self.genes)), dtype=np.float32)
+        for pos, s, block, idx, tot in self._blocks(rows):
+            out[pos] = gather_normalized(
+                block,
+                idx,
+                col_map=self.col_maps[s],
+                n_out=len(self.genes),
+                target_sum=0.0 if raw else self.target_sum,
+                log1p=not raw,
+                row_totals=tot,
+            )
+        return out
+
+    def _blocks(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, int, sp.csr_matrix, np.ndarray, np.ndarray]]:
+        """Where global ``rows`` [B] (any order) are read from: per (source, chunk) touched, ``(positions in
+        rows [K], source s, CSR block with all file columns, row of the block for each position [K], library
+        sizes of the block's rows)``. The block is the cached chunk, or just the requested rows (row reads)."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
             raise InputError(f"rows out of range [0, {self.n_cells})")
-        out = np.empty((len(rows), len(self.genes)), dtype=np.float32)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         src, local = self.locate(srt)
@@ -391,16 +431,50 @@ class StreamingTable:
                 block = self.sources[s].pick(uniq)
                 self.stats["row_reads"] += len(uniq)
                 tot = self.totals[self.offsets[s] + uniq]
-            out[order[part]] = gather_normalized(
-                block,
-                idx,
-                col_map=self.col_maps[s],
-                n_out=len(self.genes),
-                target_sum=0.0 if raw else self.target_sum,
-                log1p=not raw,
-                row_totals=tot,
-            )
-        return out
+            yield order[part], s, block, idx, tot
+
+    def csr_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw values of global ``rows`` [B] (any order, repeats allowed) on the model genes as CSR, without a
+        dense [B, G] block: ``(indptr [B+1] int64, indices [NNZ] int32 model gene, values [NNZ] float32)``,
+        each row's genes ascending (file genes that ``col_maps`` drops are left out; duplicates summed).
+        Read through the same chunk cache / row reads as :meth:`targets`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n_genes = len(self.genes)
+        lens = np.zeros(len(rows), dtype=np.int64)
+        pieces: list[tuple[np.ndarray, sp.csr_matrix]] = []
+        for pos, s, block, idx, _ in self._blocks(rows):
+            sub = _model_rows(block, idx, self.col_maps[s], n_genes)
+            lens[pos] = np.diff(sub.indptr)
+            pieces.append((pos, sub))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        values = np.empty(int(indptr[-1]), dtype=np.float32)
+        for pos, sub in pieces:  # each piece's rows into their request positions (vectorised copy)
+            dst = np.repeat(indptr[pos] - sub.indptr[:-1], np.diff(sub.indptr)) + np.arange(sub.nnz)
+            indices[dst], values[dst] = sub.indices, sub.data
+        return indptr, indices, values
+
+    def mean_row_nnz(self) -> float:
+        """Largest mean number of model-gene non-zeros per row over the sources (from the streaming pass's
+        per-gene counts; without them, the files' own nnz per row, an upper bound)."""
+        means = []
+        for s, src in enumerate(self.sources):
+            n = max(int(self.offsets[s + 1] - self.offsets[s]), 1)
+            if self.col_nnz is not None:
+                means.append(float(self.col_nnz[s][self.col_maps[s] >= 0].sum()) / n)
+            else:
+                means.append(float(src.nnz) / n if src.sparse else float(len(self.genes)))
+        return max(means) if means else 0.0
+
+    def csr_capacity(self, batch: int) -> int:
+        """CSR slots for a batch of ``batch`` rows, from the nnz statistics: the densest source's mean row
+        times ``batch`` plus a margin of ``CAPACITY_SIGMAS`` · sqrt(batch) rows (≈ its spread when the row
+        s.d. is about the mean), at most batch × genes. An estimate: a denser batch grows the buffer
+        (:class:`~inrscrecon.data.device_table.HostBatchFeeder`), it is never truncated."""
+        mu = self.mean_row_nnz()
+        est = math.ceil(mu * (CAPACITY_SCALE * batch + CAPACITY_SIGMAS * math.sqrt(batch))) + 1
+        return max(1, min(batch * len(self.genes), est))
 
     def epoch_order(self, train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray | None:
         """Visiting order of ``train_rows`` for one epoch: chunks in random order, rows shuffled within windows
@@ -455,12 +529,13 @@ def _stats_pass(
     progress: bool,
     shard: tuple[int, int],
     allreduce: Callable[[np.ndarray], np.ndarray] | None,
-) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """One pass over X: checks, library sizes per file, and (``moments``) the variance of log-normalised
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
+    """One pass over X: checks, library sizes and stored entries per gene per file, and (``moments``) the variance of log-normalised
     expression of the ``shared`` genes. ``shard=(rank, world)`` splits the chunks over ranks and ``allreduce``
     (sum) combines their results."""
     rank, world = shard
     totals = [np.zeros(s.shape[0], dtype=np.float32) for s in sources]
+    col_nnz = [np.zeros(s.shape[1], dtype=np.int64) for s in sources]
     g = len(shared)
     acc = np.zeros(2 * g + 1)
     jobs = [(i, a) for i, s in enumerate(sources) for a in range(0, s.shape[0], chunk_rows)]
@@ -471,6 +546,7 @@ def _stats_pass(
         block = src.rows(a, min(a + chunk_rows, src.shape[0]))
         _check_block(block, src, a)
         totals[i][a : a + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float32).ravel()
+        col_nnz[i] += np.bincount(block.indices, minlength=src.shape[1])[: src.shape[1]]
         if moments:
             cols = shells[i].var_names.get_indexer(list(shared))
             ts = target_sum if is_counts(shells[i]) else 0.0
@@ -482,11 +558,13 @@ def _stats_pass(
         flat = allreduce(np.concatenate(totals).astype(np.float32))
         totals = np.split(flat, np.cumsum([s.shape[0] for s in sources])[:-1])
         acc = allreduce(acc)
+        nnz = allreduce(np.concatenate(col_nnz).astype(np.float64))  # exact below 2**53 entries
+        col_nnz = [a.astype(np.int64) for a in np.split(nnz, np.cumsum([s.shape[1] for s in sources])[:-1])]
     if not moments:
-        return totals, None
+        return totals, col_nnz, None
     n = max(acc[-1], 1)
     mean = acc[:g] / n
-    return totals, np.maximum(acc[g : 2 * g] / n - mean**2, 0.0)
+    return totals, col_nnz, np.maximum(acc[g : 2 * g] / n - mean**2, 0.0)
 
 
 def open_stack(
@@ -583,7 +661,7 @@ def open_stack(
                 f"asked for {n_genes} genes but only {len(shared)} are shared; using all {len(shared)}",
                 stacklevel=2,
             )
-        totals, var = _stats_pass(
+        totals, col_nnz, var = _stats_pass(
             sources, shared, shells, target_sum, need_moments, chunk_rows, progress, shard, allreduce
         )
         release_freed_memory()
@@ -622,6 +700,7 @@ def open_stack(
         window=window,
         shuffle=shuffle,
         cache_chunks=cache_chunks,
+        col_nnz=col_nnz,
     )
     # the shells' per-cell strings (obs names: ≈ 160 bytes a cell) are garbage now; hand their pages back so
     # that they do not stay in the RSS of the whole fit

@@ -8,7 +8,8 @@ there into fixed-capacity sparse buffers that the sparse-target loss reads; the 
 device and are read once per epoch (and at checkpoints), so a step never waits for the host and can be
 compiled whole (:mod:`inrscrecon.train.step`). A stack too large for the device streams its CSR batches from
 host memory instead (said once). Streaming tables (:mod:`inrscrecon.data.streaming`) keep their chunk-wise
-order and dense host batches.
+order and feed the same sparse batches, read as CSR from their disk chunks (``data="dense"``: dense host
+batches, the reference).
 
 Data parallel: when a ``torch.distributed`` process group is initialised (``torchrun``; see
 :mod:`inrscrecon.train.distributed`), every rank builds the same global batch of ``batch_size`` rows, keeps
@@ -104,9 +105,10 @@ class TrainConfig:
     """Optimisation settings. ``checkpoint_every`` is in optimizer steps; ``patience`` in epochs.
 
     ``batch_size`` / ``lr`` None: device defaults (512 / 2e-3 on CPU; 32768 and a scaled rate on CUDA).
-    ``data``: ``auto`` (device-resident CSR for in-memory tables, host dense batches for streaming tables),
-    ``device``, ``host`` (CSR batches streamed from host memory) or ``dense`` (dense host batches, the
-    reference path). ``compile``: ``auto`` (on CUDA with the device table, one process, ≥ COMPILE_MIN_CELLS
+    ``data``: ``auto`` (device-resident CSR for in-memory tables; for streaming tables CSR batches read from
+    their disk chunks, as ``host``), ``device`` (an InputError for a streaming table: it does not fit by
+    definition), ``host`` (CSR batches streamed from host memory or disk) or ``dense`` (dense host batches,
+    the reference path). ``compile``: ``auto`` (on CUDA with the device table, one process, ≥ COMPILE_MIN_CELLS
     cells trained), ``on``, ``off``.
     """
 
@@ -450,12 +452,16 @@ def _data_source(
 ) -> tuple[DeviceTable | HostBatchFeeder | None, dict]:
     if tc.data not in ("auto", "device", "host", "dense"):
         raise InputError(f"TrainConfig.data must be auto, device, host or dense, got {tc.data!r}")
-    if tc.data == "dense" or not isinstance(table, CellTable):
-        if tc.data in ("device", "host"):
-            raise InputError(
-                f"data={tc.data!r} needs an in-memory table; streaming tables feed dense batches"
-            )
+    if tc.data == "dense":
         return None, {"placement": "dense host batches"}
+    if not isinstance(table, CellTable):  # a streaming table: CSR rows read from its disk chunks
+        if tc.data == "device":
+            raise InputError(
+                "data='device' needs an in-memory table: a streaming table's X stays on disk; use "
+                "data='auto' or 'host' (CSR batches streamed from disk chunks) or 'dense'"
+            )
+        log.info("CSR batches streamed from disk chunks")
+        return HostBatchFeeder(table, device, raw=raw), {"placement": "CSR batches streamed from disk chunks"}
     source: DeviceTable | None = None
     if tc.data in ("auto", "device"):
         source = device_table_or_none(table, device, raw=raw)
@@ -650,8 +656,9 @@ def fit(
             assert isinstance(table, CellTable)
             val_source = DeviceTable(table, device, rows=val_mine, raw=count)
             val_sparse = _SparseValidation(val_source, np.arange(len(val_mine)), device)
-        else:
-            val_sparse = _SparseValidation(source, val_mine, device)
+        else:  # a streaming fit validates in the dense path's chunks: its [chunk, M] temporaries stay as small
+            chunk = 1024 if isinstance(table, StreamingTable) else 4096
+            val_sparse = _SparseValidation(source, val_mine, device, chunk)
     st: dict[str, Any] = {
         "epoch": 0,
         "step_in_epoch": 0,
