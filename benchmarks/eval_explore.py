@@ -179,6 +179,166 @@ def explore_inter(
                         report(method + "_measured", own, {"config": cname + ", own library (oracle)"})
 
 
+def _ranked_config(rank: int):
+    """A FieldConfig factory whose fields get a low-rank head of ``rank`` (what ``fit(head_rank=…)`` does)."""
+    from dataclasses import dataclass, field
+
+    from inrscrecon.field.model import FieldConfig
+
+    @dataclass
+    class Ranked(FieldConfig):
+        head_rank: int = field(default=rank)
+
+    return Ranked
+
+
+def pca_basis(y: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [G] and the top ``r_max`` principal axes [G, r_max] of profiles y [N, G] (centred, float64)."""
+    mu = y.mean(axis=0, dtype=np.float64)
+    _, _, vt = np.linalg.svd(y.astype(np.float64) - mu, full_matrices=False)
+    return mu, vt[:r_max].T
+
+
+def project(pred: np.ndarray, mu: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """mean + (pred − mean) · V Vᵀ: predictions [N, G] onto the span of the principal axes v [G, r]."""
+    c = pred.astype(np.float64) - mu
+    return (mu + (c @ v) @ v.T).astype(np.float32)
+
+
+def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (4, 8, 16, 32, 64),
+                      steps: int = 1000, parts: str = "posthoc,rank,genes,small") -> None:  # fmt: skip
+    """Structure shared across genes, on the held-out interior training section (see the top): post-hoc
+    projection of every predictor onto the top-r principal axes of the training sections' log1p expression
+    (``posthoc``), learned low-rank heads (``rank``), the INR trained on more genes and scored on the 500
+    (``genes``: all shared genes up to 2000), and smaller / lower-bandwidth fields (``small``)."""
+    from dataclasses import replace
+
+    import inrscrecon.train.fit as fit_mod
+    from inrscrecon.evaluate.inr import Candidate, _fit, fold_table, interior_sections
+    from inrscrecon.evaluate.tasks import EvalConfig, stack_sections, train_config
+    from inrscrecon.train.select import best_val
+
+    torch.set_num_threads(1)
+    spec = {
+        "dlpfc": ([f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)], "151674", "layer", None),
+        "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
+    }[dataset]
+    files, test_name, label_key, spacing = spec
+    secs = read_sections([DATA / f for f in files])
+    if dataset == "breast":
+        for s in secs:
+            s.uns["microns_per_pixel"] = 200.0
+    train_secs = [s for s in secs if str(s.uns.get("section")) != test_name]
+    assert len(train_secs) == len(secs) - 1, "test section not found"
+    from inrscrecon.data.preprocess import shared_genes
+
+    shared = shared_genes(secs)
+    genes = select_genes(train_secs, 500, genes=shared)  # the scored genes (pooled variance, nested in big)
+    big = select_genes(train_secs, min(2000, len(shared)), genes=shared)
+    big_table, _ = stack_sections(secs, big, spacing, None, label_key)
+    big_table = big_table.subset(big_table.section != test_name)  # the test section is never used
+    cols = big_table.genes
+    idx = np.array([cols.index(g) for g in genes])
+    table = replace(big_table, counts=big_table.counts[:, idx].tocsr(), genes=list(genes))
+    (held,) = interior_sections(table)
+    val = table.section == held
+    y_val = table.targets(np.flatnonzero(val))
+    y_fit = table.targets(np.flatnonzero(~val))
+    lab = table.labels[label_key][val] if label_key else None
+    if lab is None:  # k-means domains (k = 5) of the measured expression of the training sections
+        lab = M.cluster(table.targets(np.arange(table.n_cells)), 5, "kmeans", seed=0)[val].astype(str)
+    mu, axes = pca_basis(y_fit, max(ranks))
+    base = {"dataset": dataset, "test_section_unused": test_name, "val_section": held, "n_genes": len(genes),
+            "pca_from": "training sections except the validation one"}  # fmt: skip
+
+    def report(name: str, pred: np.ndarray, extra: dict, seed: int = 0) -> None:
+        """One row per projection rank (r = 0: the prediction itself)."""
+        for r in (0, *ranks) if "posthoc" in parts else (0,):
+            p = pred if r == 0 else project(pred, mu, axes[:, :r])
+            row = {**base, "name": name, "seed": seed, "projection_rank": r, "val_rmse": M.rmse(p, y_val),
+                   "val_pearson": M.median_pearson(p, y_val), "val_ari": M.ari(p, lab, seed=seed),
+                   "val_ari_gmm": M.ari(p, lab, "gmm", seed=seed), **extra}  # fmt: skip
+            print(json.dumps(row), flush=True)
+
+    t0 = time.time()
+    tuned = tuning.tuned_baselines(table.coords[~val], y_fit, table.section[~val], table.coords[val], y_val,
+                                   table.coords[val], with_linear_z=False)  # fmt: skip
+    for name in ("knn", "gaussian"):
+        report(name, tuned[name].prediction, {"params": tuned[name].params, "s": round(time.time() - t0, 1)})
+    report("true", y_val, {})  # the measured expression and its projection (ARI reference)
+    cfg = EvalConfig(steps=steps)
+    n_fit = int((~val).sum())
+
+    def inr(name: str, tab, n_bands: int = 2, width: int = 256, rank: int = 0, seed: int = 100,
+            lr: float | None = None, wd: float = 0.0) -> None:  # fmt: skip
+        tc = train_config(cfg, n_fit, seed)
+        tc = tc if lr is None else replace(tc, lr=lr)
+        ft, frac = fold_table(tab, held, seed)
+        cand = Candidate(EncodingConfig("fourier", n_bands=n_bands), {})
+        t1 = time.time()
+        orig, adam = fit_mod.FieldConfig, torch.optim.Adam
+        fit_mod.FieldConfig = _ranked_config(rank) if rank else orig  # type: ignore[misc]
+        if wd:  # decoupled (AdamW-style) weight decay on every parameter
+
+            class DecayedAdam(adam):  # type: ignore[misc, valid-type]
+                def __init__(self, params, **kw):
+                    super().__init__(params, weight_decay=wd, decoupled_weight_decay=True, **kw)
+
+            torch.optim.Adam = DecayedAdam  # type: ignore[misc]
+        try:
+            res = _fit(ft, cand, width, cfg.n_layers, LossConfig(), replace(tc, val_fraction=frac))
+        finally:
+            fit_mod.FieldConfig, torch.optim.Adam = orig, adam  # type: ignore[misc]
+        crit, ep = best_val(res)
+        pred = predict(res.model, table.coords[val])
+        if pred.shape[1] != len(genes):  # trained on more genes: score the 500
+            pred = pred[:, idx]
+        extra = (f", lr={tc.lr:g}" if lr is not None else "") + (f", weight_decay={wd:g}" if wd else "")
+        report(name, pred, {"config": f"fourier L={n_bands}, width={width}, head_rank={rank}, "
+                                      f"genes={len(tab.genes)}{extra}", "criterion": crit, "best_epoch": ep,
+                            "epochs": len(res.history), "s": round(time.time() - t1, 1)}, seed)  # fmt: skip
+
+    for seed in seeds:
+        inr("inr_rmse", table, seed=seed)
+        if "rank" in parts:
+            for r in (8, 16, 32):
+                inr("inr_rmse_rank", table, rank=r, seed=seed)
+        if "genes" in parts:
+            inr("inr_rmse_genes", big_table, seed=seed)
+            if "rank" in parts:
+                inr("inr_rmse_genes_rank", big_table, rank=16, seed=seed)
+        if "small" in parts:
+            inr("inr_rmse_small", table, n_bands=1, seed=seed)
+            inr("inr_rmse_small", table, width=64, seed=seed)
+        if "reg" in parts:
+            for wd in (0.01, 0.1):
+                inr("inr_rmse_reg", table, seed=seed, wd=wd)
+            inr("inr_rmse_reg", table, seed=seed, lr=5e-4)
+            inr("inr_rmse_reg", table, seed=seed, lr=5e-4, rank=16)
+
+
+def structure_summary(paths: list[str]) -> str:
+    """Markdown table of ``--structure`` rows: mean ± s.d. over seeds per (dataset, method, configuration,
+    projection rank)."""
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            key = (r["dataset"], r["name"], r.get("config", str(r.get("params", ""))), r["projection_rank"])
+            groups.setdefault(key, []).append(r)
+    out = ["| dataset | method | configuration | PCA r | seeds | val Pearson | val RMSE | val ARI k-means | val ARI GMM |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (ds, name, cfg, r), rows in groups.items():
+
+        def ms(k: str, rows: list[dict] = rows) -> str:
+            v = np.array([x[k] for x in rows], dtype=float)
+            return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
+
+        cells = " | ".join(ms(k) for k in ("val_pearson", "val_rmse", "val_ari", "val_ari_gmm"))
+        out.append(f"| {ds} | {name} | {cfg} | {r or '–'} | {len(rows)} | {cells} |")
+    return "\n".join(out)
+
+
 LABELS = {"mean_profile": "mean profile", "knn": "k-NN (tuned k)", "gaussian": "Gaussian smoother (tuned h)",
           "linear_z": "linear-z (tuned k)", "true": "measured expression (ARI reference)"}  # fmt: skip
 
@@ -215,10 +375,19 @@ def main() -> None:
                     help="also the measured-scale rows at the validation spots' own library sizes (oracle)")  # fmt: skip
     ap.add_argument("--library-coupled", action="store_true",
                     help="count models' library-size head trains the trunk too (not detached)")  # fmt: skip
+    ap.add_argument("--structure", choices=["dlpfc", "breast"],
+                    help="structure shared across genes: PCA projection, low-rank heads, more genes")  # fmt: skip
+    ap.add_argument("--seeds", default="100,101", help="--structure: INR seeds")
+    ap.add_argument("--parts", default="posthoc,rank,genes,small", help="--structure: which parts to run")
     ap.add_argument("--table", nargs="+", help="print explore_*.jsonl files as one markdown table")
+    ap.add_argument("--summary", nargs="+", help="print --structure jsonl files as mean ± s.d. over seeds")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+    elif args.summary:
+        print(structure_summary(args.summary))
+    elif args.structure:
+        explore_structure(args.structure, [int(v) for v in args.seeds.split(",")], parts=args.parts)
     elif args.sweep:
         sweep_intra_151673()
     else:

@@ -26,7 +26,9 @@ config fields ``z_stretch``, ``section_code_dim``, ``section_knots_z`` (and the 
 ``code_proj.weight`` when codes are on); files of formats 1 and 2 load with their defaults (isotropic, no
 codes) and predict exactly as before. Count models may carry a library-size head (config ``library_head``,
 ``library_mean``, ``library_sd``, ``library_detach``; tensors ``library_head.weight`` [1, W] and
-``library_head.bias`` [1]): format-3 files without it load as models without one.
+``library_head.bias`` [1]): format-3 files without it load as models without one. A low-rank gene head
+(config ``head_rank`` r > 0; tensor ``head_down.weight`` [r, W], ``head.weight`` [M, r]) maps the features
+through Linear(W, r) before the head, so every head kernel sees K = r; files without it load as full heads.
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ class FieldConfig:
     library_mean: float = 0.0
     library_sd: float = 1.0
     library_detach: bool = True  # trained on detached features: the gene field is unaffected by it
+    # low-rank gene head: features [W] → Linear(W, r, no bias) → head Linear(r, M); 0 = a full W × M head
+    head_rank: int = 0
+
+    @property
+    def feature_dim(self) -> int:
+        """Width K of the features the gene head reads: ``head_rank`` when the head is low-rank, else W."""
+        return self.head_rank if self.head_rank > 0 else self.width
 
     @staticmethod
     def frame_for(coords: np.ndarray, margin: float = 1.02) -> tuple[tuple[float, float, float], float]:
@@ -209,6 +218,7 @@ class INRField(nn.Module):
     section_codes: nn.Parameter | None
     log_theta: nn.Parameter | None  # [M] NB models only
     code_proj: nn.Linear | None
+    head_down: nn.Linear | None  # [r, W] low-rank head models only
     library_head: nn.Linear | None  # count models fitted with a library-size field
 
     def __init__(self, cfg: FieldConfig):
@@ -216,7 +226,9 @@ class INRField(nn.Module):
         self.cfg = cfg
         self.encoding = PositionalEncoding(cfg.encoding)
         self.trunk = Trunk(self.encoding.out_dim, cfg.width, cfg.n_layers)
-        self.head = nn.Linear(cfg.width, cfg.n_genes)
+        if cfg.head_rank < 0:
+            raise ValueError(f"head_rank must be >= 0, got {cfg.head_rank}")
+        self.head = nn.Linear(cfg.feature_dim, cfg.n_genes)
         self.register_buffer("center", torch.tensor(cfg.center, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(cfg.scale, dtype=torch.float32))
         # derived from the config, so not saved: the frame's z stretch and the knots in normalised z (computed
@@ -236,7 +248,9 @@ class INRField(nn.Module):
         nb = cfg.likelihood == "nb"
         self.log_theta = nn.Parameter(torch.full((cfg.n_genes,), math.log(10.0))) if nb else None
         # created last, so that the other parameters' initialisation does not depend on it
-        self.library_head = nn.Linear(cfg.width, 1) if cfg.library_head else None
+        self.library_head = nn.Linear(cfg.feature_dim, 1) if cfg.library_head else None
+        # the low-rank head's first factor, after the library head: with head_rank 0 nothing changes
+        self.head_down = nn.Linear(cfg.width, cfg.head_rank, bias=False) if cfg.head_rank > 0 else None
         self.training_record: dict[str, Any] = {}  # how the model was fitted (saved with it, format ≥ 2)
 
     def normalize(self, xyz: torch.Tensor) -> torch.Tensor:
@@ -251,14 +265,18 @@ class INRField(nn.Module):
         return self.code_proj(code)
 
     def with_codes(self, hidden: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Trunk features [N, W] plus the section-code term at normalised coords [N, 3] (unchanged without
-        codes): what a fused trunk's output needs to equal :meth:`hidden`."""
-        if self.section_codes is None:
-            return hidden
-        return hidden + self.code_term(coords).to(hidden.dtype)
+        """Trunk output [N, W] → the features the head reads [N, K]: plus the section-code term at normalised
+        coords [N, 3] (with codes), then through the low-rank head's first factor (``head_rank`` r > 0: K = r;
+        else K = W). What a fused trunk's output needs to equal :meth:`hidden`."""
+        if self.section_codes is not None:
+            hidden = hidden + self.code_term(coords).to(hidden.dtype)
+        if self.head_down is not None:
+            hidden = self.head_down(hidden.to(self.head_down.weight.dtype))
+        return hidden
 
     def hidden(self, coords: torch.Tensor) -> torch.Tensor:
-        """Normalised coords [N, 3] → features [N, W]: trunk(encoding) (+ the section-code term)."""
+        """Normalised coords [N, 3] → head features [N, K]: trunk(encoding) (+ the section-code term, then the
+        low-rank factor when ``head_rank`` > 0; see :meth:`with_codes`)."""
         return self.with_codes(self.trunk(self.encoding(coords)), coords)
 
     def code_use(self, xyz: np.ndarray, warn: bool = True) -> dict[str, Any] | None:
@@ -303,7 +321,7 @@ class INRField(nn.Module):
         return rec
 
     def head_out(self, hidden: torch.Tensor, gene_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden [N, W] → softplus head [N, M] or only the rows ``gene_idx`` [K] of the head → [N, K]."""
+        """Features [N, K] → softplus head [N, M] or only the rows ``gene_idx`` [G] of the head → [N, G]."""
         w: torch.Tensor = self.head.weight
         b: torch.Tensor = self.head.bias
         if gene_idx is not None:
@@ -314,7 +332,7 @@ class INRField(nn.Module):
         return self.head_out(self.hidden(coords))
 
     def log_library(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Predicted log library size log L(x) [N] (natural log of total counts) from features [N, W]; only
+        """Predicted log library size log L(x) [N] (natural log of total counts) from features [N, K]; only
         for a model with a library head (``cfg.library_head``)."""
         assert self.library_head is not None, "the model has no library-size head"
         z = self.library_head(hidden.to(self.library_head.weight.dtype))[:, 0]
