@@ -5,7 +5,8 @@
   log θ), junk slots past indptr[B], unsorted rows, empty rows, padding rows, the production shape;
 * the fused Triton kernels (in the interpreter without a GPU: TRITON_INTERPRET=1 is set before triton is
   imported) against the references, dense and CSR counts, both likelihoods, λ = 0 and λ > 0, fp32
-  (rel 1e-5 on the losses, 1e-4 of the largest entry on gradients) and bf16 (|kernel − fp32| ≤
+  (rel 1e-5 on the losses and of the largest entry on gradients; 1e-4 against the fp64 brute force at
+  extreme dispersions) and bf16 (|kernel − fp32| ≤
   |torch bf16 − fp32| + 2e-2·max|fp32| on gradients, + 1e-3 on the loss); the in-kernel lgamma / digamma /
   log1p against torch; a ``fullgraph`` compile of a step (``opcheck`` of the registered ops: test_custom_ops).
 """
@@ -111,7 +112,7 @@ def leaves(*xs, dtype=None, device=DEV):
     ]
 
 
-def rel_close(name, a, e, rtol=1e-4):
+def rel_close(name, a, e, rtol=1e-5):
     a, e = a.detach().float().cpu(), e.detach().float().cpu()
     assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
     err = (a - e).abs().max().item()
@@ -379,8 +380,8 @@ def test_triton_small_tiles_chunks_and_unscaled_forward_grads(likelihood, form):
         if nb:
             extra = torch.autograd.grad(terms, lt_leaf, retain_graph=True)[0] if form == "csr" else 0.0
             got.append(glt + extra)
-        for name, a, e in zip(PARAMS, got, r_g):
-            rel_close(name, a, e)
+        for name, a, e in zip(PARAMS, got, r_g):  # θ to 8e3: ∂log θ keeps ≈ 3e-5 of fp32 cancellation
+            rel_close(name, a, e, 1e-4)
         if lam == 0:  # the forward's unscaled gradients are the backward's for c_n = 1
             for name, u, a in zip(PARAMS, out[5:], (gh, gw, gb, glt) if nb else (gh, gw, gb)):
                 rel_close(name, coef[0] * u, a)
@@ -531,6 +532,59 @@ def test_triton_production_width_and_genes(likelihood):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     for name, a, e in zip(PARAMS, g, r_g):
         rel_close(name, a, e)
+
+
+def _no_worse(name, a, lo, r, tol=2e-2):
+    """bf16: |impl − fp32| ≤ |torch_bf16 − fp32| + tol·max|fp32| elementwise."""
+    a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
+    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
+    excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
+    assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
+
+
+@pytest.mark.triton
+def test_triton_production_width_and_genes_bf16():
+    """W = 256, M = 5000 (5 %), B = 8, NB on CSR counts with KL: bf16 operands, then bf16 autocast over fp32
+    masters, each no worse than torch's bf16 against the fp32 reference on the same rounded inputs."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(8, 256, 5000, density=0.05, seed=23)
+    counts[2] = 0
+    data = [*make_csr(counts, extra=2), off]
+    h16, w16, b16 = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    out, g = _run(_fused("csr"), (h16, w16, b16, lt), data, "nb", 0.5)
+    lo_out, lo_g = _run(_sparse_ref, (h16, w16, b16, lt), data, "nb", 0.5)
+    r_out, r_g = _run(_sparse_ref, (h16.float(), w16.float(), b16.float(), lt), data, "nb", 0.5)
+    assert all(x.dtype == torch.bfloat16 for x in g[:3])
+    for name, a, lo, r in zip(("loss", "nll", "kl"), out, lo_out, r_out):
+        _no_worse(name, a, lo, r, 1e-3)
+    for name, a, lo, r in zip(PARAMS, g, lo_g, r_g):
+        _no_worse(name, a, lo, r)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        ac_out, ac_g = _run(_fused("csr"), (h16.float(), w16.float(), b16.float(), lt), data, "nb", 0.5)
+    assert all(x.dtype == torch.float32 for x in ac_g)
+    _no_worse("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
+    for name, a, lo, r in zip(PARAMS, ac_g, lo_g, r_g):
+        _no_worse("autocast " + name, a, lo, r)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("likelihood", ["poisson", "nb"])
+def test_triton_rows_without_counts_and_all_zero_batch(likelihood):
+    """Rows with no non-zeros (first and last included) and a batch with none at all, dense and CSR counts,
+    λ = 0 (gradients from the forward) and λ > 0 (backward kernel), against the references."""
+    _triton()
+    h, w, b, counts, off, lt = count_problem(20, 12, 77, density=0.3, seed=21)
+    counts[[0, 9, 19]] = 0
+    for c in (counts, torch.zeros_like(counts)):
+        for form, ref in (("dense", _dense_ref), ("csr", _sparse_ref)):
+            data = [c, off] if form == "dense" else [*make_csr(c, extra=3), off]
+            for lam in (0.0, 0.6):
+                out, g = _run(_fused(form), (h, w, b, lt), data, likelihood, lam)
+                r_out, r_g = _run(ref, (h, w, b, lt), data, likelihood, lam)
+                for a, e in zip(out, r_out):
+                    torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+                for name, a, e in zip(PARAMS, g, r_g):
+                    rel_close(f"{form} λ={lam} {name}", a, e)
 
 
 @pytest.mark.gpu

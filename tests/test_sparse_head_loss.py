@@ -2,8 +2,8 @@
 
 The torch reference is checked against the dense ``head_loss_reference``; the fused Triton op against the
 torch reference (in the Triton interpreter without a GPU: TRITON_INTERPRET=1 is set before triton is
-imported). Tolerances: fp32 rel 1e-5 (reference) / 1e-4 (kernel: other summation order); bf16 by
-|impl − fp32| ≤ |torch_bf16 − fp32| + 2e-2·max|fp32|.
+imported). Tolerances: fp32 rel 1e-5 (values elementwise; gradients relative to their largest entry: the
+kernel sums in another order, measured ≤ 6e-7); bf16 by |impl − fp32| ≤ |torch_bf16 − fp32| + 2e-2·max|fp32|.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _triton():
     return ops
 
 
-def _rel_close(name, a, e, rtol=1e-4):
+def _rel_close(name, a, e, rtol=1e-5):
     a, e = a.detach().float().cpu(), e.detach().float().cpu()
     assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
     err = (a - e).abs().max().item()
@@ -240,6 +240,42 @@ def test_triton_production_shape(lam):
         torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=1e-6, msg=name)
     for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, d_grads):
         _rel_close(name, a, e)
+
+
+def _no_worse(name, a, lo, r, tol=2e-2):
+    """bf16: |impl − fp32| ≤ |torch_bf16 − fp32| + tol·max|fp32| elementwise."""
+    a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
+    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
+    excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
+    assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_triton_production_shape_bf16(lam):
+    """W = 256, M = 5000 in bf16 (small B for the interpreter), a row without non-zeros: bf16 operands, then
+    bf16 autocast over fp32 masters, each no worse than torch's bf16 against the fp32 reference."""
+    ops = _triton()
+    h, wt, bias, dense = problem(8, 256, 5000, density=0.05, seed=19)
+    dense[5] = 0
+    csr = make_csr(dense, extra=2)
+    h16, w16, b16 = h.bfloat16(), wt.bfloat16(), bias.bfloat16()
+    out, grads = _run(ops.triton_sparse_head_loss, (h16, w16, b16), csr, lam)
+    lo_out, lo_grads = _run(_ref, (h16, w16, b16), csr, lam)
+    r_out, r_grads = _run(_ref, (h16.float(), w16.float(), b16.float()), csr, lam)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    for name, a, lo, r in zip(("loss", "rmse", "kl"), out, lo_out, r_out):
+        _no_worse(name, a, lo, r, 1e-3)
+    for name, a, lo, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, lo_grads, r_grads):
+        _no_worse(name, a, lo, r)
+    leaves = [p.detach().clone().to(DEV).requires_grad_() for p in (h16.float(), w16.float(), b16.float())]
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        ac = ops.triton_sparse_head_loss(*leaves, *(x.to(DEV) for x in csr), lam)
+    (ac[0] + 0.3 * ac[1] + 0.2 * ac[2]).backward()
+    assert all(p.grad.dtype == torch.float32 for p in leaves)
+    _no_worse("autocast loss", ac[0], lo_out[0], r_out[0], 1e-3)
+    for name, p, lo, r in zip(("grad_hidden", "grad_weight", "grad_bias"), leaves, lo_grads, r_grads):
+        _no_worse("autocast " + name, p.grad, lo, r)
 
 
 @pytest.mark.triton
