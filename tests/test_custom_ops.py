@@ -306,6 +306,41 @@ def test_trunk_op_matches_torch_and_stores_nothing_under_no_grad(monkeypatch):
     assert seen == [(True, 3)]
 
 
+def test_no_grad_trunk_and_head_keep_nothing_for_a_backward():
+    """Memory, not a spy: under no_grad (and with frozen weights) the fused trunk's output owns one [B, W]
+    buffer and autograd packs no tensor; the sparse head computes no gradients. Trained, the trunk keeps its
+    [L, B, W] activations, the coordinates and the weights, and nothing else."""
+    trunk, coords = _trunk(width=32, n_layers=3, seed=6)
+    h_in, w, b, indptr, indices, values, _ = _sparse_inputs(n_rows=40, width=32, n_genes=29, seed=6)
+    packed: list[tuple[int, ...]] = []
+
+    def run():
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: packed.append(tuple(t.shape)) or t, lambda t: t
+        ):
+            hidden = fused.trunk_forward(coords, 2, trunk, impl="triton")
+            fused.sparse_head_loss(hidden, w, b, indptr, indices, values, 0.5, impl="triton")
+        return hidden
+
+    one = 40 * 32 * 4  # bytes of the [B, W] fp32 hidden
+    with torch.no_grad():
+        hidden = run()
+    assert packed == [] and not hidden.requires_grad
+    assert hidden.untyped_storage().nbytes() == one
+    params = [*trunk.parameters(), w, b]
+    for p in params:
+        p.requires_grad_(False)
+    hidden = run()  # grad mode on, nothing to differentiate
+    assert packed == [] and hidden.untyped_storage().nbytes() == one
+    for p in params:
+        p.requires_grad_(True)
+    hidden = run()
+    assert hidden.untyped_storage().nbytes() == 3 * one  # a view of the [L, B, W] activations
+    trunk_saved = [(40, 3), (3, 40, 32), *[tuple(lay.weight.shape) for lay in trunk.layers]]
+    assert packed[: len(trunk_saved)] == trunk_saved
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5])  # λ = 0: gradients from the forward; λ ≠ 0: backward kernel
 def test_train_step_compiles_fullgraph_with_fused_ops(lam):
     """Trunk → sparse head + loss under torch.compile(fullgraph=True) (a graph break raises), then its AOT
@@ -413,3 +448,84 @@ def test_wide_bf16_trunk_runs_per_layer_by_design(monkeypatch):
         with torch.no_grad():
             tt.triton_trunk(coords, 2, ws, bs)
         assert set(launched) == {expect}, (width, launched)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the whole train step on the fused ops
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack_table(small_stack):
+    from inrscrecon.data.preprocess import select_genes
+    from inrscrecon.data.stack import build_cell_table
+
+    sections, _ = small_stack
+    return build_cell_table(sections[:2], select_genes(sections[:2], 30))
+
+
+def _fused_step(table, impl, compile, lam, seed=0):
+    """fit's device-table step (gather → encode + trunk → sparse head + loss → backward → Adam) with the
+    gather and the ops of ``impl``; → (TrainStep, model)."""
+    import numpy as np
+
+    from inrscrecon.data.device_table import DeviceTable
+    from inrscrecon.field.encoding import EncodingConfig
+    from inrscrecon.field.losses import LossConfig
+    from inrscrecon.field.model import FieldConfig, INRField
+    from inrscrecon.train.objective import objective_tensors
+    from inrscrecon.train.step import TrainStep
+
+    torch.manual_seed(seed)
+    cfg = FieldConfig(
+        len(table.genes), EncodingConfig(n_bands=2), 16, 2, *FieldConfig.frame_for(table.coords)
+    )
+    model = INRField(cfg).to(DEV)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=CUDA and compile)
+    dt = DeviceTable(table, DEV)
+    cap = dt.capacity(np.arange(table.n_cells), 48)
+    loss_cfg = LossConfig(lambda_kl=lam)
+
+    def loss_rows(rows):
+        b = dt.gather(rows, cap, impl)
+        return objective_tensors(model, model.normalize(b.coords), b, loss_cfg, impl=impl)
+
+    kw = dict(compile_backend="aot_eager") if compile else {}
+    return TrainStep(loss_rows, opt, 1e-2, 10, 0.05, compile=compile, **kw), model
+
+
+@pytest.mark.parametrize(
+    "lam", [0.5]
+)  # λ = 0 (gradients in the forward): test_train_step_compiles_fullgraph_…
+def test_whole_fused_train_step_compiles_fullgraph(stack_table, lam, monkeypatch):
+    """The step fit compiles on a GPU, on the Triton ops (Triton gather, fused trunk, sparse head + loss),
+    traced as ONE graph (fullgraph=True: a graph break raises) with its AOT backward and the functional Adam;
+    three steps equal the eager torch step (parts accumulated on the device, weights after the updates)."""
+    import numpy as np
+
+    from inrscrecon.train.objective import PARTS
+
+    calls: list[str] = []
+    for name in ("trunk", "sparse_head_loss"):
+        real = getattr(ops, f"triton_{name}_op" if name == "trunk" else f"triton_{name}")
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, real.__name__, spy)
+    rng = np.random.default_rng(4)
+    batches = torch.as_tensor(np.sort(rng.choice(stack_table.n_cells, (3, 48)), axis=1), device=DEV)
+    eager, m_e = _fused_step(stack_table, "torch", False, lam)
+    compiled, m_c = _fused_step(stack_table, "triton", True, lam)
+    acc_e = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
+    acc_c = torch.zeros_like(acc_e)
+    for k in range(3):
+        eager(acc_e, k, batches[k])
+        compiled(acc_c, k, batches[k])
+    assert compiled.compiled  # strict: it traced, nothing fell back to eager
+    assert set(calls) == {"trunk", "sparse_head_loss"}  # the fused ops, not the torch references
+    torch.testing.assert_close(acc_c, acc_e, rtol=1e-5, atol=1e-6)
+    assert acc_e[0] > 0 and (acc_e[2] > 0) == (lam > 0)
+    for (name, a), b in zip(m_e.state_dict().items(), m_c.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -91,6 +91,50 @@ def test_epoch_batches_are_the_dense_paths_batches(table):
             np.testing.assert_array_equal(two[r][s], parts[r])
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for the GPU table"),
+            ],
+        ),
+    ],
+)
+def test_device_table_feeds_the_dense_paths_batches(table, device, monkeypatch):
+    """Step by step, a fit on the device-resident table trains on exactly the batches (rows, coordinates,
+    normalised targets) the dense host path trains on for the same seed; another seed draws other ones."""
+    import inrscrecon.train.fit as fit_module
+
+    real = fit_module.objective_tensors
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(model, coords, target, *args, **kwargs):
+        dense = target if isinstance(target, torch.Tensor) else target.dense(model.cfg.n_genes)
+        seen.append((coords.detach().float().cpu(), dense.detach().float().cpu()))
+        return real(model, coords, target, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "objective_tensors", spy)
+
+    def run(data, dev, seed=5):
+        seen.clear()
+        tc = TrainConfig(epochs=2, batch_size=64, seed=seed, progress=False, data=data, device=dev)
+        fit(table, EncodingConfig(n_bands=2), 16, 2, LossConfig.preset("no_rc"), tc)
+        return list(seen)
+
+    dense, resident = run("dense", "cpu"), run("device", device)
+    steps = int(table.n_cells * 0.9) // 64 * 2
+    assert len(dense) == len(resident) >= steps - 2
+    for k, ((c_d, t_d), (c_r, t_r)) in enumerate(zip(dense, resident)):
+        assert torch.equal(t_r, t_d), f"step {k}: targets differ"
+        torch.testing.assert_close(c_r, c_d, rtol=1e-6, atol=1e-6, msg=f"step {k}: coordinates")
+    other = run("device", device, seed=6)
+    assert not torch.equal(other[0][1], resident[0][1])
+
+
 @pytest.mark.parametrize("loss", ["no_rc", "full"])
 def test_device_table_fit_reaches_dense_path_rmse(table, loss):
     def run(data):
