@@ -54,16 +54,23 @@ INDUCTOR = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, INDUCTOR])]
+    "backend,cuda_graphs",
+    [
+        ("aot_eager", False),
+        pytest.param("inductor", False, marks=[pytest.mark.slow, INDUCTOR]),
+        pytest.param("inductor", True, marks=[pytest.mark.gpu, INDUCTOR], id="inductor-cudagraphs"),
+    ],
 )
-def test_whole_step_compiles_fullgraph_and_matches_eager(table, backend):
+def test_whole_step_compiles_fullgraph_and_matches_eager(table, backend, cuda_graphs):
     rng = np.random.default_rng(0)
     batches = torch.as_tensor(np.sort(rng.choice(table.n_cells, (3, 64)), axis=1), device=DEV)
     m_e, opt_e, f_e = _setup(table)
     m_c, opt_c, f_c = _setup(table, capturable=DEV == "cuda")
     eager = TrainStep(f_e, opt_e, 1e-2, total=10, min_lr_ratio=0.05, compile=False)
     # fullgraph=True: any graph break (a host sync, an untraceable call) raises here
-    compiled = TrainStep(f_c, opt_c, 1e-2, 10, 0.05, compile=True, compile_backend=backend)
+    compiled = TrainStep(
+        f_c, opt_c, 1e-2, 10, 0.05, compile=True, cuda_graphs=cuda_graphs, compile_backend=backend
+    )
     acc_e = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
     acc_c = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
     for k in range(3):
