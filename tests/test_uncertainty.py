@@ -375,6 +375,27 @@ def test_calibration_record_caps_the_cells(fitted, small_stack):
     assert rec["library_size_median"] == float(np.median(table.totals))
 
 
+def test_calibration_blocks_do_not_change_the_result(fitted, small_stack, monkeypatch):
+    """Gene blocks of 7 (not a divisor of 40) over CSR counts gathered 13 rows at a time give the numbers of
+    one block over the dense counts: every step of the calibration is per gene."""
+    from inrscrecon.data.stack import build_cell_table
+
+    m = INRField.load(fitted[2])
+    sections, _ = small_stack
+    table = build_cell_table(sections, [g for g in m.cfg.genes if g in sections[0].var_names])
+    rows = np.arange(0, table.n_cells, 5)
+    xyz, lib, dense = table.coords[rows], table.totals[rows], table.raw_targets(rows)
+    csr = unc.raw_counts_csr(table, rows, block=13)
+    np.testing.assert_array_equal(csr.toarray(), dense)
+    monkeypatch.setattr(unc, "GENE_BLOCK", 10_000)
+    whole = unc.calibration_arrays(m, xyz, dense, lib)
+    monkeypatch.setattr(unc, "GENE_BLOCK", 7)
+    blocks = unc.calibration_arrays(m, xyz, csr, lib)
+    for w, b in zip(whole, blocks):
+        assert np.isfinite(w).all() and np.ptp(w) > 0  # a real fit, not a constant
+        np.testing.assert_allclose(b, w, rtol=1e-6, atol=1e-9)
+
+
 def test_model_without_record_is_refused(fitted, tmp_path, capsys):
     model = fitted[2]
     m = INRField.load(model)

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
+from scipy import sparse, stats
 
 from inrscrecon.data.preprocess import TARGET_SUM
 from inrscrecon.errors import InputError
@@ -58,7 +58,10 @@ CALIBRATION_CELLS = 2000
 #: log θ search: a coarse grid, then a fine grid around the best point (θ from e^−4 ≈ 0.02 to e^10 ≈ 2e4).
 _COARSE = np.arange(-4.0, 10.0001, 0.5)
 _FINE = np.arange(-0.5, 0.5001, 0.05)
-_GENE_BLOCK = 512
+#: Genes per block in the calibration (its float64 temporaries are [cells, 256]).
+GENE_BLOCK = 256
+#: Validation rows gathered at a time for the calibration (dense [256, G] float32 before CSR).
+ROW_BLOCK = 256
 #: Values per block when interval end points are computed (≈ 100 MB of float64 temporaries).
 BLOCK_VALUES = 1_000_000
 #: Rate floor ε (per 1e4 counts) inside the calibrated mean map's log.
@@ -300,8 +303,8 @@ def fit_dispersion(
     over log θ, then a fine one (step 0.05) around the best point. A gene with no counts at all (whose
     likelihood grows as θ → 0) gets the largest θ of the grid (Poisson-like) instead."""
     out = np.empty(np.shape(mu)[1])
-    for g0 in range(0, len(out), _GENE_BLOCK):
-        block = slice(g0, g0 + _GENE_BLOCK)
+    for g0 in range(0, len(out), GENE_BLOCK):
+        block = slice(g0, g0 + GENE_BLOCK)
         m = torch.log(torch.as_tensor(np.maximum(mu[:, block], 1e-8), dtype=torch.float64))
         c = torch.as_tensor(np.asarray(y[:, block]), dtype=torch.float64)
         k = m.shape[1]
@@ -318,7 +321,7 @@ def fit_dispersion(
 
 def fit_mean_map(
     pred: np.ndarray,  # [n, K] log1p-normalised predictions
-    y: np.ndarray,  # [n, K] observed counts
+    y: Any,  # [n, K] observed counts (ndarray or scipy sparse)
     library: np.ndarray,  # [n] library sizes
     iters: int = 30,
     prior_sd: float = 0.5,
@@ -326,31 +329,63 @@ def fit_mean_map(
     """Per gene (a_g, b_g) maximising the Poisson likelihood of y under μ = (L / 1e4)·exp(a + b·x),
     x = log(expm1(pred) + ε), with a weak N(1, ``prior_sd``²) prior on b (it decides only where the
     prediction hardly varies over the cells, e.g. an undertrained field). Newton on the 2 × 2 system per gene
-    with x centred (a and b decouple), steps clipped to ±1, b kept in [0, 3]. Genes without counts keep the
-    identity map (a, b) = (0, 1)."""
-    x = np.log(np.expm1(np.maximum(np.asarray(pred, dtype=np.float64), 0.0)) + RATE_EPS)
-    xbar = x.mean(axis=0)
-    xc = x - xbar[None, :]
-    y = np.asarray(y, dtype=np.float64)
+    with x centred (a and b decouple), steps clipped to ±1, b kept in [0, 3]; a gene stops once both of its
+    steps are below 1e-7, so each gene's result depends on its own column alone. Works in blocks of
+    :data:`GENE_BLOCK` genes (float64 temporaries [n, block]). Genes without counts keep the identity map
+    (a, b) = (0, 1)."""
+    k_all = np.shape(pred)[1]
+    a, b = np.zeros(k_all), np.ones(k_all)
     off = np.log(np.asarray(library, dtype=np.float64) / TARGET_SUM)[:, None]
+    for s in range(0, k_all, GENE_BLOCK):
+        k = slice(s, min(s + GENE_BLOCK, k_all))
+        a[k], b[k] = _mean_map_block(pred[:, k], _dense_columns(y, k), off, iters, 1.0 / prior_sd**2)
+    return a, b
+
+
+def _dense_columns(y: Any, cols: slice) -> np.ndarray:
+    """Columns ``cols`` of y [n, K] (ndarray or scipy sparse) → dense [n, k] float64."""
+    part = y[:, cols]
+    return np.asarray(part.toarray() if sparse.issparse(part) else part, dtype=np.float64)
+
+
+def _mean_map_block(
+    pred: np.ndarray,  # [n, k]
+    y: np.ndarray,  # [n, k] float64
+    off: np.ndarray,  # [n, 1] log(L / 1e4)
+    iters: int,
+    lam: float,  # prior precision on b
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_mean_map` on one block of genes → (a [k], b [k]). In-place arithmetic: two [n, k]
+    temporaries beside x and y."""
+    xc = np.array(pred, dtype=np.float64)  # x = log(expm1(max(pred, 0)) + ε), then centred
+    np.log(np.expm1(np.maximum(xc, 0.0, out=xc), out=xc) + RATE_EPS, out=xc)
+    xbar = xc.mean(axis=0)
+    xc -= xbar[None, :]
     tot = y.sum(axis=0)
-    lam = 1.0 / prior_sd**2
-    b = np.ones(x.shape[1])
+    b = np.ones(xc.shape[1])
     a = np.log(np.maximum(tot, 1e-3) / np.exp(off + xc).sum(axis=0))  # intercept at the centred x
-    g0, g1, h00, h01, h11 = (np.empty(x.shape[1]) for _ in range(5))
+    live = np.ones(xc.shape[1], dtype=bool)  # genes still iterating (every column is computed: no copies)
     for _ in range(iters):
-        for s in range(0, x.shape[1], _GENE_BLOCK):  # [n, block] temporaries, not [n, K] ones
-            k = slice(s, s + _GENE_BLOCK)
-            xk = xc[:, k]
-            mu = np.exp(np.clip(off + a[k] + b[k] * xk, -50.0, 50.0))
-            r = y[:, k] - mu
-            g0[k], g1[k] = r.sum(axis=0), (r * xk).sum(axis=0) - lam * (b[k] - 1.0)
-            h00[k], h01[k], h11[k] = mu.sum(axis=0), (mu * xk).sum(axis=0), (mu * xk * xk).sum(axis=0) + lam
+        mu = off + a
+        mu += b * xc
+        np.exp(np.clip(mu, -50.0, 50.0, out=mu), out=mu)
+        r = y - mu
+        g0 = r.sum(axis=0)
+        r *= xc
+        g1 = r.sum(axis=0) - lam * (b - 1.0)
+        del r
+        h00 = mu.sum(axis=0)
+        mu *= xc
+        h01 = mu.sum(axis=0)
+        mu *= xc
+        h11 = mu.sum(axis=0) + lam
+        del mu
         det = np.maximum(h00 * h11 - h01**2, 1e-12)
-        da = np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0)
-        db = np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0)
-        a, b = a + da, np.clip(b + db, 0.0, 3.0)
-        if max(np.abs(da).max(), np.abs(db).max()) < 1e-7:
+        da = np.where(live, np.clip((h11 * g0 - h01 * g1) / det, -1.0, 1.0), 0.0)
+        db = np.where(live, np.clip((h00 * g1 - h01 * g0) / det, -1.0, 1.0), 0.0)
+        a, b = a + da, np.where(live, np.clip(b + db, 0.0, 3.0), b)
+        live &= np.maximum(np.abs(da), np.abs(db)) >= 1e-7
+        if not live.any():
             break
     a = a - b * xbar  # back to the uncentred x
     none = tot == 0
@@ -361,23 +396,43 @@ def fit_mean_map(
 def calibrate(
     model: INRField,
     xyz: np.ndarray,  # [n, 3] µm, validation cells
-    counts: np.ndarray,  # [n, M] raw counts on the model genes
+    counts: Any,  # [n, M] raw counts on the model genes (ndarray or scipy sparse)
     library: np.ndarray,  # [n] library sizes
 ) -> dict[str, Any]:
     """The mean map (a_g, b_g) (:func:`fit_mean_map`) and the ML dispersion log θ_g given it, on validation
-    cells → the ``calibration`` entry of the record (JSON-serialisable)."""
-    from inrscrecon.query.predict import predict
-
-    pred = predict(model, xyz)
-    y = np.asarray(counts, dtype=np.float64)
-    a, b = fit_mean_map(pred, y, library)
-    log_theta = fit_dispersion(mean_counts(pred, library, a, b), y)
+    cells → the ``calibration`` entry of the record (JSON-serialisable). Runs in blocks of
+    :data:`GENE_BLOCK` genes (prediction, counts and temporaries [n, block]; every step is per gene, so the
+    blocks do not change the result)."""
+    a, b, log_theta = calibration_arrays(model, xyz, counts, library)
     return {
-        "cells": int(len(y)),
+        "cells": int(np.shape(counts)[0]),
         "log_scale": [float(v) for v in np.round(a, 5)],
         "power": [float(v) for v in np.round(b, 5)],
         "log_theta": [float(v) for v in np.round(log_theta, 4)],
     }
+
+
+def calibration_arrays(
+    model: INRField,
+    xyz: np.ndarray,  # [n, 3] µm
+    counts: Any,  # [n, M] raw counts (ndarray or scipy sparse)
+    library: np.ndarray,  # [n]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a_g, b_g, log θ_g) [M] each, unrounded: :func:`calibrate`'s numbers, gene block by gene block."""
+    from inrscrecon.query.predict import predict
+
+    if sparse.issparse(counts):
+        counts = sparse.csc_array(counts)  # cheap column blocks
+    genes = list(model.cfg.genes)
+    lib = np.asarray(library, dtype=np.float64)
+    a, b, log_theta = (np.empty(len(genes)) for _ in range(3))
+    for s in range(0, len(genes), GENE_BLOCK):
+        k = slice(s, min(s + GENE_BLOCK, len(genes)))
+        pred = predict(model, xyz, genes[k])  # [n, block]
+        y = _dense_columns(counts, k)
+        a[k], b[k] = fit_mean_map(pred, y, lib)
+        log_theta[k] = fit_dispersion(mean_counts(pred, lib, a[k], b[k]), y)
+    return a, b, log_theta
 
 
 def calibration_record(
@@ -398,9 +453,19 @@ def calibration_record(
     if len(rows) == 0:
         return rec
     rec["calibration"] = calibrate(
-        model, np.asarray(table.coords[rows]), table.raw_targets(rows), np.asarray(table.totals)[rows]
+        model, np.asarray(table.coords[rows]), raw_counts_csr(table, rows), np.asarray(table.totals)[rows]
     )
     return rec
+
+
+def raw_counts_csr(table: Any, rows: np.ndarray, block: int = ROW_BLOCK) -> sparse.csr_array:
+    """Raw counts of table ``rows`` [n] on the model genes → CSR [n, G] float32, gathered ``block`` rows at a
+    time (no dense [n, G] array; counts are mostly zeros)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    parts = [sparse.csr_array(table.raw_targets(rows[s : s + block])) for s in range(0, len(rows), block)]
+    if not parts:
+        return sparse.csr_array((0, len(table.genes)), dtype=np.float32)
+    return sparse.csr_array(sparse.vstack(parts, format="csr"))
 
 
 __all__ = [
@@ -408,6 +473,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "Predictive",
     "calibrate",
+    "calibration_arrays",
     "calibration_record",
     "check_level",
     "count_quantiles",
@@ -421,6 +487,7 @@ __all__ = [
     "mean_counts",
     "plain_interval_counts",
     "predictive",
+    "raw_counts_csr",
     "record",
     "spot_library_sizes",
     "to_log1p",
