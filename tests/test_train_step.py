@@ -160,6 +160,30 @@ def test_device_table_fit_reaches_dense_path_rmse(table, loss):
     assert [h["val_rmse"] for h in host.history] == b  # host-streamed CSR batches are the resident ones
 
 
+def test_fit_on_a_stack_too_large_for_the_device_streams_and_says_so_once(table, monkeypatch, caplog):
+    """A device without room for the stack: the fit streams host CSR batches instead (one warning, no
+    crash) and trains on the batches the resident table would have given."""
+    import inrscrecon.data.device_table as dt_module
+    import inrscrecon.train.fit as fit_module
+
+    def tiny(table, device, free_bytes=None, raw=False):
+        return dt_module.device_table_or_none(table, device, free_bytes=1000, raw=raw)
+
+    def run():
+        tc = TrainConfig(epochs=2, batch_size=96, seed=4, progress=False, patience=10)
+        return fit(table, EncodingConfig(n_bands=2), 16, 2, LossConfig.preset("no_rc"), tc)
+
+    resident = run()
+    monkeypatch.setattr(fit_module, "device_table_or_none", tiny)
+    with caplog.at_level("WARNING", logger="inrscrecon.data.device_table"):
+        streamed = run()
+    assert resident.data_info["placement"].startswith("CSR resident")
+    assert streamed.data_info["placement"] == "CSR batches streamed from host memory"
+    said = [r for r in caplog.records if "streaming CSR batches from host memory" in r.getMessage()]
+    assert len(said) == 1
+    assert [h["val_rmse"] for h in streamed.history] == [h["val_rmse"] for h in resident.history]
+
+
 def test_gpu_defaults_scale_batch_and_rate():
     from inrscrecon.train.fit import CPU_BATCH, CPU_LR, GPU_BATCH, resolved_batch_lr
 
