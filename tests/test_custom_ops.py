@@ -464,7 +464,7 @@ def stack_table(small_stack):
     return build_cell_table(sections[:2], select_genes(sections[:2], 30))
 
 
-def _fused_step(table, impl, compile, lam, seed=0):
+def _fused_step(table, impl, compile, lam, seed=0, capturable=None):
     """fit's device-table step (gather → encode + trunk → sparse head + loss → backward → Adam) with the
     gather and the ops of ``impl``; → (TrainStep, model)."""
     import numpy as np
@@ -481,7 +481,8 @@ def _fused_step(table, impl, compile, lam, seed=0):
         len(table.genes), EncodingConfig(n_bands=2), 16, 2, *FieldConfig.frame_for(table.coords)
     )
     model = INRField(cfg).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=CUDA and compile)
+    capturable = CUDA and compile if capturable is None else capturable
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
     dt = DeviceTable(table, DEV)
     cap = dt.capacity(np.arange(table.n_cells), 48)
     loss_cfg = LossConfig(lambda_kl=lam)
@@ -529,3 +530,28 @@ def test_whole_fused_train_step_compiles_fullgraph(stack_table, lam, monkeypatch
     assert acc_e[0] > 0 and (acc_e[2] > 0) == (lam > 0)
     for (name, a), b in zip(m_e.state_dict().items(), m_c.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: host synchronisation is a CUDA notion")
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_fused_step_never_synchronises_with_the_host_on_cuda(stack_table, lam):
+    """Eager steps on the Triton ops (gather, trunk, sparse head + loss, backward, capturable Adam) under
+    torch's sync debug mode "error": any device → host read inside the step raises."""
+    import numpy as np
+
+    from inrscrecon.train.objective import PARTS
+
+    step, _ = _fused_step(stack_table, "triton", False, lam, capturable=True)
+    rng = np.random.default_rng(5)
+    batches = torch.as_tensor(np.sort(rng.choice(stack_table.n_cells, (4, 48)), axis=1), device=DEV)
+    acc = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
+    step(acc, 0, batches[0])  # warm-up: kernels compiled, Adam state created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(1, 4):
+            step(acc, k, batches[k])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(acc).all() and acc[0] > 0
