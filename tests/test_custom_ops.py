@@ -464,9 +464,9 @@ def stack_table(small_stack):
     return build_cell_table(sections[:2], select_genes(sections[:2], 30))
 
 
-def _fused_step(table, impl, compile, lam, seed=0, capturable=None):
+def _fused_step(table, impl, compile, lam, seed=0, capturable=None, likelihood="rmse"):
     """fit's device-table step (gather → encode + trunk → sparse head + loss → backward → Adam) with the
-    gather and the ops of ``impl``; → (TrainStep, model)."""
+    gather and the ops of ``impl``; a count ``likelihood`` gathers raw counts; → (TrainStep, model)."""
     import numpy as np
 
     from inrscrecon.data.device_table import DeviceTable
@@ -477,15 +477,14 @@ def _fused_step(table, impl, compile, lam, seed=0, capturable=None):
     from inrscrecon.train.step import TrainStep
 
     torch.manual_seed(seed)
-    cfg = FieldConfig(
-        len(table.genes), EncodingConfig(n_bands=2), 16, 2, *FieldConfig.frame_for(table.coords)
-    )
+    frame = FieldConfig.frame_for(table.coords)
+    cfg = FieldConfig(len(table.genes), EncodingConfig(n_bands=2), 16, 2, *frame, likelihood=likelihood)
     model = INRField(cfg).to(DEV)
     capturable = CUDA and compile if capturable is None else capturable
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
-    dt = DeviceTable(table, DEV)
+    dt = DeviceTable(table, DEV, raw=likelihood != "rmse")
     cap = dt.capacity(np.arange(table.n_cells), 48)
-    loss_cfg = LossConfig(lambda_kl=lam)
+    loss_cfg = LossConfig(lambda_kl=lam, likelihood=likelihood)
 
     def loss_rows(rows):
         b = dt.gather(rows, cap, impl)
@@ -495,19 +494,20 @@ def _fused_step(table, impl, compile, lam, seed=0, capturable=None):
     return TrainStep(loss_rows, opt, 1e-2, 10, 0.05, compile=compile, **kw), model
 
 
-@pytest.mark.parametrize(
-    "lam", [0.5]
-)  # λ = 0 (gradients in the forward): test_train_step_compiles_fullgraph_…
-def test_whole_fused_train_step_compiles_fullgraph(stack_table, lam, monkeypatch):
-    """The step fit compiles on a GPU, on the Triton ops (Triton gather, fused trunk, sparse head + loss),
-    traced as ONE graph (fullgraph=True: a graph break raises) with its AOT backward and the functional Adam;
-    three steps equal the eager torch step (parts accumulated on the device, weights after the updates)."""
+@pytest.mark.parametrize(  # λ = 0.5; λ = 0 (gradients in the forward): the trunk + head test above
+    "likelihood,head", [("rmse", "sparse_head_loss"), ("nb", "sparse_count_head_loss")]
+)
+def test_whole_fused_train_step_compiles_fullgraph(stack_table, likelihood, head, monkeypatch):
+    """The step fit compiles on a GPU, on the Triton ops (Triton gather, fused trunk, sparse head + RMSE / NB
+    loss with KL), traced as ONE graph (fullgraph=True: a graph break raises) with its AOT backward and the
+    functional Adam; three steps equal the eager torch step (parts accumulated on the device, weights after
+    the updates)."""
     import numpy as np
 
     from inrscrecon.train.objective import PARTS
 
     calls: list[str] = []
-    for name in ("trunk", "sparse_head_loss"):
+    for name in ("trunk", head):
         real = getattr(ops, f"triton_{name}_op" if name == "trunk" else f"triton_{name}")
 
         def spy(*a, _real=real, _name=name, **k):
@@ -517,17 +517,18 @@ def test_whole_fused_train_step_compiles_fullgraph(stack_table, lam, monkeypatch
         monkeypatch.setattr(ops, real.__name__, spy)
     rng = np.random.default_rng(4)
     batches = torch.as_tensor(np.sort(rng.choice(stack_table.n_cells, (3, 48)), axis=1), device=DEV)
-    eager, m_e = _fused_step(stack_table, "torch", False, lam)
-    compiled, m_c = _fused_step(stack_table, "triton", True, lam)
+    eager, m_e = _fused_step(stack_table, "torch", False, 0.5, likelihood=likelihood)
+    compiled, m_c = _fused_step(stack_table, "triton", True, 0.5, likelihood=likelihood)
     acc_e = torch.zeros(len(PARTS), dtype=torch.float64, device=DEV)
     acc_c = torch.zeros_like(acc_e)
     for k in range(3):
         eager(acc_e, k, batches[k])
         compiled(acc_c, k, batches[k])
     assert compiled.compiled  # strict: it traced, nothing fell back to eager
-    assert set(calls) == {"trunk", "sparse_head_loss"}  # the fused ops, not the torch references
+    assert set(calls) == {"trunk", head}  # the fused ops, not the torch references
     torch.testing.assert_close(acc_c, acc_e, rtol=1e-5, atol=1e-6)
-    assert acc_e[0] > 0 and (acc_e[2] > 0) == (lam > 0)
+    data = PARTS.index("rmse" if likelihood == "rmse" else "nll")
+    assert acc_e[0] > 0 and acc_e[data] > 0 and acc_e[PARTS.index("kl")] > 0
     for (name, a), b in zip(m_e.state_dict().items(), m_c.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
