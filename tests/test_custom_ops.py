@@ -397,16 +397,18 @@ def test_compute_dtype_follows_autocast():
         assert ops.compute_dtype(x, x) == torch.bfloat16
 
 
-def test_trunk_autocast_bf16_with_fp32_masters():
+@pytest.mark.parametrize("width,n_bands,n_layers", [(48, 2, 3), (256, 4, 4)])  # (256, 4, 4): the default
+def test_trunk_autocast_bf16_with_fp32_masters(width, n_bands, n_layers):
     """Under bf16 autocast the fused trunk runs its matmuls in bf16 (tensor cores on a GPU) and the fp32
-    master weights get fp32 gradients no worse than torch's own autocast."""
-    trunk, coords = _trunk(width=48, seed=5)
-    g = torch.randn(40, 48, device=DEV)
+    master weights get fp32 gradients no worse than torch's own autocast; also at the default model's
+    trunk (27 inputs, 4 × 256), the configuration fit runs on a GPU."""
+    trunk, coords = _trunk(width=width, n_bands=n_bands, n_layers=n_layers, seed=5)
+    g = torch.randn(40, width, device=DEV)
 
     def run(impl, autocast):
         trunk.zero_grad(set_to_none=True)
         with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=autocast):
-            h = fused.trunk_forward(coords, 2, trunk, impl=impl)
+            h = fused.trunk_forward(coords, n_bands, trunk, impl=impl)
         (h.float() * g).sum().backward()
         return h.detach().float(), [p.grad.clone() for p in trunk.parameters()], h.dtype
 
