@@ -8,6 +8,12 @@
   ``python benchmarks/eval_explore.py --inter dlpfc > benchmarks/results/explore_inter_dlpfc.jsonl``
   Count variants also report ``<method>_measured`` (E[log1p] at the library-size field); ``--library-coupled``
   trains that field without detaching the trunk (``config`` then says "coupled library head").
+* ``--structure dlpfc|breast``: structure shared across genes on the same fold (test section never read):
+  every predictor projected onto the top-r principal axes (r = 4…64) of the training sections' log1p
+  expression, INRs with a low-rank gene head (``FieldConfig.head_rank``), trained on more genes (scored on the
+  500), smaller / lower-bandwidth / weight-decayed fields; seeds ``--seeds``; ``--parts`` picks the groups.
+  ``python benchmarks/eval_explore.py --structure dlpfc > benchmarks/results/explore_structure_dlpfc.jsonl``;
+  ``--summary FILES`` prints mean ± s.d. over seeds.
 * ``--sweep intra_151673``: the earlier sweep (DLPFC 151673 intra-slice, split seed 100, 500 genes; test
   columns printed for information) behind ``explore_151673.jsonl``.
 
@@ -206,11 +212,13 @@ def project(pred: np.ndarray, mu: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (4, 8, 16, 32, 64),
-                      steps: int = 1000, parts: str = "posthoc,rank,genes,small") -> None:  # fmt: skip
+                      steps: int = 1000, parts: str = "posthoc,base,rank,genes,small") -> None:  # fmt: skip
     """Structure shared across genes, on the held-out interior training section (see the top): post-hoc
     projection of every predictor onto the top-r principal axes of the training sections' log1p expression
     (``posthoc``), learned low-rank heads (``rank``), the INR trained on more genes and scored on the 500
-    (``genes``: all shared genes up to 2000), and smaller / lower-bandwidth fields (``small``)."""
+    (``genes``: all shared genes up to 2000), smaller / lower-bandwidth fields (``small``), weight decay and a
+    lower learning rate (``reg``), and, for reference, a half-INR half-smoother blend (``blend``). ``base``:
+    the plain RMSE INR (L = 2, 4 × 256)."""
     from dataclasses import replace
 
     import inrscrecon.train.fit as fit_mod
@@ -248,6 +256,7 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
     if lab is None:  # k-means domains (k = 5) of the measured expression of the training sections
         lab = M.cluster(table.targets(np.arange(table.n_cells)), 5, "kmeans", seed=0)[val].astype(str)
     mu, axes = pca_basis(y_fit, max(ranks))
+    thirds = np.array_split(np.argsort(mu, kind="stable"), 3)  # genes by mean training expression, low → high
     base = {"dataset": dataset, "test_section_unused": test_name, "val_section": held, "n_genes": len(genes),
             "pca_from": "training sections except the validation one"}  # fmt: skip
 
@@ -258,6 +267,9 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
             row = {**base, "name": name, "seed": seed, "projection_rank": r, "val_rmse": M.rmse(p, y_val),
                    "val_pearson": M.median_pearson(p, y_val), "val_ari": M.ari(p, lab, seed=seed),
                    "val_ari_gmm": M.ari(p, lab, "gmm", seed=seed), **extra}  # fmt: skip
+            pg = M.pearson_per_gene(p, y_val)  # median Pearson per third of the genes by training mean
+            for part, g in zip(("low", "mid", "high"), thirds):
+                row[f"val_pearson_{part}_mean"] = float(np.nanmedian(pg[g]))
             print(json.dumps(row), flush=True)
 
     t0 = time.time()
@@ -297,9 +309,15 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
         report(name, pred, {"config": f"fourier L={n_bands}, width={width}, head_rank={rank}, "
                                       f"genes={len(tab.genes)}{extra}", "criterion": crit, "best_epoch": ep,
                             "epochs": len(res.history), "s": round(time.time() - t1, 1)}, seed)  # fmt: skip
+        if "blend" in parts and name == "inr_rmse":  # a hybrid, for reference: half INR, half smoother
+            blend = 0.5 * pred + 0.5 * tuned["gaussian"].prediction
+            report(
+                "inr_rmse+gaussian", blend, {"config": "0.5 INR (fourier L=2) + 0.5 Gaussian smoother"}, seed
+            )
 
     for seed in seeds:
-        inr("inr_rmse", table, seed=seed)
+        if "base" in parts or "blend" in parts:
+            inr("inr_rmse", table, seed=seed)
         if "rank" in parts:
             for r in (8, 16, 32):
                 inr("inr_rmse_rank", table, rank=r, seed=seed)
@@ -326,8 +344,8 @@ def structure_summary(paths: list[str]) -> str:
             r = json.loads(line)
             key = (r["dataset"], r["name"], r.get("config", str(r.get("params", ""))), r["projection_rank"])
             groups.setdefault(key, []).append(r)
-    out = ["| dataset | method | configuration | PCA r | seeds | val Pearson | val RMSE | val ARI k-means | val ARI GMM |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| dataset | method | configuration | PCA r | seeds | val Pearson | val RMSE | val ARI k-means | val ARI GMM "
+           "| Pearson by gene mean: low / mid / high third |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (ds, name, cfg, r), rows in groups.items():
 
         def ms(k: str, rows: list[dict] = rows) -> str:
@@ -335,7 +353,11 @@ def structure_summary(paths: list[str]) -> str:
             return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
 
         cells = " | ".join(ms(k) for k in ("val_pearson", "val_rmse", "val_ari", "val_ari_gmm"))
-        out.append(f"| {ds} | {name} | {cfg} | {r or '–'} | {len(rows)} | {cells} |")
+        keys = [f"val_pearson_{p}_mean" for p in ("low", "mid", "high")]
+        thirds = (
+            " / ".join(f"{np.mean([x[k] for x in rows]):.3f}" for k in keys) if keys[0] in rows[0] else ""
+        )
+        out.append(f"| {ds} | {name} | {cfg} | {r or '–'} | {len(rows)} | {cells} | {thirds} |")
     return "\n".join(out)
 
 
@@ -378,7 +400,8 @@ def main() -> None:
     ap.add_argument("--structure", choices=["dlpfc", "breast"],
                     help="structure shared across genes: PCA projection, low-rank heads, more genes")  # fmt: skip
     ap.add_argument("--seeds", default="100,101", help="--structure: INR seeds")
-    ap.add_argument("--parts", default="posthoc,rank,genes,small", help="--structure: which parts to run")
+    ap.add_argument("--parts", default="posthoc,base,rank,genes,small",
+                    help="--structure: posthoc, base, blend, rank, genes, small, reg")  # fmt: skip
     ap.add_argument("--table", nargs="+", help="print explore_*.jsonl files as one markdown table")
     ap.add_argument("--summary", nargs="+", help="print --structure jsonl files as mean ± s.d. over seeds")
     args = ap.parse_args()
