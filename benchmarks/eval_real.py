@@ -105,14 +105,14 @@ def run_part(
     figures_only: bool = False,
     holdout: list[str] | None = None,
     baselines_only: bool = False,
-    rerun: bool = False,
+    rerun: str | None = None,
 ) -> dict:
     """Run one part; write parts/<part>.json and its figures; return the part record. ``figures_only``: run
-    only the first split (seed 0) and write its figures. ``rerun``: write parts/<part>[...].rerun.json, whose
-    rows the merge takes in preference (see :func:`merge`)."""
+    only the first split (seed 0) and write its figures. ``rerun`` (a label, may be empty): write
+    parts/<part>[...][.<label>].rerun.json, whose rows the merge takes in preference (see :func:`merge`)."""
     spec = part_spec(part)
     tag = part + ("." + "_".join(holdout) if holdout else "") + (".baselines" if baselines_only else "")
-    tag += ".rerun" if rerun else ""
+    tag += "" if rerun is None else ("." + rerun if rerun else "") + ".rerun"
     if baselines_only:
         cfg = replace(cfg, ablations=())
     if holdout:
@@ -156,7 +156,7 @@ def run_part(
     figs = []
     seen = set()
     for r in results:
-        if r.split.task not in seen and not baselines_only and not rerun:
+        if r.split.task not in seen and not baselines_only and rerun is None:
             seen.add(r.split.task)
             figs += [
                 str(p.relative_to(out))
@@ -173,8 +173,9 @@ def run_part(
     record = {"part": part, "results": report.aggregate(results, suffix), "details": report.details(results),
               "wall_s": wall, "task_compute_s": by_task, "labels": prep.label_source, "n_genes": len(prep.genes),
               "n_cells": prep.table.n_cells, "alignment": prep.info, "figures": figs,
-              "baselines_only": baselines_only, "rerun": rerun,
-              "methods": sorted(cfg.ablations) + ([] if figures_only else list(BASELINES))}  # fmt: skip
+              "baselines_only": baselines_only, "rerun": rerun is not None,
+              "methods": sorted(cfg.ablations) + (list(BASELINES) if cfg.baselines else []),
+              "bands": [c.n_bands for c in cfg.candidates]}  # fmt: skip
     (out / "parts" / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str))
     log(f"{part}: done in {wall:.0f} s")
     return record
@@ -314,9 +315,21 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines-only", action="store_true", help="rerun only the baselines (parts/*.baselines.json)"
     )
     ap.add_argument(
-        "--rerun", action="store_true", help="write parts/*.rerun.json (the merge prefers their rows)"
+        "--rerun",
+        nargs="?",
+        const="",
+        metavar="LABEL",
+        help="write parts/<part>[.LABEL].rerun.json (the merge prefers their rows)",
     )
     ap.add_argument("--ablations", default="inr,inr_no_rc,inr_rmse", help="INR methods (comma-separated)")
+    ap.add_argument(
+        "--bands",
+        help="Fourier band candidates, e.g. 2 or 2,4 (default: the evaluation's); one value fixes the "
+        "encoding, e.g. to the one the selecting method chose in an earlier run of the same splits",
+    )
+    ap.add_argument(
+        "--no-baselines", action="store_true", help="INR rows only (baselines come from another run)"
+    )
     ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled", help="gene selection rule")
     ap.add_argument("--inter-selection", choices=["sections", "spots"], default="sections")
     ap.add_argument("--render", action="store_true", help="rewrite results.md from results.json + run.json")
@@ -330,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         ablations=tuple(a for a in args.ablations.split(",") if a),
         gene_selection=args.hvg,
         inter_selection=args.inter_selection,
+        baselines=not args.no_baselines,
     )
+    if args.bands:
+        cfg = replace(cfg, candidates=tuple(
+            replace(cfg.candidates[0], n_bands=int(b)) for b in args.bands.split(",")))  # fmt: skip
     if args.quick:
         cfg = replace(cfg, n_genes=100, steps=60, max_cells=400)
     parts = list(PARTS) if args.all else (args.part or [])

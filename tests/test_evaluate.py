@@ -125,6 +125,18 @@ def test_tuning_prefers_smoothing_on_noise():
     assert g.prediction.shape == (5, 1)
 
 
+def test_dense_weighted_mean_equals_sparse():
+    rng = np.random.default_rng(7)
+    expr = rng.normal(size=(50, 3)).astype(np.float32)
+    idx = np.stack([rng.permutation(50)[:20] for _ in range(9)])  # distinct neighbours per row
+    w = rng.random((9, 20))
+    sparse = baselines._weighted_mean(w, idx, expr, dense=False)
+    dense = baselines._weighted_mean(w, idx, expr, dense=True, block=4)  # 4 + 4 + 1 rows
+    np.testing.assert_allclose(dense, sparse, rtol=1e-6, atol=1e-7)
+    manual = (w / w.sum(1, keepdims=True))[:, :, None] * expr[idx]
+    np.testing.assert_allclose(sparse, manual.sum(1), rtol=1e-5, atol=1e-6)
+
+
 def test_grid_edge_and_data_cap_are_told_apart():
     rng = np.random.default_rng(6)
     xyz = np.column_stack([rng.uniform(0, 100, (400, 2)), np.zeros(400)])

@@ -24,13 +24,28 @@ def neighbours(train_xyz: np.ndarray, query_xyz: np.ndarray, k: int) -> tuple[np
     return NearestNeighbors(n_neighbors=k).fit(train_xyz).kneighbors(query_xyz)
 
 
-def _weighted_mean(w: np.ndarray, idx: np.ndarray, train_expr: np.ndarray) -> np.ndarray:
-    """Row-normalised weights w [Q, k] on neighbours idx [Q, k] → weighted means [Q, G], as one sparse
-    product (never a [Q, k, G] array)."""
+def _weighted_mean(
+    w: np.ndarray, idx: np.ndarray, train_expr: np.ndarray, dense: bool | None = None, block: int = 512
+) -> np.ndarray:
+    """Row-normalised weights w [Q, k] on neighbours idx [Q, k] (distinct per row) → weighted means [Q, G],
+    never a [Q, k, G] array. A sparse product, or (``dense``; by default when the neighbours cover ≥ 1/8 of
+    the N training cells) dense [block, N] weight rows times the expression by BLAS: the same sums, about
+    10× faster for wide kernels."""
     w = w / w.sum(axis=1, keepdims=True)
     q, k = idx.shape
-    mat = sp.csr_matrix((w.ravel(), idx.ravel(), np.arange(0, q * k + 1, k)), shape=(q, len(train_expr)))
-    return np.asarray(mat @ np.asarray(train_expr, dtype=np.float64), dtype=np.float32)
+    n = len(train_expr)
+    y = np.asarray(train_expr, dtype=np.float64)
+    if dense is None:
+        dense = k * 8 >= n and k >= 64
+    if not dense:
+        mat = sp.csr_matrix((w.ravel(), idx.ravel(), np.arange(0, q * k + 1, k)), shape=(q, n))
+        return np.asarray(mat @ y, dtype=np.float32)
+    out = np.empty((q, y.shape[1]), dtype=np.float32)
+    for s in range(0, q, block):
+        rows = np.zeros((min(block, q - s), n))
+        np.put_along_axis(rows, idx[s : s + block], w[s : s + block], axis=1)
+        out[s : s + block] = rows @ y
+    return out
 
 
 def idw_from_neighbours(

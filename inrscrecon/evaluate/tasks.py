@@ -89,6 +89,7 @@ class EvalConfig:
     n_domains: int = 7
     cluster_methods: tuple[str, ...] = ("kmeans", "gmm")
     intra_settings: tuple[str, ...] = ("alone", "neighbours")  # intra: without / with the adjacent sections
+    baselines: bool = True  # False: INR rows (and true_expression) only, e.g. to add INR rows to a run
     max_cells: int | None = None  # subsample each section (tests / quick runs)
     threads: int | None = None
     progress: bool = False
@@ -366,7 +367,9 @@ def run_split(split: Split, cfg: EvalConfig) -> SplitResult:
             chosen[method]["library_size"] = "field"
         wall[method] = got.seconds
     t0 = time.time()
-    if folds:
+    if not cfg.baselines:
+        tuned = {}
+    elif folds:
         tuned = tuned_baselines_sections(tr.coords, y_tr, tr.section, folds, te.coords)
     else:
         tuned = tuned_baselines(
