@@ -178,3 +178,39 @@ def test_batches_arrive_with_each_rows_genes_ascending():
     plain = sparse_head_loss(h, w, bias, b.indptr, b.indices, b.values, 0.5, impl="torch")
     for a, c in zip(sorted_flag, plain):
         torch.testing.assert_close(a, c)
+
+
+def test_squared_error_without_a_dense_target():
+    from inrscrecon.data.device_table import squared_error_
+
+    table = _table(n=90, g=31)
+    dt = DeviceTable(table, DEV)
+    rows = np.array([0, 5, 7, 8, 40, 41, 89])  # row 5 has no non-zeros, row 7 a library size of 0
+    b = dt.gather(torch.as_tensor(rows, device=DEV), dt.exact_capacity(rows) + 9)  # padding slots too
+    pred = torch.rand(len(rows), 31, generator=torch.Generator().manual_seed(0)).to(DEV) * 3
+    want = ((pred.double() - b.dense(31).double()) ** 2).sum()
+    got = squared_error_(pred.clone(), b)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_host_feeder_grows_a_too_small_capacity_and_sorts_unsorted_rows(caplog):
+    table = _table(n=120, g=29)
+    csr = table.counts.copy()
+    rng = np.random.default_rng(5)
+    for r in range(csr.shape[0]):  # each row's non-zeros shuffled: the feeder sorts once
+        lo, hi = csr.indptr[r], csr.indptr[r + 1]
+        p = lo + rng.permutation(hi - lo)
+        csr.indices[lo:hi], csr.data[lo:hi] = csr.indices[p].copy(), csr.data[p].copy()
+    csr.has_sorted_indices = False
+    shuffled = CellTable(table.coords, csr, table.totals, table.genes, table.section, table.obs_names)
+    feeder = HostBatchFeeder(shuffled, DEV)
+    rows = np.arange(0, 120, 2)
+    with caplog.at_level("INFO", logger="inrscrecon.data.device_table"):
+        b = feeder.gather_host(rows, 8)
+    assert "grown" in caplog.text and feeder.grown[8] >= table.counts[rows].nnz
+    assert b.values.shape == (feeder.grown[8],) and b.indices_sorted
+    ip, genes = b.indptr.cpu().numpy(), b.indices.cpu().numpy()
+    for i in range(len(rows)):
+        assert np.all(np.diff(genes[ip[i] : ip[i + 1]]) > 0)
+    np.testing.assert_array_equal(b.dense(29).cpu().numpy(), table.targets(rows))

@@ -71,8 +71,24 @@ def densify(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n
     row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP] in [0, B]
     flat = torch.where(row < n_rows, row * n_genes + indices.long(), n_rows * n_genes)  # padding → spare slot
     out = torch.zeros(n_rows * n_genes + 1, device=values.device, dtype=torch.float32)
-    out = out.index_put((flat,), values.float(), accumulate=True)
+    out.index_put_((flat,), values.float(), accumulate=True)  # in place: one [B, M] buffer, not two
     return out[: n_rows * n_genes].view(n_rows, n_genes)
+
+
+def squared_error_(pred: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
+    """Σ (pred − t)² over the whole [B, M] grid against the batch's sparse targets t, as a float64 scalar,
+    without a dense target: Σ p² − 2 Σ_nz p·t + Σ_nz t². ``pred`` [B, M] fp32 is overwritten (squared in
+    place), so no [B, M] temporary exists; for validation (no autograd)."""
+    n_rows, n_genes = pred.shape
+    cap = batch.indices.shape[0]
+    slots = torch.arange(cap, device=pred.device, dtype=torch.int64)
+    row = torch.searchsorted(batch.indptr[1:].contiguous(), slots, right=True)  # [CAP] in [0, B]
+    live = row < n_rows
+    flat = row.clamp(max=max(n_rows - 1, 0)) * n_genes + batch.indices.long()
+    t = torch.where(live, batch.values.float(), 0.0)  # [CAP]
+    p_nz = torch.where(live, pred.reshape(-1)[flat], 0.0)  # [CAP]
+    cross = (p_nz.double() * t.double()).sum()
+    return pred.square_().sum().double() - 2.0 * cross + t.double().square().sum()
 
 
 def csr_bytes(n_cells: int, nnz: int) -> int:

@@ -54,6 +54,7 @@ from inrscrecon.data.device_table import (
     SparseBatch,
     batch_capacity,
     device_table_or_none,
+    squared_error_,
 )
 from inrscrecon.data.stack import CellTable, require_counts
 from inrscrecon.data.streaming import StreamingTable
@@ -407,8 +408,7 @@ class _SparseValidation:
         for k in range(len(self.chunks)):
             b = self._batch(k, raw=False)
             hidden = model.hidden(model.normalize(b.coords))
-            pred = model.head_out(hidden)
-            total[0] += ((pred - b.dense(self.source.n_genes)) ** 2).sum().double()
+            total[0] += squared_error_(model.head_out(hidden), b)  # no dense [B, M] target
             if count:
                 rb = self._batch(k, raw=True)
                 assert rb.log_offset is not None
