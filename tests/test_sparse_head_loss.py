@@ -304,6 +304,24 @@ def test_triton_padding_rows_unsorted_int64_and_all_zero():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_triton_batch_of_padding_rows_only_has_zero_gradients(lam):
+    """Every row weight 0 (a shard or batch of padding rows only): the reference's zero gradients, not NaN
+    (the RMSE coefficient 1 / (M·Σw·RMSE) would overflow at the floors Σw = 1e-30, RMSE = 1e-15)."""
+    ops = _triton()
+    h, wt, bias, dense = problem(6, 8, 13, density=0.3, seed=1)
+    csr = make_csr(dense, extra=2)
+    rw = torch.zeros(6)
+    out, grads = _run(ops.triton_sparse_head_loss, (h, wt, bias), csr, lam, row_weight=rw)
+    r_out, r_grads = _run(_ref, (h, wt, bias), csr, lam, row_weight=rw)
+    for a, e in zip(out, r_out):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, r_grads):
+        assert torch.isfinite(a).all() and not a.any(), f"{name}: {a.abs().max()}"
+        assert not e.any()
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("lam", [0.0, 0.8])
 def test_triton_chunks_and_forward_vs_backward_gradients(lam):
     """Several dz chunks (chunk_rows = BLOCK_B); λ = 0 gradients from the forward equal the backward's."""

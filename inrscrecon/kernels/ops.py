@@ -165,9 +165,12 @@ def _sparse_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_:
         ctx.saved_tensors
     )
     n_genes = weight.shape[0]
-    # c_r, c_k of the kernel module's docstring, on the device (no host sync)
-    c_r = torch.where(rmse > 0, (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
-    c_k = (ctx.lambda_kl * g_loss + g_kl) / wsum
+    # c_r, c_k of the kernel module's docstring, on the device (no host sync). A batch whose rows all have
+    # weight 0 (Σw at the forward's 1e-30 floor, RMSE at its 1e-15 floor) has zero gradients, as the
+    # reference: c_r would overflow fp32 (1 / (M·1e-45)) and turn the zero sums into NaN.
+    live = wsum > 1e-30
+    c_r = torch.where(live & (rmse > 0), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
+    c_k = torch.where(live, (ctx.lambda_kl * g_loss + g_kl) / wsum, 0.0)
     if ctx.grad_in_forward:
         gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
     else:
