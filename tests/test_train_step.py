@@ -98,6 +98,7 @@ def test_epoch_batches_are_the_dense_paths_batches(table):
             np.testing.assert_array_equal(two[r][s], parts[r])
 
 
+@pytest.mark.parametrize("likelihood", ["rmse", "poisson"])
 @pytest.mark.parametrize(
     "device",
     [
@@ -111,17 +112,22 @@ def test_epoch_batches_are_the_dense_paths_batches(table):
         ),
     ],
 )
-def test_device_table_feeds_the_dense_paths_batches(table, device, monkeypatch):
-    """Step by step, a fit on the device-resident table trains on exactly the batches (rows, coordinates,
-    normalised targets) the dense host path trains on for the same seed; another seed draws other ones."""
+def test_device_table_feeds_the_dense_paths_batches(table, device, likelihood, monkeypatch):
+    """Step by step, a fit on the device-resident table trains on exactly the batches (coordinates, targets:
+    log1p-normalised, or raw counts with their library-size offsets) the dense host path trains on for the
+    same seed; another seed draws other ones."""
     import inrscrecon.train.fit as fit_module
 
     real = fit_module.objective_tensors
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[torch.Tensor, ...]] = []
 
     def spy(model, coords, target, *args, **kwargs):
-        dense = target if isinstance(target, torch.Tensor) else target.dense(model.cfg.n_genes)
-        seen.append((coords.detach().float().cpu(), dense.detach().float().cpu()))
+        if isinstance(target, torch.Tensor):
+            dense, off = target, args[4] if len(args) > 4 else None
+        else:
+            dense, off = target.dense(model.cfg.n_genes), target.log_offset
+        off = torch.zeros(0) if off is None else off
+        seen.append(tuple(x.detach().float().cpu() for x in (coords, dense, off)))
         return real(model, coords, target, *args, **kwargs)
 
     monkeypatch.setattr(fit_module, "objective_tensors", spy)
@@ -129,15 +135,18 @@ def test_device_table_feeds_the_dense_paths_batches(table, device, monkeypatch):
     def run(data, dev, seed=5):
         seen.clear()
         tc = TrainConfig(epochs=2, batch_size=64, seed=seed, progress=False, data=data, device=dev)
-        fit(table, EncodingConfig(n_bands=2), 16, 2, LossConfig.preset("no_rc"), tc)
+        loss = LossConfig.preset("no_rc") if likelihood == "rmse" else LossConfig(likelihood=likelihood)
+        fit(table, EncodingConfig(n_bands=2), 16, 2, loss, tc)
         return list(seen)
 
     dense, resident = run("dense", "cpu"), run("device", device)
     steps = int(table.n_cells * 0.9) // 64 * 2
     assert len(dense) == len(resident) >= steps - 2
-    for k, ((c_d, t_d), (c_r, t_r)) in enumerate(zip(dense, resident)):
+    for k, ((c_d, t_d, o_d), (c_r, t_r, o_r)) in enumerate(zip(dense, resident)):
         assert torch.equal(t_r, t_d), f"step {k}: targets differ"
+        assert torch.equal(o_r, o_d), f"step {k}: offsets differ"
         torch.testing.assert_close(c_r, c_d, rtol=1e-6, atol=1e-6, msg=f"step {k}: coordinates")
+    assert (len(resident[0][2]) > 0) == (likelihood != "rmse")
     other = run("device", device, seed=6)
     assert not torch.equal(other[0][1], resident[0][1])
 
