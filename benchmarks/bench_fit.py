@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -160,13 +161,15 @@ def _model(table: CellTable, width: int, layers: int, dev: torch.device, loss: s
     return model.to(dev)
 
 
-def dense_targets(table: CellTable, raw: bool, dev: torch.device, chunk: int = 32768) -> torch.Tensor:
-    """The whole table as one dense [N, M] fp32 tensor on ``dev``: log1p-normalised, or the raw counts
-    (``raw``); built in row chunks, so the host holds one chunk's dense block at a time."""
-    out = torch.empty((table.n_cells, len(table.genes)), dtype=torch.float32, device=dev)
-    for s in range(0, table.n_cells, chunk):
-        r = np.arange(s, min(s + chunk, table.n_cells))
-        out[s : s + len(r)] = torch.from_numpy(table.raw_targets(r) if raw else table.targets(r))
+def dense_targets(dt: DeviceTable, chunk: int = 32768) -> torch.Tensor:
+    """The resident table as one dense [N, M] fp32 tensor on its device, in the table's mode
+    (log1p-normalised, or raw counts): each row chunk gathered and densified there (the values the fit path
+    reads), so nothing dense crosses from the host."""
+    out = torch.empty((dt.n_cells, dt.n_genes), dtype=torch.float32, device=dt.device)
+    for s in range(0, dt.n_cells, chunk):
+        e = min(s + chunk, dt.n_cells)
+        rows = torch.arange(s, e, device=dt.device)
+        out[s:e] = dt.gather(rows, dt.exact_capacity(np.arange(s, e)), "torch").dense(dt.n_genes)
     return out
 
 
@@ -236,6 +239,7 @@ def bench_loss(loss: str, table: CellTable, args: argparse.Namespace, ctx: dict)
     loss_cfg = LossConfig(likelihood=loss)
     rows: list[dict] = []
     notes: list[str] = []
+    gc.collect()  # the previous loss's dense target and steppers
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -261,7 +265,7 @@ def bench_loss(loss: str, table: CellTable, args: argparse.Namespace, ctx: dict)
     t0 = time.perf_counter()
     dt = DeviceTable(table, dev, raw=count)
     cap = dt.capacity(np.arange(args.cells), batch)
-    targets = dense_targets(table, count, dev)  # [N, M] dense, in memory (raw counts for a count loss)
+    targets = dense_targets(dt)  # [N, M] dense, on the device (raw counts for a count loss)
     offsets = torch.as_tensor(table.log_offsets(np.arange(args.cells)), device=dev) if count else None  # [N]
     coords = torch.as_tensor(table.coords, dtype=torch.float32, device=dev)
     notes.append(f"placement of the CSR + dense [N, M] targets: {time.perf_counter() - t0:.1f} s")
@@ -441,6 +445,9 @@ def main() -> None:
     batch = args.batch or (
         resolved_batch_lr(TrainConfig(batch_size=None), "cuda", n_fit)[0] if dev.type == "cuda" else 2048
     )
+    # every compiled row (and every compiled fit call) is a new TrainStep, one more guard set on the same
+    # traced method: room for all of them, so that no compiled row silently falls back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if args.compile_fit is None:
         fit_compiled = set(args.loss) if dev.type == "cuda" else set()
     else:
