@@ -39,7 +39,7 @@ Outputs are in the units of X: log1p(max(q, 0) / L · 1e4), as ``layers['lower_9
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,14 +285,24 @@ def nb_nll_by_gene(
     """Σ over cells of the NB NLL (the count losses' formula, without its constant lgamma(y + 1)) → [K]
     float64. The lgamma(y + θ) − lgamma(θ) term is 0 where y = 0, so it is evaluated on the non-zeros only
     (most counts of a spot × gene matrix are zeros)."""
-    lt = log_theta.double()
-    theta = torch.exp(lt)
-    dense = (theta[None, :] * F.softplus(log_mu - lt[None, :])).sum(dim=0)
+    return _nb_nll(log_mu, y)(log_theta)
+
+
+def _nb_nll(log_mu: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`nb_nll_by_gene` of fixed (log_mu [n, K], y [n, K]) as a function of log θ [K]: the non-zeros
+    are found once, not once per θ of a grid search."""
     rows, cols = torch.nonzero(y > 0, as_tuple=True)
     yv, lm = y[rows, cols].double(), log_mu[rows, cols]
-    th, ltc = theta[cols], lt[cols]
-    sparse = yv * F.softplus(ltc - lm) - torch.lgamma(yv + th) + torch.lgamma(th)
-    return dense + torch.zeros_like(dense).index_add_(0, cols, sparse)
+
+    def nll(log_theta: torch.Tensor) -> torch.Tensor:
+        lt = log_theta.double()
+        theta = torch.exp(lt)
+        dense = (theta[None, :] * F.softplus(log_mu - lt[None, :])).sum(dim=0)
+        th, ltc = theta[cols], lt[cols]
+        sparse = yv * F.softplus(ltc - lm) - torch.lgamma(yv + th) + torch.lgamma(th)
+        return dense + torch.zeros_like(dense).index_add_(0, cols, sparse)
+
+    return nll
 
 
 def fit_dispersion(
@@ -306,14 +316,12 @@ def fit_dispersion(
     for g0 in range(0, len(out), GENE_BLOCK):
         block = slice(g0, g0 + GENE_BLOCK)
         m = torch.log(torch.as_tensor(np.maximum(mu[:, block], 1e-8), dtype=torch.float64))
-        c = torch.as_tensor(np.asarray(y[:, block]), dtype=torch.float64)
+        nll = _nb_nll(m, torch.as_tensor(np.asarray(y[:, block]), dtype=torch.float64))
         k = m.shape[1]
-        coarse = torch.stack(
-            [nb_nll_by_gene(m, c, torch.full((k,), float(t), dtype=torch.float64)) for t in _COARSE]
-        )
+        coarse = torch.stack([nll(torch.full((k,), float(t), dtype=torch.float64)) for t in _COARSE])
         best = torch.as_tensor(_COARSE, dtype=torch.float64)[coarse.argmin(dim=0)]
         fine_t = best[None, :] + torch.as_tensor(_FINE, dtype=torch.float64)[:, None]  # [F, K]
-        fine = torch.stack([nb_nll_by_gene(m, c, t) for t in fine_t])
+        fine = torch.stack([nll(t) for t in fine_t])
         out[g0 : g0 + k] = fine_t.gather(0, fine.argmin(dim=0)[None]).squeeze(0).numpy()
     out[np.asarray(y).sum(axis=0) == 0] = _COARSE[-1]
     return out
