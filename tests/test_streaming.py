@@ -260,7 +260,7 @@ def test_cli_fit_stream_and_truncated_input(stack_files, tmp_path, capsys):
 def odd_files(small_stack, tmp_path_factory):
     """Two sections whose genes do not line up: the second lists them in reverse order (its col_map is not
     monotone), each has one gene of its own (dropped, yet in the library size); rows 3 and 10 are empty and
-    row 11 holds counts only on the dropped gene."""
+    row 11 holds counts only on the dropped gene. The first stores X as a dense array, the second as CSR."""
     import pandas as pd
 
     sections, _ = small_stack
@@ -276,7 +276,7 @@ def odd_files(small_stack, tmp_path_factory):
         x = np.hstack([x, own])
         if k == 1:
             x, names = x[:, ::-1], names[::-1]
-        a = ad.AnnData(sp.csr_matrix(x), obs=s.obs.copy(), var=pd.DataFrame(index=names), obsm=dict(s.obsm),
+        a = ad.AnnData(sp.csr_matrix(x) if k else np.ascontiguousarray(x), obs=s.obs.copy(), var=pd.DataFrame(index=names), obsm=dict(s.obsm),
                        uns=dict(s.uns))  # fmt: skip
         paths.append(write_h5ad(a, d / f"odd{k}.h5ad"))
     return paths
@@ -284,6 +284,7 @@ def odd_files(small_stack, tmp_path_factory):
 
 def test_csr_rows_equal_dense_rows(odd_files):
     with open_stack(odd_files, n_genes=25, chunk_rows=37, progress=False) as st:
+        assert [s.sparse for s in st.sources] == [False, True]
         cm = st.col_maps[1]
         assert (cm < 0).sum() > 1 and np.any(np.diff(cm[cm >= 0]) < 0)  # genes dropped; order not monotone
         n, g = st.n_cells, len(st.genes)
@@ -387,3 +388,28 @@ def test_streaming_data_modes(stack_files):
         assert host.data_info["placement"] == "CSR batches streamed from disk chunks"
         with pytest.raises(InputError, match="data='device' needs an in-memory table"):
             _fit(st, epochs=1, data="device")
+
+
+def test_streaming_csr_fit_resumes_mid_epoch_to_the_same_result(stack_files, tmp_path):
+    """Interrupted mid-epoch (the feeder holds a prefetched batch) and resumed: same history, same weights."""
+    torch.set_num_threads(1)
+    _, paths = stack_files
+    ckpt = tmp_path / "fit.ckpt"
+
+    def run(**kw):
+        return fit(st, EncodingConfig(n_bands=3), width=24, n_layers=2, loss_cfg=LossConfig.preset("no_rc"),
+                   train_cfg=TrainConfig(epochs=2, batch_size=100, progress=False, seed=2, val_fraction=0.1,
+                                         stop_after_steps=kw.pop("stop", None)), **kw)  # fmt: skip
+
+    with open_stack(paths[:2], n_genes=20, chunk_rows=128, window=2, progress=False) as st:
+        full = run()
+        cut = run(stop=9, checkpoint=ckpt)  # 7 steps an epoch: stopped in the second
+        assert (
+            cut.interrupted
+            and len(cut.history) == 1
+            and cut.data_info["placement"] == "CSR batches streamed from disk chunks"
+        )
+        back = run(checkpoint=ckpt, resume=True)
+    assert back.history == full.history
+    for a, b in zip(full.model.state_dict().values(), back.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
