@@ -195,8 +195,8 @@ def _hashgrid_args():
 def _cases_hashgrid():
     pts, table, levels = _hashgrid_args()
     op = torch.ops.inrscrecon.hashgrid.default
-    yield op, (pts.requires_grad_(), table.requires_grad_(), *levels), ALL_UTILS
-    yield op, (pts, table.requires_grad_(), *levels), ALL_UTILS  # table gradient only
+    yield op, (pts.clone().requires_grad_(), table.clone().requires_grad_(), *levels), ALL_UTILS
+    yield op, (pts, table.clone().requires_grad_(), *levels), ALL_UTILS  # table gradient only
 
 
 def _cases_hashgrid_backward():
