@@ -456,3 +456,30 @@ def test_triton_gpu_batch_of_16k_in_several_chunks(lam):
     for name, a, lo, r in triples:
         excess = (a.float() - r).abs() - (lo.float() - r).abs() - 2e-2 * r.abs().max()
         assert (excess <= 0).all(), f"{name}: worse than torch bf16 autocast by {excess.max().item():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (device memory is what is measured)")
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_triton_gpu_fused_step_holds_less_than_one_dense_batch(lam):
+    """What fit runs at B = 16 384, W = 256, M = 5000 (bf16 autocast over fp32 masters, sorted CSR rows):
+    forward + backward allocate less device memory than ONE fp32 [B, M] tensor (328 MB), which the torch
+    path needs several of (target, prediction, their gradients)."""
+    ops = _triton()
+    n_rows, width, n_genes = 16384, 256, 5000
+    h, wt, bias, dense = problem(n_rows, width, n_genes, density=0.05, seed=29)
+    csr = [x.to(DEV) for x in make_csr(dense, shuffle=False)]
+    del dense
+    leaves = [x.to(DEV).requires_grad_() for x in (h, wt, bias)]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ops.triton_sparse_head_loss(*leaves, *csr, lam, indices_sorted=True)
+    out[0].backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    one_dense = n_rows * n_genes * 4
+    assert peak < one_dense, f"peak {peak / 1e6:.0f} MB ≥ one fp32 [B, M] ({one_dense / 1e6:.0f} MB)"
+    assert all(torch.isfinite(p.grad).all() for p in leaves)
