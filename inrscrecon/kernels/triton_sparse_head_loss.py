@@ -479,16 +479,15 @@ def sparse_head_forward(
     wsum = wts.sum().clamp_min(1e-30)
     rmse = torch.sqrt(((wts * sse).sum() / (n_genes * wsum)).clamp_min(1e-30))
     if has_kl:
-        live = torch.arange(values.shape[0], device=dev) < indptr[-1]
-        rows = torch.searchsorted(
-            indptr[1:].contiguous(), torch.arange(values.shape[0], device=dev), right=True
-        )
-        s_t = (
-            torch.zeros(n_rows + 1, device=dev, dtype=torch.float32).index_add(
-                0, rows, torch.where(live, values.float(), 0.0)
-            )[:n_rows]
-            + n_genes * kl_eps
-        )
+        # S_b = Σ_nz t + M ε; slots past indptr[B] fall in the spare bin B (dropped). 32-bit slot ids: 8 bytes
+        # of temporaries per slot instead of 29 (int64 ids twice, a mask, a copy), i.e. 131 MB instead of
+        # 475 MB at B = 65 536 and 5 % of 5000 genes
+        cap = values.shape[0]
+        small = cap < 2**31
+        slots = torch.arange(cap, device=dev, dtype=torch.int32 if small else torch.int64)
+        rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True, out_int32=small)  # [CAP]
+        bins = torch.zeros(n_rows + 1, device=dev, dtype=torch.float32).index_add(0, rows, values.float())
+        s_t = bins[:n_rows] + n_genes * kl_eps
         kl_rows = a / s - torch.log(s) - c / s + torch.log(s_t)
         kl = (wts * kl_rows).sum() / wsum
         rowstat = torch.stack([1.0 / s, torch.log(s_t) - torch.log(s) - kl_rows])
