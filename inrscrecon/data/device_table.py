@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -256,22 +256,9 @@ class _InFlight:
     event: torch.cuda.Event | None
 
 
-class HostRows(Protocol):
-    """A stack whose rows are read on the host as CSR: :class:`_InMemoryRows` (a CellTable) or a
-    :class:`~inrscrecon.data.streaming.StreamingTable` (chunks read from disk)."""
-
-    coords: np.ndarray  # [N, 3] µm
-    totals: np.ndarray  # [N] library sizes
-
-    def csr_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [B] → (indptr [B+1] int64, indices [NNZ] int32 ascending per row, raw values [NNZ] fp32)."""
-        ...
-
-    def csr_capacity(self, batch: int) -> int: ...
-
-
 class _InMemoryRows:
-    """A CellTable's CSR as :class:`HostRows` (genes sorted once when they are not)."""
+    """A CellTable's rows read as CSR, as a StreamingTable's are (``csr_rows``; genes sorted once when they
+    are not)."""
 
     def __init__(self, table: CellTable):
         counts = table.counts.tocsr()
@@ -311,8 +298,8 @@ class HostBatchFeeder:
         self.n_cells = table.n_cells
         self.genes = list(table.genes)
         self.target_sum = float(table.target_sum)
-        self.rows: HostRows | _InMemoryRows = (
-            _InMemoryRows(table) if isinstance(table, CellTable) else table  # type: ignore[assignment]
+        self.rows: _InMemoryRows | StreamingTable = (
+            _InMemoryRows(table) if isinstance(table, CellTable) else table
         )
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -388,9 +375,16 @@ class HostBatchFeeder:
         if raw:
             offset = log_offset_torch(totals, self.target_sum)
             return SparseBatch(coords, indptr, genes, stored, indices_sorted=True, log_offset=offset)
+        n = len(f.rows)
+        if f.event is None:  # on the host: normalise only the non-zeros, whose rows the indptr gives directly
+            nnz = int(indptr[-1])
+            row = torch.repeat_interleave(torch.arange(n), torch.diff(indptr), output_size=nnz)  # [NNZ]
+            values = torch.zeros(f.cap, dtype=torch.float32)
+            live = torch.ones(nnz, dtype=torch.bool)
+            values[:nnz] = normalize_log1p_torch(stored[:nnz], row, live, totals, self.target_sum)
+            return SparseBatch(coords, indptr, genes, values, indices_sorted=True)
         slots = torch.arange(f.cap, device=indptr.device, dtype=torch.int64)
         row = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)
-        n = len(f.rows)
         live = row < n
         rc = row.clamp(max=max(n - 1, 0))
         values = normalize_log1p_torch(stored, rc, live, totals, self.target_sum)
