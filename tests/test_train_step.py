@@ -275,6 +275,35 @@ def test_host_reads_per_fit_do_not_grow_with_steps(table):
     assert counts[0] == counts[1] and counts[0] < steps[0]
 
 
+def test_host_data_enters_a_device_table_fit_per_epoch_not_per_step(table):
+    """Host → torch uploads (torch.as_tensor / torch.tensor of host data) during a fit on the device table
+    happen per epoch (the permutation, validation), never per step: the same count with 4× as many steps.
+    The dense path, which uploads each batch, is the control."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountUploads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.as_tensor, torch.tensor) and args and not isinstance(args[0], torch.Tensor):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for data in ("device", "dense"):
+        for bs in (128, 32):
+            mode = CountUploads()
+            with mode:
+                tc = TrainConfig(epochs=2, batch_size=bs, progress=False, data=data)
+                fit(table, EncodingConfig(n_bands=2), 16, 2, LossConfig.preset("no_rc"), tc)
+            counts[data, bs] = mode.n
+    extra_steps = (int(table.n_cells * 0.9) // 32 - int(table.n_cells * 0.9) // 128) * 2
+    assert counts["device", 128] == counts["device", 32], counts
+    assert counts["dense", 32] - counts["dense", 128] >= extra_steps, counts  # ≥ 1 upload per extra step
+
+
 @pytest.mark.gpu
 def test_cuda_fit_sees_the_cpu_batches_and_reaches_its_rmse(table):
     if not torch.cuda.is_available():
