@@ -597,8 +597,9 @@ def csr_count_terms(
     w.r.t. log_theta. Slots past indptr[B] are ignored. Static shapes (traceable)."""
     n_rows = indptr.shape[0] - 1
     cap = indices.shape[0]
-    slots = torch.arange(cap, device=indices.device, dtype=indptr.dtype)
-    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True)  # [CAP], B = unused
+    small = cap < 2**31  # 32-bit slot ids: half the bytes of the two [CAP] index temporaries
+    slots = torch.arange(cap, device=indices.device, dtype=torch.int32 if small else torch.int64)
+    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True, out_int32=small)  # [CAP], B: unused
     live = rows < n_rows
     y = torch.where(live, values.float(), 0.0)
     terms = torch.lgamma(y + 1.0)
