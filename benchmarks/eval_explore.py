@@ -212,13 +212,15 @@ def project(pred: np.ndarray, mu: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (4, 8, 16, 32, 64),
-                      steps: int = 1000, parts: str = "posthoc,base,rank,genes,small") -> None:  # fmt: skip
+                      steps: int = 1000, parts: str = "posthoc,base,rank,genes,small",
+                      test: str | None = None) -> None:  # fmt: skip
     """Structure shared across genes, on the held-out interior training section (see the top): post-hoc
     projection of every predictor onto the top-r principal axes of the training sections' log1p expression
     (``posthoc``), learned low-rank heads (``rank``), the INR trained on more genes and scored on the 500
     (``genes``: all shared genes up to 2000), smaller / lower-bandwidth fields (``small``), weight decay and a
     lower learning rate (``reg``), and, for reference, a half-INR half-smoother blend (``blend``). ``base``:
-    the plain RMSE INR (L = 2, 4 × 256)."""
+    the plain RMSE INR (L = 2, 4 × 256). ``test``: the test section set aside (default DLPFC 151674, breast
+    layer2; the other fold: 151675 / layer3), the validation section is then the other interior one."""
     from dataclasses import replace
 
     import inrscrecon.train.fit as fit_mod
@@ -232,6 +234,7 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
         "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
     }[dataset]
     files, test_name, label_key, spacing = spec
+    test_name = test or test_name
     secs = read_sections([DATA / f for f in files])
     if dataset == "breast":
         for s in secs:
@@ -282,7 +285,7 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
     n_fit = int((~val).sum())
 
     def inr(name: str, tab, n_bands: int = 2, width: int = 256, rank: int = 0, seed: int = 100,
-            lr: float | None = None, wd: float = 0.0) -> None:  # fmt: skip
+            lr: float | None = None, wd: float = 0.0, zero_head: bool = False) -> None:  # fmt: skip
         tc = train_config(cfg, n_fit, seed)
         tc = tc if lr is None else replace(tc, lr=lr)
         ft, frac = fold_table(tab, held, seed)
@@ -297,15 +300,28 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
                     super().__init__(params, weight_decay=wd, decoupled_weight_decay=True, **kw)
 
             torch.optim.Adam = DecayedAdam  # type: ignore[misc]
+        from inrscrecon.field.model import INRField
+
+        init_bias = INRField.init_head_bias
+        if zero_head:  # the field starts exactly at the mean profile: no random per-gene spatial pattern
+
+            def zeroed(self, mean_expr):
+                init_bias(self, mean_expr)
+                with torch.no_grad():
+                    self.head.weight.zero_()
+
+            INRField.init_head_bias = zeroed  # type: ignore[method-assign]
         try:
             res = _fit(ft, cand, width, cfg.n_layers, LossConfig(), replace(tc, val_fraction=frac))
         finally:
             fit_mod.FieldConfig, torch.optim.Adam = orig, adam  # type: ignore[misc]
+            INRField.init_head_bias = init_bias  # type: ignore[method-assign]
         crit, ep = best_val(res)
         pred = predict(res.model, table.coords[val])
         if pred.shape[1] != len(genes):  # trained on more genes: score the 500
             pred = pred[:, idx]
         extra = (f", lr={tc.lr:g}" if lr is not None else "") + (f", weight_decay={wd:g}" if wd else "")
+        extra += ", zero-initialised head" if zero_head else ""
         report(name, pred, {"config": f"fourier L={n_bands}, width={width}, head_rank={rank}, "
                                       f"genes={len(tab.genes)}{extra}", "criterion": crit, "best_epoch": ep,
                             "epochs": len(res.history), "s": round(time.time() - t1, 1)}, seed)  # fmt: skip
@@ -333,6 +349,10 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
                 inr("inr_rmse_reg", table, seed=seed, wd=wd)
             inr("inr_rmse_reg", table, seed=seed, lr=5e-4)
             inr("inr_rmse_reg", table, seed=seed, lr=5e-4, rank=16)
+        if "zero" in parts:
+            inr("inr_rmse_zero", table, seed=seed, zero_head=True)
+            inr("inr_rmse_zero", table, seed=seed, zero_head=True, lr=5e-4)
+            inr("inr_rmse_zero", table, seed=seed, zero_head=True, rank=32)
 
 
 def structure_summary(paths: list[str]) -> str:
@@ -400,6 +420,9 @@ def main() -> None:
     ap.add_argument("--structure", choices=["dlpfc", "breast"],
                     help="structure shared across genes: PCA projection, low-rank heads, more genes")  # fmt: skip
     ap.add_argument("--seeds", default="100,101", help="--structure: INR seeds")
+    ap.add_argument(
+        "--test-section", help="--structure: the test section set aside (151675 / layer3: other fold)"
+    )
     ap.add_argument("--parts", default="posthoc,base,rank,genes,small",
                     help="--structure: posthoc, base, blend, rank, genes, small, reg")  # fmt: skip
     ap.add_argument("--table", nargs="+", help="print explore_*.jsonl files as one markdown table")
@@ -410,7 +433,8 @@ def main() -> None:
     elif args.summary:
         print(structure_summary(args.summary))
     elif args.structure:
-        explore_structure(args.structure, [int(v) for v in args.seeds.split(",")], parts=args.parts)
+        seeds = [int(v) for v in args.seeds.split(",")]
+        explore_structure(args.structure, seeds, parts=args.parts, test=args.test_section)
     elif args.sweep:
         sweep_intra_151673()
     else:
