@@ -1,6 +1,6 @@
 """Build the optional compiled extension ``inrscrecon._C`` (metadata lives in pyproject.toml).
 
-* CPU ops (C++, OpenMP) are always attempted: ``csrc/ops.cpp`` + ``csrc/csr_gather.cpp``.
+* CPU ops (C++, OpenMP) are always attempted: ``csrc/ops.cpp`` + ``csrc/csr_gather.cpp`` + ``csrc/sparse_head.cpp``.
 * CUDA ops (``csrc/cuda``) are added only when torch was built with CUDA *and* a CUDA toolkit (nvcc) is found.
 * ``INRSCRECON_NO_EXT=1`` skips the extension; a failed compile only prints a warning. Either way the install
   succeeds and the package falls back to its numpy / torch implementations (see ``inrscrecon/_ext.py``).
@@ -56,7 +56,7 @@ def _extensions() -> tuple[list, dict]:
             except Exception as err:
                 _warn(f"compiling {ext.name} failed ({type(err).__name__}: {err})")
 
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/csr_gather.cpp"]
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/csr_gather.cpp", f"{CSRC}/sparse_head.cpp"]
     cxx = ["-O3"]
     link: list[str] = []
     if sys.platform.startswith("linux"):
@@ -67,7 +67,7 @@ def _extensions() -> tuple[list, dict]:
     if with_cuda:
         ext = CUDAExtension(
             "inrscrecon._C",
-            sources + [f"{CSRC}/cuda/head_loss.cpp", f"{CSRC}/cuda/head_loss_kernel.cu"],
+            sources + [f"{CSRC}/cuda/sparse_head_kernel.cu"],
             include_dirs=[str(ROOT / CSRC)],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},

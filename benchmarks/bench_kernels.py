@@ -9,6 +9,8 @@ CSR rows of the batch, Adam. Per (B, W) this script times, *in the same run*:
 * ``dense-eager``  — torch trunk + the dense ``head_loss_reference`` on a dense [B, M] target;
 * ``dense-compile`` — ``torch.compile`` of that dense step (the reference to beat). The dense rows get
   their [B, M] target for free (built before timing); in ``fit`` building it is host work per step.
+* ``sparse-cuda`` — fused trunk op + the compiled extension's sparse head (cuBLAS GEMMs + one fused CUDA loss
+  pass, 3 GEMM passes at λ = 0; ``inrscrecon.kernels.cuda_head_loss``); on CPU the torch trunk + its CPU op;
 * ``dense-triton`` / ``dense-cuda`` — the dense fused heads (``--impls`` to add them).
 
 ``--loss rmse poisson nb`` (default on a GPU: all three; elsewhere rmse) runs every impl with that loss: the
@@ -55,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "inrscrecon" / "field" / "backend_table.json"
 IMPLS = (
     "sparse-fused",
+    "sparse-cuda",
     "sparse-torch",
     "sparse-compile",
     "dense-eager",
@@ -117,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch, args.width = args.batch or [4096, 16384, 65536], args.width or [128, 256]
         args.impls = args.impls or [
             "sparse-fused",
+            "sparse-cuda",
             "sparse-torch",
             "sparse-compile",
             "dense-eager",
@@ -217,6 +221,15 @@ def loss_fn_for(
             csr = (x.indptr, x.indices, x.values)
             return fused.sparse_head_loss(h, w, b, *csr, lambda_kl, impl="triton", indices_sorted=True)[0]
 
+    elif impl == "sparse-cuda":
+        fused.resolve_impl("cuda", x_dev(model), "sparse_head_loss")  # raises with the reason
+        trunk = "triton" if x_dev(model).type == "cuda" else "torch"
+
+        def f(x: Batch) -> torch.Tensor:
+            h = fused.trunk_forward(x.coords, model.n_bands, model.trunk, impl=trunk)
+            csr = (x.indptr, x.indices, x.values)
+            return fused.sparse_head_loss(h, w, b, *csr, lambda_kl, impl="cuda")[0]
+
     elif impl in ("sparse-torch", "sparse-compile"):
 
         def f(x: Batch) -> torch.Tensor:
@@ -254,7 +267,7 @@ def count_loss_fn_for(
     from inrscrecon.field.losses import count_head_loss_reference, sparse_count_head_loss_reference
 
     w, b, lt = model.head.weight, model.head.bias, model.log_theta
-    if impl == "dense-cuda":
+    if impl in ("dense-cuda", "sparse-cuda"):
         raise ValueError("no CUDA-extension kernel for the count losses (impl='cuda' runs Triton)")
     if impl in ("sparse-fused", "dense-triton"):
         fused.resolve_impl("triton", x_dev(model), "sparse_count_head_loss")  # raises with the reason
@@ -401,7 +414,7 @@ def op_times(batch: int, width: int, args: argparse.Namespace) -> dict[str, dict
                     h, w, b, x.indptr, x.indices, x.values, args.lambda_kl, impl=impl, indices_sorted=True
                 )[0]
             )
-            for impl in ("torch", "triton")
+            for impl in ("torch", "triton", "cuda")
         },
         "head_loss": {
             impl: (lambda impl=impl: fused.head_loss(h, w, b, x.dense, args.lambda_kl, impl=impl)[0])

@@ -1,4 +1,5 @@
-// The one pybind11 module inrscrecon._C: CPU ops always, CUDA ops when compiled WITH_CUDA.
+// The one pybind11 module inrscrecon._C: CPU ops always, CUDA ops when compiled WITH_CUDA. The GEMM + fused-loss
+// sparse head (sparse_head.cpp) registers itself with torch.library when this module loads.
 //
 // Bindings check dtypes / shapes / devices at the boundary and raise ValueError (std::invalid_argument) with a
 // message naming the argument; the pure-C++ cores behind them check the data itself.
@@ -11,9 +12,6 @@
 #include <torch/extension.h>
 
 #include "csr_gather.h"
-#ifdef WITH_CUDA
-#include "cuda/head_loss.h"
-#endif
 
 namespace inrscrecon {
 namespace {
@@ -128,13 +126,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("indptr"), pybind11::arg("indices"), pybind11::arg("data"), pybind11::arg("rows"),
         pybind11::arg("col_map"), pybind11::arg("n_cols"), pybind11::arg("n_out"), pybind11::arg("target_sum"),
         pybind11::arg("log1p"), pybind11::arg("row_totals"), pybind11::arg("out") = pybind11::none());
-#ifdef WITH_CUDA
-  m.def("head_loss_forward", &inrscrecon::head_loss_forward, "fused head + loss: per-row stats [B, 5] (fp64)",
-        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("target"),
-        pybind11::arg("kl_eps"));
-  m.def("head_loss_backward", &inrscrecon::head_loss_backward,
-        "fused head + loss backward: (grad_hidden, grad_weight, grad_bias) fp32", pybind11::arg("hidden"),
-        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("target"), pybind11::arg("row_aux"),
-        pybind11::arg("coef"), pybind11::arg("kl_eps"));
-#endif
 }

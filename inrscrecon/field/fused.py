@@ -7,8 +7,10 @@
   Poisson / NB likelihood on CSR or dense counts, encode + trunk), called through their ``torch.library``
   ops (:mod:`inrscrecon.kernels.ops`) so that ``torch.compile(fullgraph=True)`` traces them; CUDA tensors,
   or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported (tests).
-* ``cuda``   — dense head + loss from the compiled extension (``inrscrecon.kernels.cuda_head_loss``, SIMT
-  fp32 tiles); the other ops (the count likelihoods among them) have no CUDA kernel and use Triton.
+* ``cuda``   — the compiled extension's head + loss (``inrscrecon.kernels.cuda_head_loss``: cuBLAS / MKL GEMMs
+  and one fused C++ / CUDA loss pass on the CSR targets), on CUDA or CPU tensors, for ``sparse_head_loss``
+  and ``head_loss`` (its dense target turned into CSR rows, eager only); the other ops (the count
+  likelihoods among them) have no extension kernel and use Triton.
 * ``auto``   — CPU tensors: torch. CUDA tensors: the fastest impl *measured* on this device kind, dtype and
   shape bucket, read from ``backend_table.json`` beside this module (written by
   ``benchmarks/bench_kernels.py --write-table``); with no entry for the device: triton when importable,
@@ -79,9 +81,21 @@ def _cuda_ext() -> tuple[Any, str]:
                 return None, "CUDA extension reports it is not available (not built for this machine)"
         except Exception as err:
             return None, f"CUDA extension check failed ({type(err).__name__}: {err})"
-    if not hasattr(mod, "cuda_head_loss"):
-        return None, "inrscrecon.kernels.cuda_head_loss has no function cuda_head_loss"
+    if not hasattr(mod, "cuda_head_loss") or not hasattr(mod, "gemm_sparse_head_loss"):
+        return None, "inrscrecon.kernels.cuda_head_loss lacks cuda_head_loss / gemm_sparse_head_loss"
     return mod, ""
+
+
+CUDA_OPS = ("head_loss", "sparse_head_loss")  # the ops the compiled extension implements
+
+
+def _cuda_unavailable(device: torch.device) -> str:
+    """Why the compiled extension cannot run on ``device`` ("" when it can)."""
+    mod, why = _cuda_ext()
+    if mod is None:
+        return why
+    check = getattr(mod, "unavailable", None)
+    return check(device) if callable(check) else ""
 
 
 def _triton_unavailable(device: torch.device) -> str:
@@ -171,9 +185,9 @@ def _available(which: str, op: str, dev: torch.device) -> str:
     if which == "triton":
         return _triton_unavailable(dev)
     if which == "cuda":
-        if op != "head_loss":
+        if op not in CUDA_OPS:
             return f"no CUDA kernel for {op}"
-        return _cuda_ext()[1] if dev.type == "cuda" else "CUDA kernels need CUDA tensors"
+        return _cuda_unavailable(dev)
     return f"unknown impl {which!r} in the backend table"
 
 
@@ -234,12 +248,10 @@ def _resolve(impl: str, device: str, op: str, bucket: tuple[tuple[str, int], ...
             return "triton"
         _announce(op, "torch", f"no measured entry for {kind}; {why_not_triton}")
         return "torch"
-    if impl == "cuda" and op == "head_loss":
-        mod, why = _cuda_ext()
-        if mod is None:
-            raise InputError(f"backend 'cuda' requested but {why}")
-        if dev.type != "cuda":
-            raise InputError(f"backend 'cuda' needs CUDA tensors, got device {dev}")
+    if impl == "cuda" and op in CUDA_OPS:
+        why = _cuda_unavailable(dev)
+        if why:
+            raise InputError(f"backend 'cuda' requested for {op} on {dev} but {why}")
         return "cuda"
     # impl == "triton", or "cuda" for an op without a CUDA kernel (served by Triton)
     why = _triton_unavailable(dev)
@@ -259,8 +271,7 @@ def head_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softplus(h Wᵀ + b) → (RMSE + λ·KL, RMSE, KL) as fp32 scalars; fused impls never build [B, M] pred.
 
-    All three outputs carry gradients to hidden, weight and bias with the torch and triton impls (the cuda
-    extension defines its own contract for rmse / kl).
+    All three outputs carry gradients to hidden, weight and bias.
     """
     shape = shape_bucket(hidden.shape[0], hidden.shape[1], weight.shape[0])
     which = resolve_impl(impl, hidden.device, "head_loss", shape, compute_dtype(hidden, weight))
@@ -271,8 +282,7 @@ def head_loss(
 
         return triton_dense_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)
     mod, _ = _cuda_ext()
-    dt = compute_dtype(hidden, weight)  # under autocast the extension gets the autocast dtype too
-    return mod.cuda_head_loss(hidden.to(dt), weight.to(dt), bias, target, lambda_kl, kl_eps)
+    return mod.cuda_head_loss(hidden, weight, bias, target, lambda_kl, kl_eps)  # casts under autocast
 
 
 def _check_sparse(
@@ -334,6 +344,11 @@ def sparse_head_loss(
     which = resolve_impl(impl, hidden.device, "sparse_head_loss", shape, compute_dtype(hidden, weight))
     if which == "torch":
         return sparse_head_loss_reference(
+            hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
+        )
+    if which == "cuda":
+        mod, _ = _cuda_ext()
+        return mod.gemm_sparse_head_loss(
             hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps, row_weight
         )
     from inrscrecon.kernels.ops import triton_sparse_head_loss

@@ -4,7 +4,8 @@
 * ``triton_head_loss`` — head + loss against a dense target; ``triton_trunk`` — Fourier encoding + MLP trunk;
 * ``ops`` — their ``torch.library`` registrations (traceable by ``torch.compile``; imports torch only);
 * ``aot`` — ahead-of-time compile for a GPU architecture without a GPU (registers, spills, shared memory);
-* ``cuda_head_loss`` — the compiled CUDA extension's dense head + loss.
+* ``cuda_head_loss`` — the compiled extension's head + loss on CSR targets (cuBLAS / MKL GEMMs + one fused
+  C++ / CUDA loss pass; ``torch.library`` ops with CPU and CUDA implementations).
 
 Import the op modules directly; this package imports nothing heavy so that ``import inrscrecon.kernels``
 works without Triton installed. The public switch between implementations is :mod:`inrscrecon.field.fused`.

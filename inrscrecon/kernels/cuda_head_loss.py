@@ -1,140 +1,268 @@
-"""Fused gene head + RMSE + KL loss on the compiled CUDA extension (csrc/cuda/head_loss_kernel.cu).
+"""Gene head + RMSE + λ·KL on the compiled extension: cuBLAS / MKL GEMMs and one fused loss pass per row chunk.
 
-Same contract as :func:`inrscrecon.field.losses.head_loss_reference`: pred = softplus(h Wᵀ + b),
-loss = RMSE(pred, t) + λ·KL(P̂ ‖ P), returning (loss, rmse, kl) as fp32 scalars, all three differentiable
-w.r.t. hidden, weight and bias. The [B, M] prediction is never stored: the forward kernel reduces each tile to
-per-row statistics (fp64 [B, 5]) and the backward kernels recompute the tiles.
+The C++ ops ``inrscrecon::gemm_sparse_head_loss`` / ``gemm_sparse_head_loss_backward`` (csrc/sparse_head.cpp,
+CPU and CUDA implementations; the CUDA row pass is csrc/cuda/sparse_head_kernel.cu) take the batch's targets as
+CSR rows and follow the contract of :func:`inrscrecon.field.losses.sparse_head_loss_reference`: (loss, rmse, kl)
+fp32 scalars, rows weighted by ``row_weight``, slots past indptr[B] ignored, genes unique within a row (any
+order). This module registers their fake (shape) implementations and their autograd formula, so
+``torch.compile(fullgraph=True)`` traces them as opaque nodes.
 
-From the row statistics (SSE_b, s_b = Σq, A_b = Σ q log q, C_b = Σ q log p, S_b = Σp; q = pred + ε, p = t + ε):
-    RMSE = sqrt(Σ_b SSE_b / (B·M)),   KL_b = A_b/s_b − log s_b − C_b/s_b + log S_b,   KL = mean_b KL_b.
-Backward (derivation in the .cu): with upstream gradients (g_loss, g_rmse, g_kl),
-    dL/dpred = c_rmse·(pred − t) + c_kl·(1/s_b)(log q − log p + log S_b − log s_b − KL_b)
-    c_rmse = (g_loss + g_rmse) / (B·M·RMSE)    (0 when RMSE = 0: the subgradient at a perfect fit)
-    c_kl   = (λ·g_loss + g_kl) / B
-Memory: O(B + M) extra instead of the [B, M] fp32 prediction and its saved activations.
+How a step runs (rows in chunks of C, a [C, M] workspace in the GEMM dtype, 64 MiB by default):
+    z = addmm(b, h_c, Wᵀ)                         GEMM 1 (cuBLAS: tensor cores in bf16 / fp16, TF32 if enabled)
+    one pass over z with the chunk's CSR rows     per-row SSE, KL statistics; z ← dz = ∂L/∂z in place
+    gh_c = dz·W,  gW += dzᵀ·h_c,  gb += Σ dz      GEMMs 2 and 3
+Gradient (w_b row weight, p = softplus(z), q = p + ε, s_b = Σ q, S_b = Σ_nz t + M ε, KL_b per row)::
 
-Routing: this kernel is SIMT (32×32 fp32 shared-memory tiles, scalar FMAs, no tensor cores; grids of M/32 or
-B/32 blocks), so ``backend="auto"`` never picks it for existing: only when the measured backend table
-(``inrscrecon/field/backend_table.json``) says it is the fastest on the device and shape. ``backend="cuda"``
-still selects it explicitly. It has no sparse-target variant; the sparse path is Triton.
+    dz = w_b · sigmoid(z) · [c_r (p − t) + c_k (log q − log(t + ε) + off_b) / s_b],  off_b = log S_b − log s_b − KL_b
+    c_r = (ḡ_loss + ḡ_rmse) / (M Σw RMSE),   c_k = (λ ḡ_loss + ḡ_kl) / Σw
 
-Imports torch only; the extension is imported lazily so ``inrscrecon.kernels`` needs torch (+ triton) alone.
+* λ = 0 (the default loss): dz / c_r depends on no batch statistic, so the forward forms the unscaled
+  gradients while it computes the loss and the backward multiplies them by c_r (the Liger pattern):
+  **3 GEMM passes** per step instead of the five of a recomputing head.
+* λ ≠ 0: c_r and c_k are known only in the backward; the forward is one GEMM pass (statistics), the backward
+  recomputes the logits chunk by chunk (three passes): **4 in all**. The KL term is fully supported.
+
+Memory beyond inputs and gradients: the [C, M] workspace, [CAP] fp32 scratch and [B, 4] fp32 row statistics;
+with λ = 0 the forward also holds the unscaled fp32 gradients ([B, W] + [M, W] + [M]) until the backward.
+Mixed precision: the GEMMs run in the inputs' dtype (under autocast the wrapper casts to the autocast dtype;
+the casts are differentiable, so fp32 master weights get fp32 gradients); the loss pass computes in fp32
+(double sums on CPU), dz is rounded to the GEMM dtype as a GEMM operand, gW and gb accumulate in fp32.
+
+:func:`cuda_head_loss` keeps the dense-target entry point: it turns the dense target into CSR rows (the
+non-zeros; eager only, data-dependent shapes) and calls the same op.
+
+Imports torch only; the extension is imported at import time when present (it registers the ops), otherwise
+the functions raise RuntimeError naming what is missing.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from inrscrecon.kernels.ops import compute_dtype
 
 KL_EPS = 1e-2  # same default as inrscrecon.field.losses.KL_EPS (not imported: kernels depend on torch only)
+FWD = "inrscrecon::gemm_sparse_head_loss"
+BWD = "inrscrecon::gemm_sparse_head_loss_backward"
 
 
-def _ext() -> ModuleType:
+def _load() -> tuple[ModuleType | None, str]:
     try:
         mod = importlib.import_module("inrscrecon._C")
     except ImportError as err:
-        raise RuntimeError(
-            "cuda_head_loss needs the compiled extension inrscrecon._C built with CUDA "
-            f"(pip install --no-build-isolation -e . on a machine with nvcc and CUDA torch): {err}"
-        ) from None
-    if not getattr(mod, "with_cuda", False):
-        raise RuntimeError(
-            "inrscrecon._C was built without CUDA ops (CPU-only torch or no nvcc at build time)"
+        return None, (
+            "the compiled extension inrscrecon._C is not built "
+            f"(pip install --no-build-isolation -e .): {err}"
         )
-    return mod
+    if not hasattr(torch.ops.inrscrecon, "gemm_sparse_head_loss"):
+        return None, "inrscrecon._C predates the gemm_sparse_head_loss op (rebuild the extension)"
+    return mod, ""
 
 
-def is_available() -> bool:
-    """True when the CUDA ops are compiled in and a CUDA device is visible."""
-    try:
-        _ext()
-    except RuntimeError:
-        return False
-    return torch.cuda.is_available()
+_EXT, _WHY = _load()
 
 
-class CudaHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,  # [B, W]
-        weight: torch.Tensor,  # [M, W]
-        bias: torch.Tensor | None,  # [M]
-        target: torch.Tensor,  # [B, M]
-        lambda_kl: float,
-        kl_eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ext = _ext()
-        dtype = hidden.dtype
-        weight_c = weight.to(dtype)
-        bias_c = None if bias is None else bias.to(dtype)
-        target_c = target.to(dtype)
-        n_rows, n_genes = target.shape
-        stats = ext.head_loss_forward(hidden, weight_c, bias_c, target_c, float(kl_eps))  # [B, 5] fp64
-        sse, s, a, c, big_s = stats.unbind(1)
-        rmse = torch.sqrt(sse.sum() / (n_rows * n_genes))
-        kl_rows = a / s - torch.log(s) - c / s + torch.log(big_s)  # [B]
-        kl = kl_rows.mean() if lambda_kl != 0 else torch.zeros((), dtype=torch.float64, device=hidden.device)
-        # row_aux [B, 2] = (1/s_b, log S_b − log s_b − KL_b), the per-row constants of dKL_b/dq
-        row_aux = torch.stack([1.0 / s, torch.log(big_s) - torch.log(s) - kl_rows], dim=1).float()
-        ctx.save_for_backward(hidden, weight_c, bias_c, target_c, row_aux, rmse)
-        ctx.lambda_kl = float(lambda_kl)
-        ctx.kl_eps = float(kl_eps)
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        loss = rmse + lambda_kl * kl
-        return loss.float(), rmse.float(), kl.float()
+def unavailable(device: str | torch.device = "cpu") -> str:
+    """Why the op cannot run on ``device`` ("" when it can): not built, or CUDA tensors without CUDA ops."""
+    if _EXT is None:
+        return _WHY
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not getattr(_EXT, "with_cuda", False):
+            return "inrscrecon._C was built without CUDA ops (CPU-only torch or no nvcc at build time)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+    elif dev.type != "cpu":
+        return f"the compiled op has CPU and CUDA implementations only, got {dev.type}"
+    return ""
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, g_loss: torch.Tensor | None, g_rmse: torch.Tensor | None, g_kl: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, target, row_aux, rmse = ctx.saved_tensors
-        n_rows, n_genes = target.shape
-        zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        gl = zero if g_loss is None else g_loss.double()
-        gr = zero if g_rmse is None else g_rmse.double()
-        gk = zero if g_kl is None else g_kl.double()
-        # d(loss)/d(rmse) = 1 and d(loss)/d(kl) = λ; the kl output is a constant 0 when λ = 0
-        c_rmse = torch.where(rmse > 0, (gl + gr) / (n_rows * n_genes * rmse.clamp_min(1e-300)), zero)
-        c_kl = (ctx.lambda_kl * gl + gk) / n_rows if ctx.lambda_kl != 0 else zero
-        coef = torch.stack([c_rmse, c_kl]).float()  # stays on the device: no host sync
-        grad_h, grad_w, grad_b = _ext().head_loss_backward(
-            hidden, weight, bias, target, row_aux, coef, ctx.kl_eps
+
+def is_available(device: str | torch.device = "cpu") -> bool:
+    """True when the compiled op can run on ``device`` (CPU: the extension is built; CUDA: built with CUDA)."""
+    return not unavailable(device)
+
+
+def _require(device: torch.device) -> None:
+    why = unavailable(device)
+    if why:
+        raise RuntimeError(f"gemm_sparse_head_loss: {why}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library registrations (fake shapes + autograd) of the C++ ops
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_fake(
+    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward, chunk_rows
+):
+    n_rows, width = hidden.shape
+    n_genes = weight.shape[0]
+    f32 = torch.float32
+    g = bool(grad_in_forward)
+    return (
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty(n_rows, 2, dtype=f32),
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty((n_rows, width) if g else (0, 0), dtype=f32),
+        hidden.new_empty((n_genes, width) if g else (0, 0), dtype=f32),
+        hidden.new_empty(n_genes if g else 0, dtype=f32),
+    )
+
+
+def _bwd_fake(
+    hidden, weight, bias, indptr, indices, values, row_weight, rowstat, coef, kl_eps, has_kl, chunk_rows
+):
+    f32 = torch.float32
+    return (
+        hidden.new_empty(hidden.shape, dtype=f32),
+        hidden.new_empty(weight.shape, dtype=f32),
+        hidden.new_empty(weight.shape[0], dtype=f32),
+    )
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward, chunk = (
+        inputs
+    )
+    _, rmse, _, rowstat, wsum, gh, gw, gb = output
+    ctx.save_for_backward(
+        hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb
+    )
+    ctx.lambda_kl, ctx.kl_eps = float(lambda_kl), float(kl_eps)
+    ctx.grad_in_forward, ctx.chunk_rows = bool(grad_in_forward), int(chunk)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
+        ctx.saved_tensors
+    )
+    n_genes = weight.shape[0]
+    # c_r, c_k on the device (no host sync). A batch whose rows all weigh 0 (Σw at the 1e-30 floor) and a
+    # perfect fit (RMSE at the 1e-15 floor, where the reference's clamp has zero gradient) give c_r = 0.
+    live = wsum > 1e-30
+    c_r = torch.where(live & (rmse > 1e-15), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
+    c_k = torch.where(live, (ctx.lambda_kl * g_loss + g_kl) / wsum, 0.0)
+    if ctx.grad_in_forward:
+        gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
+    else:
+        coef = torch.stack([c_r, c_k]).float()
+        gh, gw, gb = torch.ops.inrscrecon.gemm_sparse_head_loss_backward(
+            hidden,
+            weight,
+            bias,
+            indptr,
+            indices,
+            values,
+            row_weight,
+            rowstat,
+            coef,
+            ctx.kl_eps,
+            ctx.lambda_kl != 0,
+            ctx.chunk_rows,
         )
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_bias = grad_b.to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (
-            grad_h.to(h_dtype) if ctx.needs_input_grad[0] else None,
-            grad_w.to(w_dtype) if ctx.needs_input_grad[1] else None,
-            grad_bias,
-            None,
-            None,
-            None,
-        )
+    need = ctx.needs_input_grad
+    return (
+        gh.to(hidden.dtype) if need[0] else None,
+        gw.to(weight.dtype) if need[1] else None,
+        gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
+        *([None] * 8),
+    )
+
+
+@functools.cache
+def _register() -> None:
+    torch.library.register_fake(FWD)(_fwd_fake)
+    torch.library.register_fake(BWD)(_bwd_fake)
+    torch.library.register_autograd(FWD, _backward, setup_context=_setup)
+
+
+if _EXT is not None:
+    _register()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------------------------
+
+
+def gemm_sparse_head_loss(
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    indptr: Tensor,  # [B+1] int64 CSR row offsets
+    indices: Tensor,  # [CAP] int32/int64 gene of each non-zero (unique within a row, any order)
+    values: Tensor,  # [CAP] fp32 target of each non-zero
+    lambda_kl: float = 0.0,
+    kl_eps: float = KL_EPS,
+    row_weight: Tensor | None = None,  # [B] fp32, 0 = padding row
+    chunk_rows: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """softplus(h Wᵀ + b) against CSR targets → (RMSE + λ·KL, RMSE, KL) fp32 scalars, on CPU or CUDA tensors.
+
+    Contract of ``sparse_head_loss_reference``; gradients to hidden, weight and bias. ``chunk_rows`` bounds the
+    [C, M] logits workspace (0: 64 MiB worth of rows). Under autocast the GEMMs run in the autocast dtype.
+    Raises RuntimeError when the extension (with CUDA ops, for CUDA tensors) is not built.
+    """
+    _require(hidden.device)
+    dt = compute_dtype(hidden, weight)
+    h, w = hidden.to(dt), weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    grad_in_forward = (
+        lambda_kl == 0
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (h, w, b))
+    )
+    rw = row_weight.float() if row_weight is not None else None
+    out = torch.ops.inrscrecon.gemm_sparse_head_loss(
+        h,
+        w,
+        b,
+        indptr,
+        indices,
+        values.float(),
+        rw,
+        float(lambda_kl),
+        float(kl_eps),
+        grad_in_forward,
+        chunk_rows,
+    )
+    return out[0], out[1], out[2]
+
+
+def dense_to_csr(target: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # target: [B, M]
+    """(indptr [B+1] int64, indices [nnz] int64, values [nnz] fp32) of the non-zeros of a dense target."""
+    mask = target != 0
+    counts = mask.sum(dim=1)
+    indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).long()
+    nz = mask.nonzero()
+    return indptr, nz[:, 1].contiguous(), target[mask].float().contiguous()
 
 
 def cuda_head_loss(
-    hidden: torch.Tensor,  # [B, W]
-    weight: torch.Tensor,  # [M, W]
-    bias: torch.Tensor | None,  # [M]
-    target: torch.Tensor,  # [B, M]
+    hidden: Tensor,  # [B, W]
+    weight: Tensor,  # [M, W]
+    bias: Tensor | None,  # [M]
+    target: Tensor,  # [B, M]
     lambda_kl: float = 1.0,
     kl_eps: float = KL_EPS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused softplus head + RMSE + λ·KL on CUDA tensors → (loss, rmse, kl), fp32 scalars.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense-target head + RMSE + λ·KL → (loss, rmse, kl), the contract of ``head_loss_reference``.
 
-    Inputs may be fp32, bf16 or fp16 (weight / bias / target are cast to hidden's dtype); the kernel computes in
-    fp32 with fp64 row reductions. The target gets no gradient. Raises RuntimeError when the extension was not
-    built with CUDA.
+    The target's non-zeros become CSR rows (eager: data-dependent shapes) for :func:`gemm_sparse_head_loss`;
+    the target gets no gradient.
     """
-    if not hidden.is_cuda:
-        raise RuntimeError(f"cuda_head_loss needs CUDA tensors, got hidden on {hidden.device}")
-    loss, rmse, kl = CudaHeadLoss.apply(hidden, weight, bias, target, lambda_kl, kl_eps)
-    return loss, rmse, kl
+    indptr, indices, values = dense_to_csr(target.detach())
+    return gemm_sparse_head_loss(hidden, weight, bias, indptr, indices, values, lambda_kl, kl_eps)
 
 
-__all__ = ["CudaHeadLoss", "cuda_head_loss", "is_available"]
+__all__ = ["cuda_head_loss", "dense_to_csr", "gemm_sparse_head_loss", "is_available", "unavailable"]
