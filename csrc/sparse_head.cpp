@@ -7,8 +7,8 @@
 //
 // Rows go in chunks of C (a bounded [C, M] workspace in the GEMM dtype): logits = addmm(b, h, Wᵀ) through ATen
 // (cuBLAS on CUDA, tensor cores in bf16 / TF32; MKL / oneDNN on CPU), then ONE pass over the chunk's logits
-// with the batch's CSR targets (sparse_head_rows.h: a CUDA kernel with one block per row, or a C++ loop
-// parallel over rows) writes per-row statistics and, for the gradient, dz = ∂L/∂z over the logits; then
+// with the batch's CSR targets (sparse_head_rows.h: a CUDA kernel with one block per row; on CPU, C++ loops over
+// the non-zeros, rows in parallel, around ATen's vectorised dense sweep) writes per-row statistics and, for the gradient, dz = ∂L/∂z over the logits; then
 // gh = dz·W and gW += dzᵀ·h (ATen mm), gb += Σ_rows dz. Three GEMM passes in all when the gradient is formed
 // in the forward (λ_KL = 0: dz / c_r depends on no batch statistic, so the backward only scales by c_r, the
 // Liger pattern); with λ_KL ≠ 0, dz needs the global c_r and c_k that only the backward knows, so the forward
@@ -43,30 +43,34 @@ constexpr int64_t kChunkBytes = 64ll * 1024 * 1024;  // budget of the [C, M] log
 float softplus(float z) { return z > kSoftplusThreshold ? z : std::log1p(std::exp(z)); }
 float softplus_grad(float z) { return z > kSoftplusThreshold ? 1.0f : 1.0f / (1.0f + std::exp(-z)); }
 
-// The CPU row pass: the arithmetic of sparse_head_rows.h, rows in parallel, sums in double.
-template <typename T, typename I>
-void cpu_rows(const SparseHeadRows& a) {
-  const int64_t M = a.n_genes;
+// The CPU row pass: the arithmetic of sparse_head_rows.h in three steps over the chunk. (1) and (3) walk the
+// non-zeros in a C++ loop, rows in parallel (at::parallel_for, OpenMP); (2), the dense sweep over all M genes,
+// runs through ATen's vectorised CPU kernels (softplus, sigmoid, log, row sums) in fp32 on the [n, M] chunk.
+template <typename I>
+void cpu_rows(const at::Tensor& logits, const SparseHeadRows& a) {
+  const int64_t M = a.n_genes, n = a.n_rows;
   const I* idx = static_cast<const I*>(a.indices);
-  const double eps = a.kl_eps;
-  const double log_eps = std::log(eps);
+  const float eps = a.kl_eps;
+  const float log_eps = std::log(eps);
   const float c_r = a.coef != nullptr ? a.coef[0] : 1.0f;
   const float c_k = a.coef != nullptr ? a.coef[1] : 0.0f;
   const bool kl = a.has_kl;
-  at::parallel_for(0, a.n_rows, 1, [&](int64_t lo, int64_t hi) {
+  const at::Tensor zf = logits.to(at::kFloat);  // the chunk itself when fp32, else an fp32 copy
+  const float* zp = zf.const_data_ptr<float>();
+  at::Tensor nzs = at::zeros({n, 4}, zf.options());  // Σ_nz p·t, Σ_nz t², Σ_nz t, Σ_nz q log1p(t/ε)
+  float* nzp = nzs.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {  // (1) the non-zeros: read before (2) writes
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = a.row0 + i;
-      T* z = static_cast<T*>(a.logits) + i * M;
       const int64_t k0 = a.indptr[r], k1 = a.indptr[r + 1];
       TORCH_CHECK_VALUE(0 <= k0 && k0 <= k1 && k1 <= a.cap, "gemm_sparse_head_loss: indptr[", r, ":", r + 2,
                         "] = (", k0, ", ", k1, ") is not a valid slot range of the ", a.cap, " CSR slots");
-      const float w = a.row_weight != nullptr ? a.row_weight[r] : 1.0f;
       double spt = 0, stt = 0, st = 0, cnz = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t g = static_cast<int64_t>(idx[k]);
         TORCH_CHECK_VALUE(0 <= g && g < M, "gemm_sparse_head_loss: indices[", k, "] = ", g,
                           " is not a gene in [0, ", M, ")");
-        const float zz = static_cast<float>(z[g]);
+        const float zz = zp[i * M + g];
         a.z_nz[k] = zz;
         const double p = softplus(zz), t = a.values[k];
         spt += p * t;
@@ -74,52 +78,80 @@ void cpu_rows(const SparseHeadRows& a) {
         st += t;
         if (kl) cnz += (p + eps) * std::log1p(t / eps);
       }
-      float inv_s = 0.0f, off = 0.0f;
-      if (!a.stats && a.grad && kl) {
-        inv_s = a.rowstat_in[2 * r];
-        off = a.rowstat_in[2 * r + 1];
-      }
-      double sp2 = 0, s = 0, sql = 0;
-      for (int64_t g = 0; g < M; ++g) {
-        const float zz = static_cast<float>(z[g]);
-        const float p = softplus(zz);
-        sp2 += static_cast<double>(p) * p;
-        if (kl) {
-          const float q = p + a.kl_eps;
-          const float lq = std::log(q);
-          s += q;
-          sql += static_cast<double>(q) * lq;
-          if (a.grad)
-            z[g] = static_cast<T>(w * softplus_grad(zz) *
-                                  (c_r * p + c_k * (lq - static_cast<float>(log_eps) + off) * inv_s));
-        } else if (a.grad) {
-          z[g] = static_cast<T>(w * softplus_grad(zz) * c_r * p);
-        }
-      }
-      if (a.stats) {
-        float* o = a.row_out + kRowOut * r;
-        o[0] = static_cast<float>(sp2 - 2.0 * spt + stt);
-        if (kl) {
-          const double big_s = st + static_cast<double>(M) * eps;
-          const double c = s * log_eps + cnz;
-          const double kl_r = sql / s - std::log(s) - c / s + std::log(big_s);
-          o[1] = static_cast<float>(kl_r);
-          o[2] = static_cast<float>(1.0 / s);
-          o[3] = static_cast<float>(std::log(big_s) - std::log(s) - kl_r);
-        } else {
-          o[1] = o[2] = o[3] = 0.0f;
-        }
-      }
-      if (!a.grad) continue;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t g = static_cast<int64_t>(idx[k]);
-        const float zz = a.z_nz[k];
-        const float p = softplus(zz), t = a.values[k];
-        float d = c_r * (p - t);
-        if (kl) d += c_k * (std::log(p + a.kl_eps) - std::log(t + a.kl_eps) + off) * inv_s;
-        z[g] = static_cast<T>(w * softplus_grad(zz) * d);
-      }
+      float* o = nzp + 4 * i;
+      o[0] = static_cast<float>(spt);
+      o[1] = static_cast<float>(stt);
+      o[2] = static_cast<float>(st);
+      o[3] = static_cast<float>(cnz);
     }
+  });
+  // (2) the dense sweep (target 0 everywhere), vectorised
+  const at::Tensor p = at::softplus(zf, 1.0, kSoftplusThreshold);
+  at::Tensor sp2, s, sql, q, lq;
+  if (a.stats) sp2 = (p * p).sum(1);
+  if (kl) {
+    q = p + eps;
+    lq = at::log(q);
+    if (a.stats) {
+      s = q.sum(1);
+      sql = (q * lq).sum(1);
+    }
+  }
+  at::Tensor inv_s_t, off_t;  // [n] per-row constants of the KL gradient
+  if (a.grad) {
+    at::Tensor d = c_r == 1.0f ? p : p * c_r;
+    if (kl && !a.stats) {
+      const at::Tensor rs = at::from_blob(const_cast<float*>(a.rowstat_in) + 2 * a.row0, {n, 2}, zf.options());
+      inv_s_t = rs.select(1, 0).contiguous();
+      off_t = rs.select(1, 1).contiguous();
+      d = d + c_k * (lq - log_eps + off_t.unsqueeze(1)) * inv_s_t.unsqueeze(1);
+    }
+    at::Tensor dz = at::sigmoid(zf) * d;
+    if (a.row_weight != nullptr) {
+      dz = dz * at::from_blob(const_cast<float*>(a.row_weight) + a.row0, {n, 1}, zf.options());
+    }
+    logits.copy_(dz);
+  }
+  const float* sp2p = a.stats ? sp2.const_data_ptr<float>() : nullptr;
+  const float* sp = a.stats && kl ? s.const_data_ptr<float>() : nullptr;
+  const float* sqlp = a.stats && kl ? sql.const_data_ptr<float>() : nullptr;
+  const float* inv_sp = inv_s_t.defined() ? inv_s_t.const_data_ptr<float>() : nullptr;
+  const float* offp = off_t.defined() ? off_t.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gemm_sparse_head_rows", [&] {
+    scalar_t* zo = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {  // (3) statistics and the non-zeros' dz
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = a.row0 + i;
+        const float* nz = nzp + 4 * i;
+        if (a.stats) {
+          float* o = a.row_out + kRowOut * r;
+          o[0] = sp2p[i] - 2.0f * nz[0] + nz[1];
+          if (kl) {
+            const double sr = sp[i];
+            const double big_s = nz[2] + static_cast<double>(M) * eps;
+            const double c = sr * log_eps + nz[3];
+            const double kl_r = sqlp[i] / sr - std::log(sr) - c / sr + std::log(big_s);
+            o[1] = static_cast<float>(kl_r);
+            o[2] = static_cast<float>(1.0 / sr);
+            o[3] = static_cast<float>(std::log(big_s) - std::log(sr) - kl_r);
+          } else {
+            o[1] = o[2] = o[3] = 0.0f;
+          }
+        }
+        if (!a.grad) continue;
+        const float w = a.row_weight != nullptr ? a.row_weight[r] : 1.0f;
+        const float inv_s = inv_sp != nullptr ? inv_sp[i] : 0.0f;
+        const float off = offp != nullptr ? offp[i] : 0.0f;
+        for (int64_t k = a.indptr[r]; k < a.indptr[r + 1]; ++k) {
+          const int64_t g = static_cast<int64_t>(idx[k]);
+          const float zz = a.z_nz[k];
+          const float pk = softplus(zz), t = a.values[k];
+          float d = c_r * (pk - t);
+          if (kl && !a.stats) d += c_k * (std::log(pk + eps) - std::log(t + eps) + off) * inv_s;
+          zo[i * M + g] = static_cast<scalar_t>(w * softplus_grad(zz) * d);
+        }
+      }
+    });
   });
 }
 
@@ -136,13 +168,11 @@ void run_rows(const at::Tensor& logits, const SparseHeadRows& a) {
     TORCH_CHECK(false, "gemm_sparse_head_loss: inrscrecon._C was built without CUDA ops");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gemm_sparse_head_rows", [&] {
-    if (a.indices64) {
-      cpu_rows<scalar_t, int64_t>(a);
-    } else {
-      cpu_rows<scalar_t, int32_t>(a);
-    }
-  });
+  if (a.indices64) {
+    cpu_rows<int64_t>(logits, a);
+  } else {
+    cpu_rows<int32_t>(logits, a);
+  }
 }
 
 struct Inputs {

@@ -1,4 +1,4 @@
-// Per-row pass of the GEMM + fused-loss sparse head (pure C++, no torch): the arguments shared by the CPU loop
+// Per-row pass of the GEMM + fused-loss sparse head (pure C++, no torch): the arguments shared by the CPU pass
 // (sparse_head.cpp) and the CUDA kernel (cuda/sparse_head_kernel.cu).
 //
 // For one chunk of rows the caller has written the logits z = h·Wᵀ + b into a [n_rows, M] row-major buffer
