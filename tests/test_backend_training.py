@@ -74,7 +74,7 @@ def test_cuda_training_matches_torch(table):
         pytest.skip("no CUDA device: the CUDA extension backend needs a GPU")
     from inrscrecon.kernels.cuda_head_loss import is_available
 
-    if not is_available():
+    if not is_available("cuda"):
         pytest.skip("inrscrecon._C was built without CUDA ops")
     val_t, _ = _run(table, "torch")
     val_c, _ = _run(table, "cuda")
