@@ -10,7 +10,7 @@
   trains that field without detaching the trunk (``config`` then says "coupled library head").
 * ``--structure dlpfc|breast``: structure shared across genes on the same fold (test section never read):
   every predictor projected onto the top-r principal axes (r = 4…64) of the training sections' log1p
-  expression, INRs with a low-rank gene head (``FieldConfig.head_rank``), trained on more genes (scored on the
+  expression, INRs with a low-rank gene head (``fit(head_rank=…)``), trained on more genes (scored on the
   500), smaller / lower-bandwidth / weight-decayed fields; seeds ``--seeds``; ``--parts`` picks the groups.
   ``python benchmarks/eval_explore.py --structure dlpfc > benchmarks/results/explore_structure_dlpfc.jsonl``;
   ``--summary FILES`` prints mean ± s.d. over seeds.
@@ -185,19 +185,6 @@ def explore_inter(
                         report(method + "_measured", own, {"config": cname + ", own library (oracle)"})
 
 
-def _ranked_config(rank: int):
-    """A FieldConfig factory whose fields get a low-rank head of ``rank`` (what ``fit(head_rank=…)`` does)."""
-    from dataclasses import dataclass, field
-
-    from inrscrecon.field.model import FieldConfig
-
-    @dataclass
-    class Ranked(FieldConfig):
-        head_rank: int = field(default=rank)
-
-    return Ranked
-
-
 def pca_basis(y: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean [G] and the top ``r_max`` principal axes [G, r_max] of profiles y [N, G] (centred, float64)."""
     mu = y.mean(axis=0, dtype=np.float64)
@@ -223,7 +210,6 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
     layer2; the other fold: 151675 / layer3), the validation section is then the other interior one."""
     from dataclasses import replace
 
-    import inrscrecon.train.fit as fit_mod
     from inrscrecon.evaluate.inr import Candidate, _fit, fold_table, interior_sections
     from inrscrecon.evaluate.tasks import EvalConfig, stack_sections, train_config
     from inrscrecon.train.select import best_val
@@ -289,10 +275,9 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
         tc = train_config(cfg, n_fit, seed)
         tc = tc if lr is None else replace(tc, lr=lr)
         ft, frac = fold_table(tab, held, seed)
-        cand = Candidate(EncodingConfig("fourier", n_bands=n_bands), {})
+        cand = Candidate(EncodingConfig("fourier", n_bands=n_bands), {"head_rank": rank} if rank else {})
         t1 = time.time()
-        orig, adam = fit_mod.FieldConfig, torch.optim.Adam
-        fit_mod.FieldConfig = _ranked_config(rank) if rank else orig  # type: ignore[misc]
+        adam = torch.optim.Adam
         if wd:  # decoupled (AdamW-style) weight decay on every parameter
 
             class DecayedAdam(adam):  # type: ignore[misc, valid-type]
@@ -314,7 +299,7 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
         try:
             res = _fit(ft, cand, width, cfg.n_layers, LossConfig(), replace(tc, val_fraction=frac))
         finally:
-            fit_mod.FieldConfig, torch.optim.Adam = orig, adam  # type: ignore[misc]
+            torch.optim.Adam = adam  # type: ignore[misc]
             INRField.init_head_bias = init_bias  # type: ignore[method-assign]
         crit, ep = best_val(res)
         pred = predict(res.model, table.coords[val])
@@ -410,7 +395,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inter", choices=["dlpfc", "breast"])
     ap.add_argument("--sweep", choices=["intra_151673"])
-    ap.add_argument("--variants", default="inr_rmse,inr_poisson,inr_nb,inr_zstretch,inr_codes,inr_hashgrid")
+    ap.add_argument(
+        "--variants", default="inr_rmse,inr_poisson,inr_nb,inr_zstretch,inr_codes,inr_hashgrid,inr_rank"
+    )
     ap.add_argument("--hvg", choices=["pooled", "batch"], default="pooled")
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--own-library", action="store_true",

@@ -156,3 +156,115 @@ def test_fused_paths_match_torch_with_a_rank_head(sparse):
         torch.testing.assert_close(k_x, k_t, rtol=1e-4, atol=1e-5)
         for name in g_t:
             torch.testing.assert_close(g_x[name], g_t[name], rtol=1e-3, atol=1e-5, msg=f"{impl} {name}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the fit option, the CLI flag and the evaluation variant
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack_table(small_stack):
+    from inrscrecon.data.preprocess import select_genes
+    from inrscrecon.data.stack import build_cell_table
+
+    sections, _ = small_stack
+    return build_cell_table(sections, select_genes(sections, 30))
+
+
+def test_fit_trains_a_rank_head_and_records_it(stack_table, tmp_path):
+    from inrscrecon.field.losses import LossConfig
+    from inrscrecon.query.predict import predict
+    from inrscrecon.train.fit import TrainConfig, fit
+
+    tc = TrainConfig(epochs=4, batch_size=128, seed=0, progress=False)
+    res = fit(stack_table, EncodingConfig(n_bands=2), 32, 2, LossConfig(), tc, head_rank=4)
+    m = res.model
+    assert m.cfg.head_rank == 4 and tuple(m.head.weight.shape) == (30, 4)
+    assert m.training_record["run"]["head_rank"] == 4
+    assert res.history[-1]["rmse"] < res.history[0]["rmse"]  # it learns through both factors
+    path = tmp_path / "r.safetensors"
+    m.save(path)
+    xyz = stack_table.coords[:50]
+    np_pred = predict(m, xyz)
+    assert np_pred.shape == (50, 30)
+    assert (predict(INRField.load(path), xyz) == np_pred).all()
+    # the predictions lie in the span of the rank-4 head (plus the bias): rank ≤ 4 after removing it
+    import numpy as np
+
+    pre = np.log(np.expm1(np_pred.astype(np.float64)).clip(1e-30)) - m.head.bias.detach().numpy()
+    assert np.linalg.matrix_rank(pre, tol=1e-3 * np.abs(pre).max()) <= 4
+
+
+def test_fit_without_head_rank_records_nothing_new(stack_table):
+    from inrscrecon.field.losses import LossConfig
+    from inrscrecon.train.fit import TrainConfig, run_record
+
+    tc = TrainConfig(epochs=1, seed=0, progress=False)
+    rec = run_record(stack_table, EncodingConfig(n_bands=2), 32, 2, LossConfig(), tc)
+    assert "head_rank" not in rec  # records of fits made before the option existed still match
+    assert (
+        run_record(stack_table, EncodingConfig(n_bands=2), 32, 2, LossConfig(), tc, head_rank=8)["head_rank"]
+        == 8
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_fit_refuses_a_bad_head_rank(stack_table, bad):
+    from inrscrecon.train.fit import TrainConfig, fit
+
+    with pytest.raises(InputError, match="head_rank"):
+        fit(
+            stack_table,
+            EncodingConfig(n_bands=2),
+            16,
+            1,
+            None,
+            TrainConfig(epochs=1, progress=False),
+            head_rank=bad,
+        )
+
+
+def test_cli_fit_head_rank_flag(tmp_path, capsys):
+    from inrscrecon.cli import main
+    from inrscrecon.data.synthetic import SynthConfig, make_sections
+
+    secs, truth = make_sections(SynthConfig(n_sections=2, cells_per_section=120, n_genes=20, seed=4))
+    files = []
+    for k, s in enumerate(secs):
+        s.obsm["spatial"] = truth.xyz(k)[:, :2]
+        files.append(str(tmp_path / f"s{k}.h5ad"))
+        s.write_h5ad(files[-1])
+    model = tmp_path / "m.safetensors"
+    flags = [
+        "--out",
+        str(model),
+        "--epochs",
+        "1",
+        "--width",
+        "16",
+        "--layers",
+        "2",
+        "--bands",
+        "2",
+        "--quiet",
+    ]
+    assert main(["fit", *files, *flags, "--head-rank", "3"]) == 0
+    m = INRField.load(model)
+    assert m.cfg.head_rank == 3 and m.head_down is not None and m.training_record["run"]["head_rank"] == 3
+    # a changed rank is a changed fit: the finished model is not taken as already fitted
+    assert main(["fit", *files, *flags]) == 0 and INRField.load(model).cfg.head_rank == 0
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *files, *flags, "--head-rank", "-2"])
+    assert e.value.code == 2 and "--head-rank" in capsys.readouterr().err
+
+
+def test_rank_variant_chooses_between_full_and_rank_32():
+    from inrscrecon.evaluate.inr import INR_METHODS, candidates
+
+    v = INR_METHODS["inr_rank"]
+    chosen = EncodingConfig(n_bands=2)
+    cands = candidates(v, [EncodingConfig(n_bands=2), EncodingConfig(n_bands=4)], chosen)
+    assert [c.options for c in cands] == [{}, {"head_rank": 32}]  # the selecting method's bands, both heads
+    assert all(c.encoding == chosen for c in cands) and "head_rank=32" in cands[1].name
+    assert not v.is_fit_default() and INR_METHODS["inr_rmse"].is_fit_default()

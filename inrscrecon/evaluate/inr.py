@@ -35,7 +35,8 @@ from inrscrecon.train.select import best_val, describe
 
 @dataclass(frozen=True)
 class INRVariant:
-    """How one INR method is fitted. ``z_stretch``: candidate values chosen on validation (one value: fixed);
+    """How one INR method is fitted. ``z_stretch``, ``head_rank`` (0 = full gene head): candidate values chosen
+    on validation (one value: fixed);
     ``encoding``: ``"fourier"`` (the evaluation's band candidates) or ``"hashgrid"``; ``own_encoding``: choose
     the Fourier bands for this variant itself instead of reusing the choice of the selecting method."""
 
@@ -43,6 +44,7 @@ class INRVariant:
     likelihood: str = "rmse"  # "rmse" | "poisson" | "nb"
     z_stretch: tuple[float, ...] = (1.0,)
     section_code_dim: int = 0
+    head_rank: tuple[int, ...] = (0,)
     encoding: str = "fourier"
     own_encoding: bool = False
     # count models: "plugin" log1p(E[rate]), "mean_log1p" E[log1p] at the median library (see below), or
@@ -62,6 +64,7 @@ class INRVariant:
             self.loss_config() == LossConfig()
             and self.z_stretch == (1.0,)
             and self.section_code_dim == 0
+            and self.head_rank == (0,)
             and self.encoding == "fourier"
             and self.summary == "plugin"
         )
@@ -81,6 +84,7 @@ INR_METHODS: dict[str, INRVariant] = {
     "inr_zstretch": INRVariant(z_stretch=(1.0, 4.0, 16.0)),
     "inr_codes": INRVariant(section_code_dim=8),
     "inr_hashgrid": INRVariant(encoding="hashgrid"),
+    "inr_rank": INRVariant(head_rank=(0, 32)),  # full or rank-32 gene head, chosen on validation
 }
 
 
@@ -101,7 +105,7 @@ def candidates(
     variant: INRVariant, fourier: Sequence[EncodingConfig], chosen: EncodingConfig | None
 ) -> list[Candidate]:
     """The candidates of ``variant``: encodings (the evaluation's ``fourier`` list, or the selecting method's
-    ``chosen`` one when the variant reuses it, or a hash grid) × its z-stretch values."""
+    ``chosen`` one when the variant reuses it, or a hash grid) × its z-stretch values × its head ranks."""
     if variant.encoding == "hashgrid":
         encs = [EncodingConfig(kind="hashgrid")]
     elif chosen is not None and not variant.own_encoding:
@@ -111,12 +115,15 @@ def candidates(
     out = []
     for enc in encs:
         for zs in variant.z_stretch:
-            opts: dict[str, Any] = {}
-            if zs != 1.0:
-                opts["z_stretch"] = float(zs)
-            if variant.section_code_dim:
-                opts["section_code_dim"] = int(variant.section_code_dim)
-            out.append(Candidate(enc, opts))
+            for rank in variant.head_rank:
+                opts: dict[str, Any] = {}
+                if zs != 1.0:
+                    opts["z_stretch"] = float(zs)
+                if variant.section_code_dim:
+                    opts["section_code_dim"] = int(variant.section_code_dim)
+                if rank:
+                    opts["head_rank"] = int(rank)
+                out.append(Candidate(enc, opts))
     return out
 
 

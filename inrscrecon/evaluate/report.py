@@ -58,6 +58,7 @@ METHOD_LABELS = {
     "inr_zstretch": "INR, RMSE loss, z-stretch chosen on validation",
     "inr_codes": "INR, RMSE loss + per-section codes (D = 8)",
     "inr_hashgrid": "INR, RMSE loss, hash-grid encoding",
+    "inr_rank": "INR, RMSE loss, gene head full or rank 32 (chosen on validation)",
     "gaussian": "Gaussian-kernel smoother (tuned bandwidth)",
     "knn": "k-NN, inverse distance (tuned k)",
     "linear_z": "linear-z between neighbouring sections",

@@ -212,11 +212,12 @@ def run_record(
     *,
     z_stretch: float = 1.0,
     section_code_dim: int = 0,
+    head_rank: int = 0,
 ) -> dict[str, Any]:
     """Every setting that changes a fit's result, plus the data fingerprint (JSON-serialisable).
 
-    ``z_stretch`` / ``section_code_dim`` enter the record only when they differ from their defaults, so records
-    of fits made before they existed still match."""
+    ``z_stretch`` / ``section_code_dim`` / ``head_rank`` enter the record only when they differ from their
+    defaults, so records of fits made before they existed still match."""
     n_train = len(_split(table.n_cells, tc.val_fraction, tc.seed)[0])
     bs, lr = resolved_batch_lr(tc, tc.device, n_train)
     settings = {k: getattr(tc, k) for k in RESULT_SETTINGS}
@@ -236,6 +237,8 @@ def run_record(
         record["z_stretch"] = float(z_stretch)
     if section_code_dim != 0:
         record["section_code_dim"] = int(section_code_dim)
+    if head_rank != 0:
+        record["head_rank"] = int(head_rank)
     return record
 
 
@@ -493,6 +496,7 @@ def fit(
     *,
     z_stretch: float = 1.0,
     section_code_dim: int = 0,
+    head_rank: int = 0,
 ) -> FitResult:
     """Fit a field to ``table``; returns the model at its best validation epoch (lowest validation RMSE, or
     validation NLL under a count likelihood).
@@ -502,7 +506,8 @@ def fit(
     data) and reaches the same result, weights and logged history as an uninterrupted run; ``"or_start"``
     starts afresh when there is no checkpoint. The model's ``training_record["run"]`` holds
     :func:`run_record` of this fit. ``z_stretch`` (normalised z multiplied by it) and ``section_code_dim``
-    (per-section appearance codes, 0 = off) go into the model's FieldConfig; ``loss_cfg.likelihood`` too
+    (per-section appearance codes, 0 = off) and ``head_rank`` (a low-rank gene head: features → Linear(W, r) →
+    head, 0 = full) go into the model's FieldConfig; ``loss_cfg.likelihood`` too
     (a count likelihood needs a table of raw counts: InputError otherwise).
     """
     loss_cfg = loss_cfg or LossConfig()
@@ -510,6 +515,8 @@ def fit(
     count = loss_cfg.likelihood != "rmse"
     require_counts(table, loss_cfg.likelihood)
     mode = _resume_mode(resume)
+    if isinstance(head_rank, bool) or not isinstance(head_rank, int | np.integer) or head_rank < 0:
+        raise InputError(f"head_rank must be a whole number >= 0 (0 = a full gene head), got {head_rank!r}")
     di = ddp.info()
     device = ddp.device_for(tc.device, di)
     train_rows, val_rows = _split(table.n_cells, tc.val_fraction, tc.seed)
@@ -531,6 +538,7 @@ def fit(
         ),  # a streaming table builds its [N] section labels on demand: only when codes need them
         likelihood=loss_cfg.likelihood,
         **(library_settings(table, train_rows) if count else {}),
+        head_rank=int(head_rank),
     )
     record = run_record(
         table,
@@ -541,6 +549,7 @@ def fit(
         tc,
         z_stretch=z_stretch,
         section_code_dim=section_code_dim,
+        head_rank=head_rank,
     )
     ckpt = Path(checkpoint) if checkpoint else None
     if mode == "yes" and (ckpt is None or not ckpt.exists()):
