@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -496,3 +497,42 @@ def test_prepare_gene_selection_and_protocol_errors(stack):
         make_splits("intra", prep, None, [0], replace(TINY, protocol="theirs"))
     paper = make_splits("intra", prep, ["section_01"], [0], replace(TINY, protocol="paper"))
     assert [s.task for s in paper] == ["intra_paper"] and paper[0].test.n_cells == 50
+
+
+# ---------------------------------------------------------------- merging part files
+
+
+def _part_record(part: str, metrics: dict, chosen: dict, **extra) -> dict:
+    detail = {"task": "inter", "holdout": "layer2", "seed": 0, "n_train": 10, "n_test": 5,
+              "metrics": metrics, "chosen": chosen}  # fmt: skip
+    return {"part": part, "results": {}, "details": [detail], "wall_s": 1.0, "task_compute_s": {"inter_breast": 1.0},
+            "labels": "x", "n_genes": 3, "n_cells": 15, "alignment": {}, "figures": [], **extra}  # fmt: skip
+
+
+def test_merge_prefers_rerun_rows(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_real", Path(__file__).parents[1] / "benchmarks" / "eval_real.py"
+    )
+    eval_real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_real)
+    row = lambda p: {"pearson": p, "rmse": 1.0, "ari": 0.1, "ari_gmm": 0.1, "ssim": 0.5}  # noqa: E731
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    base = _part_record(
+        "inter_breast", {"inr_rmse": row(0.2), "knn": row(0.1)}, {"knn": {"params": {"k": 320.0}}}
+    )
+    rerun = _part_record("inter_breast", {"knn": row(0.3), "inr": row(0.15)}, {"knn": {"params": {"k": 640.0}}},
+                         rerun=True)  # fmt: skip
+    (parts / "inter_breast.json").write_text(json.dumps(base))
+    # sorted after the base file, but its rows replace the base file's for the methods it holds
+    (parts / "inter_breast.grid.rerun.json").write_text(json.dumps(rerun))
+    eval_real.merge(tmp_path, "cmd", EvalConfig())
+    res = json.loads((tmp_path / "results.json").read_text())["inter_breast"]
+    assert res["knn"]["pearson"]["mean"] == 0.3 and res["inr"]["pearson"]["mean"] == 0.15
+    assert res["inr_rmse"]["pearson"]["mean"] == 0.2  # kept from the earlier part
+    (d,) = json.loads((tmp_path / "details.json").read_text())
+    assert d["rerun"] == ["inr", "knn"] and d["chosen"]["knn"]["params"]["k"] == 640.0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["parts"]["inter_breast.grid.rerun"]["rerun"] and "rerun" in run["merge_rule"]
