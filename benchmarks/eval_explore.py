@@ -200,7 +200,7 @@ def project(pred: np.ndarray, mu: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (4, 8, 16, 32, 64),
                       steps: int = 1000, parts: str = "posthoc,base,rank,genes,small",
-                      test: str | None = None) -> None:  # fmt: skip
+                      test: str | None = None, head_ranks: tuple[int, ...] = (8, 16, 32)) -> None:  # fmt: skip
     """Structure shared across genes, on the held-out interior training section (see the top): post-hoc
     projection of every predictor onto the top-r principal axes of the training sections' log1p expression
     (``posthoc``), learned low-rank heads (``rank``), the INR trained on more genes and scored on the 500
@@ -320,7 +320,7 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
         if "base" in parts or "blend" in parts:
             inr("inr_rmse", table, seed=seed)
         if "rank" in parts:
-            for r in (8, 16, 32):
+            for r in head_ranks:
                 inr("inr_rmse_rank", table, rank=r, seed=seed)
         if "genes" in parts:
             inr("inr_rmse_genes", big_table, seed=seed)
@@ -347,7 +347,8 @@ def structure_summary(paths: list[str]) -> str:
     for path in paths:
         for line in open(path):
             r = json.loads(line)
-            key = (r["dataset"], r["name"], r.get("config", str(r.get("params", ""))), r["projection_rank"])
+            cfg = r.get("config", str(r.get("params", "")))
+            key = (r["dataset"] + " " + r["val_section"], r["name"], cfg, r["projection_rank"])
             groups.setdefault(key, []).append(r)
     out = ["| dataset | method | configuration | PCA r | seeds | val Pearson | val RMSE | val ARI k-means | val ARI GMM "
            "| Pearson by gene mean: low / mid / high third |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -407,6 +408,7 @@ def main() -> None:
     ap.add_argument("--structure", choices=["dlpfc", "breast"],
                     help="structure shared across genes: PCA projection, low-rank heads, more genes")  # fmt: skip
     ap.add_argument("--seeds", default="100,101", help="--structure: INR seeds")
+    ap.add_argument("--head-ranks", default="8,16,32", help="--structure: low-rank heads tried (part rank)")
     ap.add_argument(
         "--test-section", help="--structure: the test section set aside (151675 / layer3: other fold)"
     )
@@ -421,7 +423,8 @@ def main() -> None:
         print(structure_summary(args.summary))
     elif args.structure:
         seeds = [int(v) for v in args.seeds.split(",")]
-        explore_structure(args.structure, seeds, parts=args.parts, test=args.test_section)
+        ranks = tuple(int(v) for v in args.head_ranks.split(","))
+        explore_structure(args.structure, seeds, parts=args.parts, test=args.test_section, head_ranks=ranks)
     elif args.sweep:
         sweep_intra_151673()
     else:
