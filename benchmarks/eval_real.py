@@ -55,7 +55,7 @@ PARTS = (
     "paper_dlpfc",
 )
 BREAST_SPACING_UM = 16.0
-BASELINES = ("gaussian", "knn", "linear_z", "mean_profile")
+BASELINES = ("gaussian", "gaussian_pca", "knn", "linear_z", "mean_profile")
 REPORTED_NOTE = (
     "Paper rows are the paper's Table 1, *reported, not reproduced*. Its DLPFC numbers are for intra-slice "
     "completion scored on the complete section (the 50 % training spots included), 3,000 genes, clustering "

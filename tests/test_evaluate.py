@@ -405,7 +405,7 @@ def test_loso_baselines_use_fold_means_then_all_cells():
     expr = (np.sin(xyz[:, :1] / 20) + z[:, None] / 30 + rng.normal(0, 0.3, (600, 1))).astype(np.float32)
     q = np.column_stack([rng.uniform(0, 100, (30, 2)), np.full(30, 15.0)])
     out = tuning.tuned_baselines_sections(xyz, expr, sec, ["b", "c"], q)
-    assert set(out) == {"mean_profile", "knn", "gaussian", "linear_z"}
+    assert set(out) == {"mean_profile", "knn", "gaussian", "gaussian_pca", "linear_z"}
     fits = [sec != h for h in ("b", "c")]
     per_fold = [tuning.tune_knn(xyz[f], expr[f], xyz[~f], expr[~f], q[:1]).scores for f in fits]
     mean = {k: np.mean([s[k] for s in per_fold]) for k in per_fold[0]}
@@ -416,6 +416,88 @@ def test_loso_baselines_use_fold_means_then_all_cells():
     )
     # linear in z between sections: linear-z with the right k beats the mean profile on the held-out folds
     assert out["linear_z"].val_rmse < out["mean_profile"].val_rmse
+
+
+def _low_rank_field(n: int, g: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells [n, 3] on two z levels and expression [n, g]: 2 smooth spatial factors × loadings + noise."""
+    rng = np.random.default_rng(seed)
+    xyz = np.column_stack([rng.uniform(0, 100, (n, 2)), np.repeat([0.0, 10.0], n // 2)])
+    factors = np.column_stack([np.sin(xyz[:, 0] / 15), np.cos(xyz[:, 1] / 20)])
+    expr = factors @ rng.normal(size=(2, g)) + rng.normal(0, 0.8, (n, g))
+    return xyz, expr.astype(np.float32)
+
+
+def test_pca_projection_is_the_explicit_formula_and_full_rank_is_identity():
+    rng = np.random.default_rng(8)
+    y = rng.normal(size=(60, 7)) @ rng.normal(size=(7, 7))
+    pred = rng.normal(size=(5, 7)).astype(np.float32)
+    mean, axes = baselines.pca_axes(y, 3)
+    mu = y.mean(axis=0)
+    _, _, vt = np.linalg.svd(y - mu, full_matrices=False)
+    v = vt[:3].T  # the top-3 principal axes; V Vᵀ does not depend on their signs
+    np.testing.assert_allclose(mean, mu, atol=1e-12)
+    np.testing.assert_allclose(axes @ axes.T, v @ v.T, atol=1e-10)
+    explicit = mu + (pred - mu) @ v @ v.T
+    np.testing.assert_allclose(baselines.pca_project(pred, mean, axes), explicit, rtol=1e-5, atol=1e-5)
+    full_mean, full = baselines.pca_axes(y, 100)  # r capped at min(N, G) = 7: a full basis
+    assert full.shape == (7, 7)
+    np.testing.assert_allclose(baselines.pca_project(pred, full_mean, full), pred, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_pca_chooses_r_on_the_validation_cells():
+    xyz, expr = _low_rank_field(1000, 12, 9)
+    fit, val = tuning.validation_split(1000, 0.1, 0)
+    q = xyz[:40] + np.array([1.0, 1.0, 0.0])
+    out = tuning.tuned_baselines(xyz[fit], expr[fit], np.zeros(len(fit)), xyz[val], expr[val], q)
+    g, gp = out["gaussian"], out["gaussian_pca"]
+    h, kb = g.params["bandwidth_um"], int(g.params["k"])
+    val_pred = baselines.gaussian_smoother(xyz[fit], expr[fit], xyz[val], h, kb)
+    mean, axes = baselines.pca_axes(expr[fit], 64)  # capped at the 12 genes
+    manual = {str(min(r, 12)): metrics.rmse(baselines.pca_project(val_pred, mean, axes[:, : min(r, 12)]),
+                                            expr[val]) for r in tuning.PCA_RANKS}  # fmt: skip
+    assert set(gp.scores) == set(manual) == {"4", "8", "12"}
+    for r, v in manual.items():
+        assert gp.scores[r] == pytest.approx(v, rel=1e-6)
+    best = min(manual, key=manual.get)
+    assert best == "4"  # two spatial factors: the fewest axes remove most noise
+    assert gp.params["rank"] == 4.0 and gp.params["bandwidth_um"] == h
+    assert gp.val_rmse < g.val_rmse  # the projection helps on these validation cells
+    np.testing.assert_allclose(
+        gp.prediction, baselines.pca_project(g.prediction, mean, axes[:, :4]), rtol=1e-5, atol=1e-6
+    )
+    # the choice reads the validation cells only: other query points give the same r, and r = every gene
+    # (a full basis) gives the smoother's prediction back
+    other = tuning.tuned_baselines(
+        xyz[fit], expr[fit], np.zeros(len(fit)), xyz[val], expr[val], q[::-1] * 0.5
+    )
+    assert other["gaussian_pca"].params["rank"] == gp.params["rank"]
+    assert other["gaussian_pca"].scores == gp.scores
+    full = tuning.tune_gaussian_pca(g, xyz[fit], expr[fit], xyz[val], expr[val], ranks=(12,))
+    np.testing.assert_allclose(full.prediction, g.prediction, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_pca_on_held_out_sections_uses_fold_means():
+    xyz, expr = _low_rank_field(600, 10, 10)
+    xyz[:, 2] = np.repeat([0.0, 10.0, 20.0, 30.0], 150)
+    sec = np.repeat(["a", "b", "c", "d"], 150)
+    q = np.column_stack([np.linspace(5, 95, 25), np.linspace(5, 95, 25), np.full(25, 15.0)])
+    out = tuning.tuned_baselines_sections(xyz, expr, sec, ["b", "c"], q)
+    f = out["gaussian"].params["factor"]
+    runs = []
+    for held in ("b", "c"):
+        fit = sec != held
+        s = tuning.spacing(xyz[fit])
+        k = min(int(fit.sum()), baselines.smoother_k(f * s, s, 2))
+        pred = baselines.gaussian_smoother(xyz[fit], expr[fit], xyz[~fit], f * s, k)
+        runs.append(tuning.projection_scores(pred, expr[~fit], expr[fit]))
+    mean = {r: np.mean([run[r] for run in runs]) for r in runs[0]}
+    r = int(min(mean, key=mean.get))
+    gp = out["gaussian_pca"]
+    assert gp.params["rank"] == float(r) and gp.scores == pytest.approx(mean)
+    mu, axes = baselines.pca_axes(expr, r)  # the final projection: PCA of every training cell
+    np.testing.assert_allclose(
+        gp.prediction, baselines.pca_project(out["gaussian"].prediction, mu, axes), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_inter_split_chooses_on_training_sections_only(stack):

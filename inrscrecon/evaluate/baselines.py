@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 
@@ -116,3 +117,19 @@ def linear_z(
     lo = np.clip(hi - 1, 0, len(zs) - 1)
     t = np.clip((query_xyz[:, 2] - zs[lo]) / np.maximum(zs[hi] - zs[lo], 1e-9), 0.0, 1.0)[:, None]
     return ((1 - t) * per[lo, q] + t * per[hi, q]).astype(np.float32)
+
+
+def pca_axes(train_expr: np.ndarray, r_max: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [G] and the top ``r_max`` principal axes [G, r] (orthonormal columns, r = min(r_max, N, G)) of the
+    centred training profiles train_expr [N, G] (scikit-learn PCA, float64)."""
+    y = np.asarray(train_expr, dtype=np.float64)
+    r = int(max(1, min(r_max, *y.shape)))
+    pca = PCA(n_components=r, svd_solver="full", random_state=seed).fit(y)
+    return pca.mean_, pca.components_.T
+
+
+def pca_project(pred: np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """mean + (pred − mean) · V Vᵀ: predictions pred [Q, G] projected onto the span of axes V [G, r] through
+    the training mean [G] → [Q, G] float32. With r = G (a full basis) it returns ``pred``."""
+    c = np.asarray(pred, dtype=np.float64) - mean
+    return (mean + (c @ axes) @ axes.T).astype(np.float32)

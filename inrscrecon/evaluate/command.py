@@ -87,7 +87,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--ablations",
         default="inr,inr_no_rc,inr_rmse",
         help="INR methods (comma-separated): inr, inr_no_rc, inr_rmse, inr_poisson, inr_nb, inr_zstretch, "
-        "inr_codes, inr_hashgrid",
+        "inr_codes, inr_hashgrid, inr_rank",
     )
     p.add_argument(
         "--no-neighbours", action="store_true", help="intra: skip the with-neighbouring-sections setting"

@@ -60,6 +60,7 @@ METHOD_LABELS = {
     "inr_hashgrid": "INR, RMSE loss, hash-grid encoding",
     "inr_rank": "INR, RMSE loss, gene head full or rank 32 (chosen on validation)",
     "gaussian": "Gaussian-kernel smoother (tuned bandwidth)",
+    "gaussian_pca": "Gaussian-kernel smoother + PCA projection (tuned bandwidth, r)",
     "knn": "k-NN, inverse distance (tuned k)",
     "linear_z": "linear-z between neighbouring sections",
     "mean_profile": "mean profile",

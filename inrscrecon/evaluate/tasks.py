@@ -13,8 +13,9 @@
 
 Methods on every split: the INR variants of ``EvalConfig.ablations`` (:data:`inrscrecon.evaluate.inr.
 INR_METHODS`: full loss ``inr``, w/o RC ``inr_no_rc``, w/o RC & KL ``inr_rmse``, count likelihoods, z-stretch,
-section codes, hash grid); baselines ``gaussian``, ``knn``, ``linear_z`` (stacks only), ``mean_profile``; and
-``true_expression``, the same clustering applied to the measured expression (ARI reference). Every INR knob
+section codes, hash grid); baselines ``gaussian``, ``gaussian_pca`` (its prediction projected onto the top-r
+principal components of the training expression, r chosen on the bandwidth's validation data), ``knn``,
+``linear_z`` (stacks only), ``mean_profile``; and ``true_expression``, the same clustering applied to the measured expression (ARI reference). Every INR knob
 (encoding bandwidth, early-stopping epoch, variant options) and each baseline's k / bandwidth are chosen on
 the same validation data: for inter splits by leave-one-section-out among the interior training sections,
 otherwise on a seeded 10 % of the training cells; test cells are never used for a choice.
@@ -55,6 +56,7 @@ PROTOCOLS = ("ours", "paper")
 METHOD_ORDER = (
     *INR_METHODS,
     "gaussian",
+    "gaussian_pca",
     "knn",
     "linear_z",
     "mean_profile",

@@ -22,6 +22,7 @@ from inrscrecon.evaluate.metrics import median_pearson, rmse
 KNN_KS = (3, 6, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 BANDWIDTH_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # × median NN spacing
 LINEAR_Z_KS = KNN_KS
+PCA_RANKS = (4, 8, 16, 32, 64)  # gaussian_pca: principal components of the training expression kept
 
 
 def validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +180,44 @@ def tuned_baselines(
     }
     if with_linear_z and len(np.unique(section)) >= 2:
         out["linear_z"] = tune_linear_z(xyz, expr, section, val_xyz, val_expr, query)
+    out["gaussian_pca"] = tune_gaussian_pca(out["gaussian"], xyz, expr, val_xyz, val_expr)
     return out
+
+
+def projection_scores(
+    val_pred: np.ndarray, val_expr: np.ndarray, train_expr: np.ndarray, ranks: tuple[int, ...] = PCA_RANKS
+) -> dict[str, float]:
+    """Validation RMSE of val_pred [V, G] projected onto the top-r principal axes of train_expr [N, G], per r
+    of ``ranks`` (limited to the axes available: min(N, G), which is then the last candidate)."""
+    mean, axes = baselines.pca_axes(train_expr, max(ranks))
+    rs = dict.fromkeys(min(r, axes.shape[1]) for r in ranks)
+    return {str(r): _score(baselines.pca_project(val_pred, mean, axes[:, :r]), val_expr) for r in rs}
+
+
+def _pca_tuned(gauss: Tuned, expr: np.ndarray, scores: dict[str, float]) -> Tuned:
+    """gaussian_pca from the tuned smoother ``gauss``: its test prediction projected onto the top-r axes of
+    the training expression expr [N, G], r the lowest-RMSE candidate of ``scores``."""
+    r = int(min(scores, key=lambda c: scores[c]))
+    mean, axes = baselines.pca_axes(expr, r)
+    params = {**{k: v for k, v in gauss.params.items() if k != "at_grid_edge"}, "rank": float(r),
+              "at_grid_edge": _edge(r, [int(c) for c in scores])}  # fmt: skip
+    pred = baselines.pca_project(gauss.prediction, mean, axes)
+    return Tuned("gaussian_pca", pred, params, scores[str(r)], scores)
+
+
+def tune_gaussian_pca(
+    gauss: Tuned,
+    xyz: np.ndarray,
+    expr: np.ndarray,
+    val_xyz: np.ndarray,
+    val_expr: np.ndarray,
+    ranks: tuple[int, ...] = PCA_RANKS,
+) -> Tuned:
+    """The tuned Gaussian smoother ``gauss`` (fitted on xyz [N, 3], expr [N, G]) projected onto the top-r
+    principal axes of expr; r chosen by RMSE on the validation cells the bandwidth was chosen on."""
+    h, kb = gauss.params["bandwidth_um"], int(gauss.params["k"])
+    val_pred = baselines.gaussian_smoother(xyz, expr, val_xyz, h, kb)
+    return _pca_tuned(gauss, expr, projection_scores(val_pred, val_expr, expr, ranks))
 
 
 def validation_pearson(pred: np.ndarray, true: np.ndarray) -> float:
@@ -251,6 +289,15 @@ def tuned_baselines_sections(
             s[str(k)],
             s,
         )
+    runs = []  # gaussian_pca: the chosen bandwidth factor on each fold, r scored on the held-out section
+    for held in folds:
+        fit, val = section != held, section == held
+        sf = spacing(xyz[fit])
+        dim_f = 2 if bool(np.ptp(xyz[fit, 2]) < 1e-9) or _layered(xyz[fit]) else 3
+        kf = min(int(fit.sum()), baselines.smoother_k(f * sf, sf, dim_f))
+        val_pred = baselines.gaussian_smoother(xyz[fit], expr[fit], xyz[val], f * sf, kf)
+        runs.append(projection_scores(val_pred, expr[val], expr[fit]))
+    out["gaussian_pca"] = _pca_tuned(out["gaussian"], expr, _mean_scores(runs))
     return out
 
 
