@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from inrscrecon.kernels.ops import compute_dtype
+from inrscrecon.kernels.ops import compute_dtype, sparse_head_coefficients
 
 KL_EPS = 1e-2  # same default as inrscrecon.field.losses.KL_EPS (not imported: kernels depend on torch only)
 FWD = "inrscrecon::gemm_sparse_head_loss"
@@ -146,12 +146,10 @@ def _backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -
     hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
         ctx.saved_tensors
     )
-    n_genes = weight.shape[0]
-    # c_r, c_k on the device (no host sync). A batch whose rows all weigh 0 (Σw at the 1e-30 floor) and a
-    # perfect fit (RMSE at the 1e-15 floor, where the reference's clamp has zero gradient) give c_r = 0.
-    live = wsum > 1e-30
-    c_r = torch.where(live & (rmse > 1e-15), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
-    c_k = torch.where(live, (ctx.lambda_kl * g_loss + g_kl) / wsum, 0.0)
+    # a perfect fit (RMSE at the 1e-15 floor, where the reference's clamp has zero gradient) gives c_r = 0
+    c_r, c_k = sparse_head_coefficients(
+        g_loss, g_rmse, g_kl, wsum, rmse, ctx.lambda_kl, weight.shape[0], rmse_floor=1e-15
+    )
     if ctx.grad_in_forward:
         gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
     else:

@@ -160,17 +160,25 @@ def _sparse_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
     ctx.has_bias = bias is not None
 
 
+def sparse_head_coefficients(
+    g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, wsum: Tensor, rmse: Tensor, lambda_kl: float, n_genes: int,
+    rmse_floor: float = 0.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(c_r, c_k): the upstream gradients turned into the sparse head's dL/dpred coefficients, on the device
+    (no host sync). A batch whose rows all have weight 0 (Σw at the forward's 1e-30 floor) and an RMSE at or
+    below ``rmse_floor`` give c_r = 0, as the reference: c_r would overflow fp32 (1 / (M·1e-45)) and turn the
+    zero sums into NaN."""
+    live = wsum > 1e-30
+    c_r = torch.where(live & (rmse > rmse_floor), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
+    c_k = torch.where(live, (lambda_kl * g_loss + g_kl) / wsum, 0.0)
+    return c_r, c_k
+
+
 def _sparse_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
     hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
         ctx.saved_tensors
     )
-    n_genes = weight.shape[0]
-    # c_r, c_k of the kernel module's docstring, on the device (no host sync). A batch whose rows all have
-    # weight 0 (Σw at the forward's 1e-30 floor, RMSE at its 1e-15 floor) has zero gradients, as the
-    # reference: c_r would overflow fp32 (1 / (M·1e-45)) and turn the zero sums into NaN.
-    live = wsum > 1e-30
-    c_r = torch.where(live & (rmse > 0), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
-    c_k = torch.where(live, (ctx.lambda_kl * g_loss + g_kl) / wsum, 0.0)
+    c_r, c_k = sparse_head_coefficients(g_loss, g_rmse, g_kl, wsum, rmse, ctx.lambda_kl, weight.shape[0])
     if ctx.grad_in_forward:
         gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
     else:
