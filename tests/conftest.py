@@ -23,6 +23,16 @@ def require_data(*names: str) -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test starts from torch.compile's state in a fresh process: compiled code left by earlier tests
+    would count against dynamo's recompile limit and turn sizes symbolic (automatic dynamic shapes)."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def small_stack():
     """(sections, truth) of a small 4-section synthetic stack, 400 cells × 60 genes each, at true poses."""

@@ -669,3 +669,23 @@ def test_count_tiles_compile_for_sm90_without_spills():
         shared, regs, stack = map(int, row[-3:])
         assert stack == 0, f"spills: {row}"
         assert shared <= 64 * 1024 and regs <= 255, row
+
+
+def test_csr_count_terms_trace_with_symbolic_sizes():
+    """A batch capacity that grows makes a compiled step recompile with symbolic sizes: the count terms must
+    trace there too (no SymBool reaching searchsorted) and give the eager value."""
+    from inrscrecon.kernels.ops import csr_count_terms
+
+    torch._dynamo.reset()
+    traced = torch.compile(csr_count_terms, fullgraph=True, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    for n_rows, cap in ((4, 20), (6, 33)):
+        indptr = torch.cat(
+            [torch.zeros(1), torch.randint(0, cap - 3, (n_rows,), generator=gen).sort().values]
+        )
+        indices = torch.randint(0, 10, (cap,), generator=gen, dtype=torch.int32)
+        values = torch.randint(1, 5, (cap,), generator=gen).float()
+        log_theta = torch.randn(10, generator=gen)
+        args = (indptr.long(), indices, values, log_theta, "nb", None, 10)
+        assert torch.allclose(traced(*args), csr_count_terms(*args), rtol=1e-6, atol=1e-9)
+    torch._dynamo.reset()

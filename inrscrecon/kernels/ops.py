@@ -607,7 +607,9 @@ def csr_count_terms(
     cap = indices.shape[0]
     small = cap < 2**31  # 32-bit slot ids: half the bytes of the two [CAP] index temporaries
     slots = torch.arange(cap, device=indices.device, dtype=torch.int32 if small else torch.int64)
-    rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True, out_int32=small)  # [CAP], B: unused
+    rows = torch.searchsorted(
+        indptr[1:].contiguous(), slots, right=True, out_int32=slots.dtype == torch.int32
+    )  # [CAP], B: unused
     live = rows < n_rows
     y = torch.where(live, values.float(), 0.0)
     terms = torch.lgamma(y + 1.0)

@@ -485,7 +485,9 @@ def sparse_head_forward(
         cap = values.shape[0]
         small = cap < 2**31
         slots = torch.arange(cap, device=dev, dtype=torch.int32 if small else torch.int64)
-        rows = torch.searchsorted(indptr[1:].contiguous(), slots, right=True, out_int32=small)  # [CAP]
+        rows = torch.searchsorted(
+            indptr[1:].contiguous(), slots, right=True, out_int32=slots.dtype == torch.int32
+        )  # [CAP]
         bins = torch.zeros(n_rows + 1, device=dev, dtype=torch.float32).index_add(0, rows, values.float())
         s_t = bins[:n_rows] + n_genes * kl_eps
         kl_rows = a / s - torch.log(s) - c / s + torch.log(s_t)
