@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from inrscrecon.kernels.ops import compute_dtype, sparse_head_coefficients
+from inrscrecon.kernels.ops import compute_dtype, sparse_head_grads, sparse_head_setup
 
 KL_EPS = 1e-2  # same default as inrscrecon.field.losses.KL_EPS (not imported: kernels depend on torch only)
 FWD = "inrscrecon::gemm_sparse_head_loss"
@@ -130,51 +130,17 @@ def _bwd_fake(
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward, chunk = (
-        inputs
-    )
-    _, rmse, _, rowstat, wsum, gh, gw, gb = output
-    ctx.save_for_backward(
-        hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb
-    )
-    ctx.lambda_kl, ctx.kl_eps = float(lambda_kl), float(kl_eps)
-    ctx.grad_in_forward, ctx.chunk_rows = bool(grad_in_forward), int(chunk)
-    ctx.has_bias = bias is not None
+    sparse_head_setup(ctx, inputs, output)
+    ctx.chunk_rows = int(inputs[10])
 
 
 def _backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
-    hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
-        ctx.saved_tensors
-    )
     # a perfect fit (RMSE at the 1e-15 floor, where the reference's clamp has zero gradient) gives c_r = 0
-    c_r, c_k = sparse_head_coefficients(
-        g_loss, g_rmse, g_kl, wsum, rmse, ctx.lambda_kl, weight.shape[0], rmse_floor=1e-15
-    )
-    if ctx.grad_in_forward:
-        gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
-    else:
-        coef = torch.stack([c_r, c_k]).float()
-        gh, gw, gb = torch.ops.inrscrecon.gemm_sparse_head_loss_backward(
-            hidden,
-            weight,
-            bias,
-            indptr,
-            indices,
-            values,
-            row_weight,
-            rowstat,
-            coef,
-            ctx.kl_eps,
-            ctx.lambda_kl != 0,
-            ctx.chunk_rows,
-        )
-    need = ctx.needs_input_grad
-    return (
-        gh.to(hidden.dtype) if need[0] else None,
-        gw.to(weight.dtype) if need[1] else None,
-        gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
-        *([None] * 8),
-    )
+    grads = sparse_head_grads(
+        ctx, g_loss, g_rmse, g_kl, torch.ops.inrscrecon.gemm_sparse_head_loss_backward, ctx.chunk_rows,
+        rmse_floor=1e-15,
+    )  # fmt: skip
+    return (*grads, *([None] * 8))
 
 
 @functools.cache

@@ -150,8 +150,13 @@ def _sparse_bwd_fake(
     return _fp32_grads_like(hidden, weight)
 
 
-def _sparse_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward = inputs
+def sparse_head_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    """Autograd context of a sparse head op (the Triton and the compiled GEMM op share it): the first ten
+    inputs are (hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward),
+    the outputs (loss, rmse, kl, rowstat, wsum, gh, gw, gb)."""
+    hidden, weight, bias, indptr, indices, values, row_weight, lambda_kl, kl_eps, grad_in_forward = inputs[
+        :10
+    ]
     _, rmse, _, rowstat, wsum, gh, gw, gb = output
     ctx.save_for_backward(
         hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb
@@ -160,58 +165,50 @@ def _sparse_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
     ctx.has_bias = bias is not None
 
 
-def sparse_head_coefficients(
-    g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, wsum: Tensor, rmse: Tensor, lambda_kl: float, n_genes: int,
+def sparse_head_grads(
+    ctx: Any,
+    g_loss: Tensor,
+    g_rmse: Tensor,
+    g_kl: Tensor,
+    backward_op: Any,
+    *extra: Any,
     rmse_floor: float = 0.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(c_r, c_k): the upstream gradients turned into the sparse head's dL/dpred coefficients, on the device
-    (no host sync). A batch whose rows all have weight 0 (Σw at the forward's 1e-30 floor) and an RMSE at or
-    below ``rmse_floor`` give c_r = 0, as the reference: c_r would overflow fp32 (1 / (M·1e-45)) and turn the
-    zero sums into NaN."""
-    live = wsum > 1e-30
-    c_r = torch.where(live & (rmse > rmse_floor), (g_loss + g_rmse) / (n_genes * wsum * rmse), 0.0)
-    c_k = torch.where(live, (lambda_kl * g_loss + g_kl) / wsum, 0.0)
-    return c_r, c_k
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients (hidden, weight, bias) of a sparse head op from its :func:`sparse_head_setup` context.
 
-
-def _sparse_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    The coefficients c_r, c_k stay on the device (no host sync). A batch whose rows all have weight 0 (Σw at
+    the forward's 1e-30 floor) and an RMSE at or below ``rmse_floor`` give c_r = 0, as the reference: c_r
+    would overflow fp32 (1 / (M·1e-45)) and turn the zero sums into NaN. With the gradients formed in the
+    forward they are only scaled; otherwise ``backward_op(..., coef, kl_eps, has_kl, *extra)`` recomputes them.
+    """
     hidden, weight, bias, indptr, indices, values, row_weight, rowstat, wsum, rmse, gh, gw, gb = (
         ctx.saved_tensors
     )
-    c_r, c_k = sparse_head_coefficients(g_loss, g_rmse, g_kl, wsum, rmse, ctx.lambda_kl, weight.shape[0])
+    live = wsum > 1e-30
+    c_r = torch.where(live & (rmse > rmse_floor), (g_loss + g_rmse) / (weight.shape[0] * wsum * rmse), 0.0)
     if ctx.grad_in_forward:
         gh, gw, gb = c_r * gh, c_r * gw, c_r * gb
     else:
+        c_k = torch.where(live, (ctx.lambda_kl * g_loss + g_kl) / wsum, 0.0)
         coef = torch.stack([c_r, c_k]).float()
-        gh, gw, gb = torch.ops.inrscrecon.sparse_head_loss_backward(
-            hidden,
-            weight,
-            bias,
-            indptr,
-            indices,
-            values,
-            row_weight,
-            rowstat,
-            coef,
-            ctx.kl_eps,
-            ctx.lambda_kl != 0,
-        )
+        gh, gw, gb = backward_op(
+            hidden, weight, bias, indptr, indices, values, row_weight, rowstat, coef, ctx.kl_eps,
+            ctx.lambda_kl != 0, *extra,
+        )  # fmt: skip
     need = ctx.needs_input_grad
     return (
         gh.to(hidden.dtype) if need[0] else None,
         gw.to(weight.dtype) if need[1] else None,
         gb.to(bias.dtype) if ctx.has_bias and need[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
     )
 
 
-_sparse_fwd.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+def _sparse_backward(ctx: Any, g_loss: Tensor, g_rmse: Tensor, g_kl: Tensor, *_: Any) -> tuple[Any, ...]:
+    grads = sparse_head_grads(ctx, g_loss, g_rmse, g_kl, torch.ops.inrscrecon.sparse_head_loss_backward)
+    return (*grads, *([None] * 7))
+
+
+_sparse_fwd.register_autograd(_sparse_backward, setup_context=sparse_head_setup)
 
 
 def sort_rows(
