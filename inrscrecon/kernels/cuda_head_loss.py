@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from inrscrecon.kernels.ops import compute_dtype, sparse_head_grads, sparse_head_setup
+from inrscrecon.kernels.ops import compute_dtype, needs_grad, sparse_head_grads, sparse_head_setup
 
 KL_EPS = 1e-2  # same default as inrscrecon.field.losses.KL_EPS (not imported: kernels depend on torch only)
 FWD = "inrscrecon::gemm_sparse_head_loss"
@@ -181,11 +181,7 @@ def gemm_sparse_head_loss(
     dt = compute_dtype(hidden, weight)
     h, w = hidden.to(dt), weight.to(dt)
     b = bias.to(dt) if bias is not None else None
-    grad_in_forward = (
-        lambda_kl == 0
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (h, w, b))
-    )
+    grad_in_forward = lambda_kl == 0 and needs_grad(h, w, b)
     rw = row_weight.float() if row_weight is not None else None
     out = torch.ops.inrscrecon.gemm_sparse_head_loss(
         h,

@@ -58,7 +58,8 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dt
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd will want gradients of any of ``tensors`` (grad mode on, one requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -254,7 +255,7 @@ def triton_sparse_head_loss(
     n_genes = weight.shape[0]
     if not indices_sorted:
         indices, values = sort_rows(indptr, indices, values, n_genes)
-    grad_in_forward = lambda_kl == 0 and _needs_grad(h, w, b)
+    grad_in_forward = lambda_kl == 0 and needs_grad(h, w, b)
     rw = row_weight.float() if row_weight is not None else None
     out = torch.ops.inrscrecon.sparse_head_loss(
         h, w, b, indptr, indices, values.float(), rw, float(lambda_kl), float(kl_eps), grad_in_forward
@@ -636,7 +637,7 @@ def _count_call(
     h, w = hidden.to(dt), weight.to(dt)
     b = bias.to(dt) if bias is not None else None
     lt = log_theta.float() if likelihood == "nb" and log_theta is not None else None
-    grad_in_forward = lambda_kl == 0 and _needs_grad(h, w, b, lt)
+    grad_in_forward = lambda_kl == 0 and needs_grad(h, w, b, lt)
     rw = row_weight.float() if row_weight is not None else None
     indptr, indices, values = csr if csr is not None else (None, None, None)
     out = torch.ops.inrscrecon.count_head_loss(
@@ -782,6 +783,6 @@ def triton_trunk_op(
     dt = compute_dtype(*weights)
     ws = [w.to(dt) for w in weights]
     bs = [b.to(dt) for b in biases]
-    store_all = _needs_grad(*ws, *bs)
+    store_all = needs_grad(*ws, *bs)
     ys = torch.ops.inrscrecon.trunk(coords.detach().float().contiguous(), ws, bs, int(n_bands), store_all)
     return ys[-1]  # [B, W]
