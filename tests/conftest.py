@@ -44,6 +44,17 @@ def small_stack():
     return sections, truth
 
 
+def assert_no_worse_than_bf16(name: str, impl, torch_bf16, fp32, tol: float = 2e-2) -> None:
+    """The bf16 rule: |impl − fp32| ≤ |torch_bf16 − fp32| + tol·max|fp32| elementwise, and impl finite (the
+    fp32 reference and torch's bf16 computed on the same rounded inputs)."""
+    import torch
+
+    a, lo, r = (x.detach().float().cpu() for x in (impl, torch_bf16, fp32))
+    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
+    excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
+    assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
+
+
 def load_interpreted(name: str, kernel: str):
     """Import a Triton kernel module; where its kernels were decorated before TRITON_INTERPRET=1 was set
     (no CUDA), reload it and the shared helper module so that every kernel runs in the interpreter."""

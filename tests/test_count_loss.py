@@ -25,6 +25,8 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` that decorates our kernels
 DEV = torch.device("cuda" if CUDA else "cpu")
 
+from conftest import assert_no_worse_than_bf16  # noqa: E402
+
 from inrscrecon.errors import InputError  # noqa: E402
 from inrscrecon.field import fused  # noqa: E402
 from inrscrecon.field.losses import (  # noqa: E402
@@ -401,22 +403,17 @@ def test_triton_bf16_and_autocast(likelihood, form):
     r_out, r_g = _run(ref, (h16.float(), w16.float(), b16.float(), lt), data, likelihood, 0.5)
     assert all(x.dtype == torch.bfloat16 for x in g[:3])
 
-    def no_worse(name, a, lo, r, tol=2e-2):
-        a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
-        excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
-        assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
-
     for name, a, lo, r in zip(("loss", "nll", "kl"), out, lo_out, r_out):
-        no_worse(name, a, lo, r, 1e-3)
+        assert_no_worse_than_bf16(name, a, lo, r, 1e-3)
     for name, a, lo, r in zip(PARAMS, g, lo_g, r_g):
-        no_worse(name, a, lo, r)
+        assert_no_worse_than_bf16(name, a, lo, r)
     # autocast with fp32 master weights: bf16 matmuls, fp32 gradients on the fp32 leaves
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         ac_out, ac_g = _run(_fused(form), (h, w, b, lt), data, likelihood, 0.5)
     assert all(x.dtype == torch.float32 for x in ac_g)
-    no_worse("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
+    assert_no_worse_than_bf16("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
     for name, a, lo, r in zip(PARAMS, ac_g, lo_g, r_g):
-        no_worse("autocast " + name, a, lo, r)
+        assert_no_worse_than_bf16("autocast " + name, a, lo, r)
 
 
 @pytest.mark.triton
@@ -534,14 +531,6 @@ def test_triton_production_width_and_genes(likelihood):
         rel_close(name, a, e)
 
 
-def _no_worse(name, a, lo, r, tol=2e-2):
-    """bf16: |impl − fp32| ≤ |torch_bf16 − fp32| + tol·max|fp32| elementwise."""
-    a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
-    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
-    excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
-    assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
-
-
 @pytest.mark.triton
 def test_triton_production_width_and_genes_bf16():
     """W = 256, M = 5000 (5 %), B = 8, NB on CSR counts with KL: bf16 operands, then bf16 autocast over fp32
@@ -556,15 +545,15 @@ def test_triton_production_width_and_genes_bf16():
     r_out, r_g = _run(_sparse_ref, (h16.float(), w16.float(), b16.float(), lt), data, "nb", 0.5)
     assert all(x.dtype == torch.bfloat16 for x in g[:3])
     for name, a, lo, r in zip(("loss", "nll", "kl"), out, lo_out, r_out):
-        _no_worse(name, a, lo, r, 1e-3)
+        assert_no_worse_than_bf16(name, a, lo, r, 1e-3)
     for name, a, lo, r in zip(PARAMS, g, lo_g, r_g):
-        _no_worse(name, a, lo, r)
+        assert_no_worse_than_bf16(name, a, lo, r)
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         ac_out, ac_g = _run(_fused("csr"), (h16.float(), w16.float(), b16.float(), lt), data, "nb", 0.5)
     assert all(x.dtype == torch.float32 for x in ac_g)
-    _no_worse("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
+    assert_no_worse_than_bf16("autocast loss", ac_out[0], lo_out[0], r_out[0], 1e-3)
     for name, a, lo, r in zip(PARAMS, ac_g, lo_g, r_g):
-        _no_worse("autocast " + name, a, lo, r)
+        assert_no_worse_than_bf16("autocast " + name, a, lo, r)
 
 
 @pytest.mark.triton
@@ -608,8 +597,7 @@ def test_triton_gpu_production_batch(likelihood, lam):
         ac_out, ac_g = _run(_fused("csr"), (h, w, b, lt), data, likelihood, lam)
         lo_out, lo_g = _run(_sparse_ref, (h, w, b, lt), data, likelihood, lam)
     for name, a, lo, r in zip(("loss", *PARAMS), [ac_out[0], *ac_g], [lo_out[0], *lo_g], [r_out[0], *r_g]):
-        excess = (a.float() - r).abs() - (lo.float() - r).abs() - 2e-2 * r.abs().max()
-        assert (excess <= 0).all(), f"{name}: worse than torch bf16 autocast by {excess.max().item():.3g}"
+        assert_no_worse_than_bf16("autocast " + name, a, lo, r)
 
 
 @pytest.mark.slow

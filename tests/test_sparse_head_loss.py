@@ -18,6 +18,8 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` that decorates our kernels
 DEV = torch.device("cuda" if CUDA else "cpu")
 
+from conftest import assert_no_worse_than_bf16  # noqa: E402
+
 from inrscrecon.errors import InputError  # noqa: E402
 from inrscrecon.field.fused import sparse_head_loss  # noqa: E402
 from inrscrecon.field.losses import head_loss_reference, sparse_head_loss_reference  # noqa: E402
@@ -242,14 +244,6 @@ def test_triton_production_shape(lam):
         _rel_close(name, a, e)
 
 
-def _no_worse(name, a, lo, r, tol=2e-2):
-    """bf16: |impl − fp32| ≤ |torch_bf16 − fp32| + tol·max|fp32| elementwise."""
-    a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
-    assert torch.isfinite(a).all(), f"{name}: NaN/Inf"
-    excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
-    assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
-
-
 @pytest.mark.triton
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_triton_production_shape_bf16(lam):
@@ -265,17 +259,17 @@ def test_triton_production_shape_bf16(lam):
     r_out, r_grads = _run(_ref, (h16.float(), w16.float(), b16.float()), csr, lam)
     assert all(g.dtype == torch.bfloat16 for g in grads)
     for name, a, lo, r in zip(("loss", "rmse", "kl"), out, lo_out, r_out):
-        _no_worse(name, a, lo, r, 1e-3)
+        assert_no_worse_than_bf16(name, a, lo, r, 1e-3)
     for name, a, lo, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, lo_grads, r_grads):
-        _no_worse(name, a, lo, r)
+        assert_no_worse_than_bf16(name, a, lo, r)
     leaves = [p.detach().clone().to(DEV).requires_grad_() for p in (h16.float(), w16.float(), b16.float())]
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         ac = ops.triton_sparse_head_loss(*leaves, *(x.to(DEV) for x in csr), lam)
     (ac[0] + 0.3 * ac[1] + 0.2 * ac[2]).backward()
     assert all(p.grad.dtype == torch.float32 for p in leaves)
-    _no_worse("autocast loss", ac[0], lo_out[0], r_out[0], 1e-3)
+    assert_no_worse_than_bf16("autocast loss", ac[0], lo_out[0], r_out[0], 1e-3)
     for name, p, lo, r in zip(("grad_hidden", "grad_weight", "grad_bias"), leaves, lo_grads, r_grads):
-        _no_worse("autocast " + name, p.grad, lo, r)
+        assert_no_worse_than_bf16("autocast " + name, p.grad, lo, r)
 
 
 @pytest.mark.triton
@@ -365,15 +359,10 @@ def test_triton_bf16_and_autocast():
     r_out, r_grads = _run(_ref, (h16.float(), w16.float(), b16.float()), csr, 0.5)
     assert all(g.dtype == torch.bfloat16 for g in grads)
 
-    def no_worse(name, a, lo, r, tol=2e-2):
-        a, lo, r = (x.detach().float().cpu() for x in (a, lo, r))
-        excess = (a - r).abs() - (lo - r).abs() - tol * r.abs().max()
-        assert (excess <= 0).all(), f"{name}: worse than torch bf16 by {excess.max().item():.3g}"
-
     for name, a, lo, r in zip(("loss", "rmse", "kl"), out, lo_out, r_out):
-        no_worse(name, a, lo, r, 1e-3)
+        assert_no_worse_than_bf16(name, a, lo, r, 1e-3)
     for name, a, lo, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, lo_grads, r_grads):
-        no_worse(name, a, lo, r)
+        assert_no_worse_than_bf16(name, a, lo, r)
     # autocast with fp32 master weights: bf16 matmuls, fp32 gradients on the fp32 leaves
     leaves = [p.detach().clone().to(DEV).requires_grad_() for p in (h, wt, bias)]
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
@@ -383,8 +372,8 @@ def test_triton_bf16_and_autocast():
     for name, a, lo, r in zip(
         ("grad_hidden", "grad_weight", "grad_bias"), [p.grad for p in leaves], lo_grads, r_grads
     ):
-        no_worse(name, a, lo, r)
-    no_worse("loss", ac[0], lo_out[0], r_out[0], 1e-3)
+        assert_no_worse_than_bf16(name, a, lo, r)
+    assert_no_worse_than_bf16("loss", ac[0], lo_out[0], r_out[0], 1e-3)
 
 
 @pytest.mark.triton
@@ -454,8 +443,7 @@ def test_triton_gpu_batch_of_16k_in_several_chunks(lam):
     names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
     triples = zip(names, [ac_out[0], *ac_grads], [lo_out[0], *lo_grads], [r_out[0], *r_grads])
     for name, a, lo, r in triples:
-        excess = (a.float() - r).abs() - (lo.float() - r).abs() - 2e-2 * r.abs().max()
-        assert (excess <= 0).all(), f"{name}: worse than torch bf16 autocast by {excess.max().item():.3g}"
+        assert_no_worse_than_bf16("autocast " + name, a, lo, r)
 
 
 @pytest.mark.gpu
