@@ -33,6 +33,20 @@ def _fresh_compile_caches():
         dynamo.reset()
 
 
+def write_posed_sections(folder: Path, cfg) -> tuple[list[str], object]:
+    """Synthetic sections of ``cfg`` (a SynthConfig) at their true poses (``obsm['spatial']`` = true x, y),
+    written as ``folder/s{k}.h5ad`` → (paths, truth)."""
+    from inrscrecon.data.synthetic import make_sections
+
+    sections, truth = make_sections(cfg)
+    files = []
+    for k, s in enumerate(sections):
+        s.obsm["spatial"] = truth.xyz(k)[:, :2]
+        files.append(str(folder / f"s{k}.h5ad"))
+        s.write_h5ad(files[-1])
+    return files, truth
+
+
 @pytest.fixture(scope="session")
 def small_stack():
     """(sections, truth) of a small 4-section synthetic stack, 400 cells × 60 genes each, at true poses."""

@@ -226,15 +226,14 @@ def test_fit_refuses_a_bad_head_rank(stack_table, bad):
 
 
 def test_cli_fit_head_rank_flag(tmp_path, capsys):
-    from inrscrecon.cli import main
-    from inrscrecon.data.synthetic import SynthConfig, make_sections
+    from conftest import write_posed_sections
 
-    secs, truth = make_sections(SynthConfig(n_sections=2, cells_per_section=120, n_genes=20, seed=4))
-    files = []
-    for k, s in enumerate(secs):
-        s.obsm["spatial"] = truth.xyz(k)[:, :2]
-        files.append(str(tmp_path / f"s{k}.h5ad"))
-        s.write_h5ad(files[-1])
+    from inrscrecon.cli import main
+    from inrscrecon.data.synthetic import SynthConfig
+
+    files, _ = write_posed_sections(
+        tmp_path, SynthConfig(n_sections=2, cells_per_section=120, n_genes=20, seed=4)
+    )
     model = tmp_path / "m.safetensors"
     flags = [
         "--out",

@@ -315,15 +315,14 @@ def test_render_records_the_codes_in_its_attributes(tmp_path):
 
 
 def test_fit_flags_store_the_frame_and_codes(tmp_path):
-    from inrscrecon.cli import main
-    from inrscrecon.data.synthetic import SynthConfig, make_sections
+    from conftest import write_posed_sections
 
-    secs, truth = make_sections(SynthConfig(n_sections=3, cells_per_section=150, n_genes=20, seed=4))
-    files = []
-    for k, s in enumerate(secs):
-        s.obsm["spatial"] = truth.xyz(k)[:, :2]
-        files.append(str(tmp_path / f"s{k}.h5ad"))
-        s.write_h5ad(files[-1])
+    from inrscrecon.cli import main
+    from inrscrecon.data.synthetic import SynthConfig
+
+    files, _ = write_posed_sections(
+        tmp_path, SynthConfig(n_sections=3, cells_per_section=150, n_genes=20, seed=4)
+    )
     model = tmp_path / "m.safetensors"
     flags = ["--out", str(model), "--epochs", "1", "--width", "16", "--layers", "2", "--bands", "2"]
     flags += [

@@ -178,16 +178,13 @@ def test_predictive_sources():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A small synthetic stack at its true poses and an RMSE model fitted on it by the CLI."""
-    from inrscrecon.data.synthetic import SynthConfig, make_sections
+    from conftest import write_posed_sections
+
+    from inrscrecon.data.synthetic import SynthConfig
 
     d = tmp_path_factory.mktemp("unc")
     cfg = SynthConfig(n_sections=3, cells_per_section=400, n_genes=40, seed=7)
-    sections, truth = make_sections(cfg)
-    files = []
-    for k, s in enumerate(sections):
-        s.obsm["spatial"] = truth.xyz(k)[:, :2]
-        files.append(str(d / f"s{k}.h5ad"))
-        s.write_h5ad(files[-1])
+    files, truth = write_posed_sections(d, cfg)
     model = d / "m.safetensors"
     flags = ["--out", str(model), "--genes", "40", "--epochs", "6", "--width", "32", "--layers", "2"]
     assert main(["fit", *files, *flags, "--bands", "2", "--spacing", "40", "--quiet"]) == 0
