@@ -45,6 +45,22 @@ from inrscrecon.query.predict import predict  # noqa: E402
 from inrscrecon.train.fit import TrainConfig, fit  # noqa: E402
 
 DATA = Path(os.environ.get("INRSCRECON_DATA", REPO.parent / "shared" / "data"))
+# inter-task datasets: (files, default test section, label key, section spacing in µm or None = from the files)
+INTER_DATASETS = {
+    "dlpfc": ([f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)], "151674", "layer", None),
+    "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
+}
+
+
+def inter_sections(dataset: str, test_name: str) -> tuple[list, list]:
+    """(all sections, training sections) of an inter-task dataset; breast-cancer grid units × 200 µm."""
+    secs = read_sections([DATA / f for f in INTER_DATASETS[dataset][0]])
+    if dataset == "breast":
+        for s in secs:
+            s.uns["microns_per_pixel"] = 200.0
+    train_secs = [s for s in secs if str(s.uns.get("section")) != test_name]
+    assert len(train_secs) == len(secs) - 1, "test section not found"
+    return secs, train_secs
 
 
 def sweep_intra_151673() -> None:
@@ -106,17 +122,8 @@ def explore_inter(
     from inrscrecon.train.select import best_val
 
     torch.set_num_threads(1)
-    spec = {
-        "dlpfc": ([f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)], "151674", "layer", None),
-        "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
-    }[dataset]
-    files, test_name, label_key, spacing = spec
-    secs = read_sections([DATA / f for f in files])
-    if dataset == "breast":
-        for s in secs:
-            s.uns["microns_per_pixel"] = 200.0
-    train_secs = [s for s in secs if str(s.uns.get("section")) != test_name]
-    assert len(train_secs) == len(secs) - 1, "test section not found"
+    test_name, label_key, spacing = INTER_DATASETS[dataset][1:]
+    secs, train_secs = inter_sections(dataset, test_name)
     from inrscrecon.data.preprocess import shared_genes
 
     genes = select_genes(train_secs, 500, genes=shared_genes(secs), method=hvg)  # genes every section has
@@ -215,18 +222,9 @@ def explore_structure(dataset: str, seeds: list[int], ranks: tuple[int, ...] = (
     from inrscrecon.train.select import best_val
 
     torch.set_num_threads(1)
-    spec = {
-        "dlpfc": ([f"dlpfc_{s}.h5ad" for s in (151673, 151674, 151675, 151676)], "151674", "layer", None),
-        "breast": ([f"paste_bc_layer{i}.h5ad" for i in (1, 2, 3, 4)], "layer2", None, 16.0),
-    }[dataset]
-    files, test_name, label_key, spacing = spec
-    test_name = test or test_name
-    secs = read_sections([DATA / f for f in files])
-    if dataset == "breast":
-        for s in secs:
-            s.uns["microns_per_pixel"] = 200.0
-    train_secs = [s for s in secs if str(s.uns.get("section")) != test_name]
-    assert len(train_secs) == len(secs) - 1, "test section not found"
+    default_test, label_key, spacing = INTER_DATASETS[dataset][1:]
+    test_name = test or default_test
+    secs, train_secs = inter_sections(dataset, test_name)
     from inrscrecon.data.preprocess import shared_genes
 
     shared = shared_genes(secs)
